@@ -1,0 +1,1 @@
+"""jaxmp: model parallelism (data, tensor, layer-wise, pipeline) for JAX/XLA and Flax NNX."""

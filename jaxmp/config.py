@@ -1,0 +1,141 @@
+"""One schema for every option: frozen, keyword-only dataclasses.
+
+Why frozen and hashable: a config can then be a static argument under ``jax.jit`` and can never be
+mutated behind a compiled step's back. Validation that needs no devices or data lives here
+(``validate``); checks that need the mesh or the dataset run before anything is written, in
+``jaxmp.loop``. Every invalid value raises :class:`ConfigError` with one sentence naming the value and
+what would be valid; the CLI prints that sentence and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+
+class ConfigError(ValueError):
+    """Invalid user input: one sentence that names the bad value and what would be valid."""
+
+
+def _opt(default, help: str, **kw):
+    """A dataclass field whose help text the CLI shows next to its default."""
+    return field(default=default, metadata={"help": help, **kw})
+
+
+MODELS = ("mlp", "mlp-1024", "mnist-cnn", "dense")
+STRATEGIES = ("dp", "tp", "hybrid", "column", "row")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+DATASETS = ("digits", "fashion-mnist", "mnist", "synthetic")
+ACTIVATIONS = ("none", "relu", "gelu")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """Which network to build and how wide it is."""
+
+    model: str = _opt("mlp", "model preset", choices=MODELS)
+    width: int = _opt(128, "mlp: residual stream width")
+    hidden: int = _opt(512, "mlp: hidden width of each block (split over tensor)")
+    depth: int = _opt(2, "mlp: number of residual blocks")
+    activation: str = _opt(
+        "default",
+        "activation: mlp uses gelu, mlp-1024 relu, mnist-cnn none (faithful) unless set",
+        choices=("default", *ACTIVATIONS),
+    )
+    strategy: str = _opt(
+        "tp",
+        "dp: replicate weights, batch over data and tensor; tp: Megatron column/row pairs; "
+        "hybrid: conv layers data-parallel over all devices, dense layers tensor-parallel; "
+        "column/row: split the dense model's weight by output/input",
+        choices=STRATEGIES,
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """Where examples come from."""
+
+    dataset: str = _opt("digits", "dataset", choices=DATASETS)
+    data_dir: str | None = _opt(
+        None, "folder with IDX files (default for fashion-mnist: /usr/share/datasets/fashion-mnist)"
+    )
+    synthetic_shape: str = _opt("28x28x1", "synthetic: example shape HxWxC or a feature count")
+    synthetic_classes: int = _opt(10, "synthetic: number of classes")
+    synthetic_size: int = _opt(2048, "synthetic: number of training examples")
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    """The optax optimizer."""
+
+    optimizer: str = _opt("adam", "optimizer", choices=OPTIMIZERS)
+    lr: float = _opt(1e-3, "learning rate")
+    weight_decay: float = _opt(1e-4, "adamw: decoupled weight decay")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """Mesh, schedule of the run and outputs."""
+
+    mesh: str = _opt("data=-1", "mesh shape, axes data,tensor,pipe in that order; -1 fills")
+    cpu_devices: int | None = _opt(None, "simulate this many CPU devices (set before JAX starts)")
+    batch_size: int = _opt(64, "global batch size")
+    steps: int | None = _opt(None, "train steps (default: --epochs worth)")
+    epochs: int = _opt(8, "epochs, used when --steps is not given")
+    eval_every: int = _opt(0, "evaluate every N steps (0: only at the end)")
+    seed: int = _opt(0, "seed for parameters, shuffling and dropout")
+    metrics_file: str | None = _opt(None, "write JSON Lines metrics here")
+    report: bool = _opt(True, "print the sharding report at start-up")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    """Everything a run needs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def replace(self, **leaves) -> Config:
+        """A copy with leaf options changed by name, e.g. ``cfg.replace(model="dense", lr=0.1)``."""
+        groups = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for name, value in leaves.items():
+            group = _group_of(name)
+            groups[group] = dataclasses.replace(groups[group], **{name: value})
+        return Config(**groups)
+
+
+def _group_of(leaf: str) -> str:
+    for group in dataclasses.fields(Config):
+        if leaf in {f.name for f in dataclasses.fields(group.default_factory)}:
+            return group.name
+    raise ConfigError(f"unknown option {leaf!r}.")
+
+
+def _positive(name: str, value: int | float | None) -> None:
+    if value is not None and not value > 0:
+        raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value}.")
+
+
+def validate(cfg: Config) -> Config:
+    """Check every option that can be checked without devices or data; return ``cfg``."""
+    for group in (cfg.model, cfg.data, cfg.optim, cfg.run):
+        for f in dataclasses.fields(group):
+            choices = f.metadata.get("choices")
+            value = getattr(group, f.name)
+            if choices and value not in choices:
+                flag = "--" + f.name.replace("_", "-")
+                raise ConfigError(f"{flag} {value!r} is not one of {', '.join(choices)}.")
+    for name in ("width", "hidden", "depth"):
+        _positive(name, getattr(cfg.model, name))
+    for name in ("batch_size", "steps", "epochs", "cpu_devices"):
+        _positive(name, getattr(cfg.run, name))
+    _positive("lr", cfg.optim.lr)
+    _positive("synthetic_classes", cfg.data.synthetic_classes)
+    _positive("synthetic_size", cfg.data.synthetic_size)
+    if cfg.run.eval_every < 0:
+        raise ConfigError(f"--eval-every must be 0 or positive, got {cfg.run.eval_every}.")
+    if cfg.optim.weight_decay < 0:
+        raise ConfigError(f"--weight-decay must be 0 or positive, got {cfg.optim.weight_decay}.")
+    return cfg

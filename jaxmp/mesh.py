@@ -1,0 +1,120 @@
+"""Device meshes from a short text spec: ``"data=2,tensor=2,pipe=2"``.
+
+Axes are always ``data``, ``tensor``, ``pipe`` in that order; an axis left out has size 1 and one axis
+may be ``-1`` (fill the remaining devices). The mesh uses ``AxisType.Auto`` on every axis: current JAX
+defaults to Explicit axes, which raise on ambiguous matmuls instead of letting XLA choose where the
+collectives go, and choosing them is XLA's job here.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import NamedTuple
+
+from jaxmp.config import ConfigError
+
+AXES = ("data", "tensor", "pipe")
+
+
+class MeshShape(NamedTuple):
+    """Sizes of the three mesh axes."""
+
+    data: int = 1
+    tensor: int = 1
+    pipe: int = 1
+
+    @property
+    def size(self) -> int:
+        return self.data * self.tensor * self.pipe
+
+    def __str__(self) -> str:
+        return ",".join(f"{name}={size}" for name, size in zip(AXES, self))
+
+
+def parse_mesh(spec: str, num_devices: int) -> MeshShape:
+    """Parse ``"data=2,tensor=-1"`` into a :class:`MeshShape` that uses exactly ``num_devices``.
+
+    Raises:
+      ConfigError: unknown or repeated axis, a size that is not a positive integer (or one ``-1``),
+        or sizes whose product is not the device count.
+    """
+    sizes: dict[str, int] = {}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        if not sep or name not in AXES:
+            raise ConfigError(f"--mesh item {item!r} is not AXIS=SIZE with AXIS one of {', '.join(AXES)}.")
+        if name in sizes:
+            raise ConfigError(f"--mesh names axis {name!r} twice.")
+        try:
+            size = int(value)
+        except ValueError:
+            raise ConfigError(f"--mesh size {value.strip()!r} for {name} is not an integer.") from None
+        if size == 0 or size < -1:
+            raise ConfigError(f"--mesh size {size} for {name} must be positive or -1 (fill).")
+        sizes[name] = size
+    if not sizes:
+        raise ConfigError(f"--mesh {spec!r} names no axis; e.g. data=2,tensor=2,pipe=2.")
+    fill = [name for name, size in sizes.items() if size == -1]
+    if len(fill) > 1:
+        raise ConfigError(f"--mesh may set only one axis to -1, got {', '.join(fill)}.")
+    fixed = math.prod(size for size in sizes.values() if size != -1)
+    if fill:
+        if num_devices % fixed:
+            raise ConfigError(
+                f"--mesh {spec!r}: {num_devices} devices cannot be split evenly with fixed axes of product {fixed}."
+            )
+        sizes[fill[0]] = num_devices // fixed
+    shape = MeshShape(**sizes)
+    if shape.size != num_devices:
+        raise ConfigError(
+            f"--mesh {spec!r} needs {shape.size} devices but {num_devices} are available "
+            f"(use --cpu-devices {shape.size} to simulate them on CPU)."
+        )
+    return shape
+
+
+def simulate_cpu_devices(count: int) -> None:
+    """Make JAX's CPU backend expose ``count`` devices; must run before JAX initialises a backend.
+
+    Raises:
+      ConfigError: when JAX has already started with a different device count.
+    """
+    import jax
+    from jax._src import xla_bridge
+
+    if xla_bridge.backends_are_initialized():
+        if jax.device_count() == count:
+            return
+        raise ConfigError(
+            f"--cpu-devices {count} came too late: JAX already started with {jax.device_count()} devices."
+        )
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    jax.config.update("jax_num_cpu_devices", count)
+
+
+def build_mesh(shape: MeshShape, devices=None):
+    """A ``jax.sharding.Mesh`` with axes data, tensor, pipe (all ``AxisType.Auto``).
+
+    Args:
+      shape: axis sizes.
+      devices: devices to use (default: the first ``shape.size`` of ``jax.devices()``); tests pass one
+        device to build the single-device reference next to an 8-device mesh.
+    """
+    import jax
+    from jax.sharding import AxisType
+
+    if devices is None:
+        devices = jax.devices()[: shape.size]
+    return jax.make_mesh(
+        tuple(shape), AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=list(devices)
+    )
+
+
+def mesh_from_spec(spec: str, devices=None):
+    """Parse ``spec`` against the available devices and build the mesh."""
+    import jax
+
+    devices = jax.devices() if devices is None else devices
+    return build_mesh(parse_mesh(spec, len(devices)), devices)
