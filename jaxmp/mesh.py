@@ -9,7 +9,6 @@ collectives go, and choosing them is XLA's job here.
 from __future__ import annotations
 
 import math
-import os
 from typing import NamedTuple
 
 from jaxmp.config import ConfigError
@@ -90,7 +89,7 @@ def simulate_cpu_devices(count: int) -> None:
         raise ConfigError(
             f"--cpu-devices {count} came too late: JAX already started with {jax.device_count()} devices."
         )
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_num_cpu_devices", count)
 
 

@@ -1,0 +1,78 @@
+"""The MNIST CNN of the classic model-parallelism tutorials, and the textbook dense layer.
+
+Shapes: B = batch, H/W = image height/width, C = channels, F = flattened features, K = classes.
+"""
+
+from __future__ import annotations
+
+import jax
+from flax import nnx
+
+from jaxmp.config import ConfigError
+from jaxmp.models.layers import activation_fn, conv3x3, dense, flatten_features, pad_features
+from jaxmp.sharding import constrain
+
+
+class MnistCNN(nnx.Module):
+    """Conv(C->32, 3x3) - Dropout2d(0.5) - Conv(32->64, 3x3) - Dropout2d(0.75) - max-pool 2 - flatten -
+    Linear(F->128) - Linear(128->20) - Linear(20->K) - log-softmax.
+
+    Faithful to the tutorial: no activations unless ``activation`` says so (then after each conv and
+    the first two linear layers). Any input size of at least 6x6 works (28x28 gives F = 9216). Conv
+    activations are named ``conv_batch`` and dense ones ``batch``, so the ``hybrid`` strategy can run the
+    convolutions data-parallel and the dense layers tensor-parallel (Krizhevsky 2014), with XLA
+    resharding the flattened features in between.
+    """
+
+    INPUT_BATCH_AXIS = "conv_batch"
+
+    def __init__(self, image_shape: tuple[int, int, int], classes: int, *, activation: str, rngs: nnx.Rngs):
+        height, width, channels = image_shape
+        pooled = ((height - 4) // 2, (width - 4) // 2)
+        if min(pooled) < 1:
+            raise ConfigError(f"--model mnist-cnn needs images of at least 6x6, the data has {height}x{width}.")
+        self.conv1 = conv3x3(channels, 32, rngs=rngs)
+        self.drop1 = nnx.Dropout(0.5, broadcast_dims=(1, 2))
+        self.conv2 = conv3x3(32, 64, rngs=rngs)
+        self.drop2 = nnx.Dropout(0.75, broadcast_dims=(1, 2))
+        self.fc1 = dense(pooled[0] * pooled[1] * 64, 128, ("flat", "mlp"), rngs=rngs)
+        self.fc2 = dense(128, 20, ("mlp", None), rngs=rngs)
+        self.fc3 = dense(20, classes, (None, "classes"), rngs=rngs)
+        self.activation = activation
+
+    def __call__(self, x_BxHxWxC: jax.Array, *, train: bool = False, key: jax.Array | None = None) -> jax.Array:
+        act = activation_fn(self.activation)
+        if x_BxHxWxC.ndim != 4:
+            raise ConfigError(f"--model mnist-cnn needs images (B, H, W, C), got shape {x_BxHxWxC.shape}.")
+        keys = jax.random.split(key, 2) if train else (None, None)
+        x = constrain(x_BxHxWxC, ("conv_batch", None, None, None))
+        x = self.drop1(act(self.conv1(x)), deterministic=not train, rngs=keys[0])
+        x = constrain(x, ("conv_batch", None, None, "channels"))
+        x = self.drop2(act(self.conv2(x)), deterministic=not train, rngs=keys[1])
+        x = nnx.max_pool(constrain(x, ("conv_batch", None, None, "channels")), (2, 2), strides=(2, 2))
+        x_BxF = constrain(flatten_features(x), ("batch", "flat"))
+        x_Bx128 = act(self.fc1(x_BxF))
+        x_Bx20 = act(self.fc2(constrain(x_Bx128, ("batch", "mlp"))))
+        return jax.nn.log_softmax(self.fc3(x_Bx20))
+
+
+class TextbookDense(nnx.Module):
+    """One bias-free dense layer, 1000 -> 500: the data-vs-model-parallelism example of the textbooks.
+
+    Trained as a classifier over its 500 outputs (labels use the first few); inputs are flattened and
+    zero-padded to 1000 features. Its kernel is named ``(dense_in, dense_out)``: the ``column`` strategy
+    splits the output, ``row`` the input.
+    """
+
+    FAN_IN, FAN_OUT = 1000, 500
+
+    def __init__(self, features: int, classes: int, *, rngs: nnx.Rngs):
+        if features > self.FAN_IN:
+            raise ConfigError(f"--model dense takes at most {self.FAN_IN} input features, the data has {features}.")
+        if classes > self.FAN_OUT:
+            raise ConfigError(f"--model dense has {self.FAN_OUT} outputs, the data has {classes} classes.")
+        self.layer = dense(self.FAN_IN, self.FAN_OUT, ("dense_in", "dense_out"), use_bias=False, rngs=rngs)
+
+    def __call__(self, x: jax.Array, *, train: bool = False, key: jax.Array | None = None) -> jax.Array:
+        x_BxF = pad_features(flatten_features(x), self.FAN_IN)
+        return self.layer(constrain(x_BxF, ("batch", None)))

@@ -1,0 +1,74 @@
+"""Building blocks whose parameters carry logical axis names (never mesh axes).
+
+Eager sharding is switched off on purpose: parameters are created inside ``jax.jit`` with
+``out_shardings`` computed from the rules table, so they are born sharded and never exist whole on one
+device (see ``jaxmp.step.init_state``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxmp.config import ConfigError
+
+Axes = tuple[str | None, ...]
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "none": lambda x: x,
+    "relu": jax.nn.relu,
+    "gelu": jax.nn.gelu,
+}
+
+
+def activation_fn(name: str) -> Callable[[jax.Array], jax.Array]:
+    """Look up an activation by its flag value."""
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ConfigError(f"--activation {name!r} is not one of {', '.join(ACTIVATIONS)}.") from None
+
+
+def partitioned(init: nnx.Initializer, axes: Axes) -> nnx.Initializer:
+    """Wrap an initializer so the parameter carries logical axis names (no eager sharding)."""
+    return nnx.with_partitioning(init, axes, eager_sharding=False)
+
+
+def dense(fan_in: int, fan_out: int, axes: Axes, *, rngs: nnx.Rngs, use_bias: bool = True) -> nnx.Linear:
+    """A linear layer whose kernel is named ``axes = (input axis, output axis)``; bias follows output."""
+    return nnx.Linear(
+        fan_in,
+        fan_out,
+        use_bias=use_bias,
+        kernel_init=partitioned(nnx.initializers.lecun_normal(), axes),
+        bias_init=partitioned(nnx.initializers.zeros_init(), axes[1:]),
+        rngs=rngs,
+    )
+
+
+def conv3x3(in_channels: int, out_channels: int, *, rngs: nnx.Rngs) -> nnx.Conv:
+    """A 3x3, stride-1, unpadded convolution whose output channels are the logical axis ``channels``."""
+    return nnx.Conv(
+        in_channels,
+        out_channels,
+        kernel_size=(3, 3),
+        padding="VALID",
+        kernel_init=partitioned(nnx.initializers.lecun_normal(), (None, None, None, "channels")),
+        bias_init=partitioned(nnx.initializers.zeros_init(), ("channels",)),
+        rngs=rngs,
+    )
+
+
+def flatten_features(x: jax.Array) -> jax.Array:
+    """``[B, ...]`` -> ``[B, F]``; images are flattened channel-major, as PyTorch's NCHW flatten."""
+    if x.ndim == 4:
+        x = jnp.transpose(x, (0, 3, 1, 2))
+    return x.reshape(x.shape[0], -1)
+
+
+def pad_features(x_BxF: jax.Array, width: int) -> jax.Array:
+    """Zero-pad flattened inputs to ``width`` features (fixed-width textbook models)."""
+    return jnp.pad(x_BxF, ((0, 0), (0, width - x_BxF.shape[-1])))

@@ -1,0 +1,178 @@
+"""Logical axis names -> mesh axes: one rules table per strategy, and the sharding report.
+
+Models name *logical* axes only (``("embed", "mlp")``); this module decides which mesh axis, if any,
+each logical axis is split over. Swapping the strategy or the mesh changes the rules, never the model.
+
+Logical axes used by the models:
+  batch       examples in dense layers          features  input features (never split)
+  conv_batch  examples in conv layers           embed     a dense width kept whole
+  mlp         the hidden width of a column/row  classes   logits (never split)
+              pair (split by ``tp``/``hybrid``)  flat      flattened conv features (never split)
+  channels    conv output channels              dense_in  input dim of the textbook layer
+                                                dense_out output dim of the textbook layer
+A kernel whose *output* axis maps to ``tensor`` is split by column (outputs stacked / all-gathered);
+one whose *input* axis maps to ``tensor`` is split by row (partial sums added / all-reduced).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+from collections.abc import Iterator, Mapping
+from typing import NamedTuple
+
+import jax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from jaxmp.config import ConfigError
+
+MeshAxes = str | tuple[str, ...] | None
+Rules = Mapping[str, MeshAxes]
+
+ALL_DEVICES = ("data", "tensor")
+STRATEGY_RULES: dict[str, Rules] = {
+    # Data parallelism: every weight replicated, the batch split over every non-pipe device.
+    "dp": {"batch": ALL_DEVICES, "conv_batch": ALL_DEVICES},
+    # Megatron tensor parallelism: column/row pairs over `tensor`, conv output channels too.
+    "tp": {"batch": "data", "conv_batch": "data", "mlp": "tensor", "channels": "tensor"},
+    # Krizhevsky's one weird trick: conv layers data-parallel over all devices, dense layers split.
+    "hybrid": {"batch": "data", "conv_batch": ALL_DEVICES, "mlp": "tensor"},
+    # The textbook single layer, split by output (column) or by input (row).
+    "column": {"batch": "data", "dense_out": "tensor"},
+    "row": {"batch": "data", "dense_in": "tensor"},
+}
+
+_active_rules: contextvars.ContextVar[Rules | None] = contextvars.ContextVar("jaxmp_rules", default=None)
+
+
+def rules_for(strategy: str) -> Rules:
+    """The rules table of a strategy name."""
+    try:
+        return STRATEGY_RULES[strategy]
+    except KeyError:
+        raise ConfigError(f"--strategy {strategy!r} is not one of {', '.join(STRATEGY_RULES)}.") from None
+
+
+def logical_to_spec(names: tuple[str | None, ...], rules: Rules) -> PartitionSpec:
+    """Map a tuple of logical axis names to a mesh ``PartitionSpec`` (unknown names stay whole)."""
+    return PartitionSpec(*(rules.get(name) if name else None for name in names))
+
+
+@contextlib.contextmanager
+def use_rules(rules: Rules) -> Iterator[None]:
+    """Make ``rules`` the table that :func:`constrain` uses while a step is traced."""
+    token = _active_rules.set(rules)
+    try:
+        yield
+    finally:
+        _active_rules.reset(token)
+
+
+def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
+    """Pin an activation's sharding by logical names; a no-op outside a mesh or a rules context."""
+    rules = _active_rules.get()
+    if rules is None or jax.sharding.get_abstract_mesh().empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(names, rules))
+
+
+def _logical_names(variable: nnx.Variable) -> tuple[str | None, ...]:
+    names = variable.get_metadata().get("out_sharding") or ()
+    return tuple(names) + (None,) * (variable.value.ndim - len(names))
+
+
+def param_specs(params: nnx.State, rules: Rules) -> nnx.State:
+    """A ``PartitionSpec`` per parameter, from its logical names and the rules table."""
+    return jax.tree.map(
+        lambda v: logical_to_spec(_logical_names(v), rules),
+        params,
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )
+
+
+def path_name(path) -> str:
+    """``("blocks", 0, "up", "kernel")`` -> ``"blocks.0.up.kernel"``."""
+    return ".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+
+def check_divisible(params: nnx.State, specs: nnx.State, mesh: jax.sharding.Mesh) -> None:
+    """Raise ``ConfigError`` naming the first parameter whose dimension its mesh axes do not divide."""
+    flat_specs = dict(jax.tree_util.tree_flatten_with_path(specs, is_leaf=_is_spec)[0])
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        spec = flat_specs[path[:-1]] if path[:-1] in flat_specs else flat_specs[path]
+        for dim, axes in zip(leaf.shape, spec):
+            parts = _axis_product(mesh, axes)
+            if dim % parts:
+                raise ConfigError(
+                    f"parameter {path_name(path[:-1])} of shape {tuple(leaf.shape)} cannot be split over "
+                    f"{axes} ({parts} devices): {dim} is not divisible by {parts}."
+                )
+
+
+def _is_spec(x) -> bool:
+    return isinstance(x, PartitionSpec)
+
+
+def _axis_product(mesh: jax.sharding.Mesh, axes: MeshAxes) -> int:
+    if axes is None:
+        return 1
+    axes = (axes,) if isinstance(axes, str) else axes
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def named(mesh: jax.sharding.Mesh, specs):
+    """Turn a tree of PartitionSpecs into NamedShardings on ``mesh``."""
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=_is_spec)
+
+
+class ParamRow(NamedTuple):
+    """One line of the sharding report."""
+
+    name: str
+    shape: tuple[int, ...]
+    spec: PartitionSpec
+    bytes_per_device: int
+
+
+def sharding_report(params) -> list[ParamRow]:
+    """Every parameter's name, global shape, PartitionSpec and bytes held on each device.
+
+    Args:
+      params: a tree of sharded ``jax.Array`` (or ``ShapeDtypeStruct`` with ``.sharding``).
+    """
+    rows = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        shard_shape = leaf.sharding.shard_shape(leaf.shape)
+        rows.append(
+            ParamRow(
+                name=path_name(path[:-1] if path and _is_value_key(path[-1]) else path),
+                shape=tuple(leaf.shape),
+                spec=leaf.sharding.spec,
+                bytes_per_device=math.prod(shard_shape) * leaf.dtype.itemsize,
+            )
+        )
+    return rows
+
+
+def _is_value_key(key) -> bool:
+    return getattr(key, "name", None) == "value" or getattr(key, "key", None) == "value"
+
+
+def print_sharding_report(params, mesh: jax.sharding.Mesh, console=None) -> None:
+    """Print the sharding report as a rich table, with the mesh and the totals."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    mesh_text = ", ".join(f"{name}={size}" for name, size in mesh.shape.items())
+    table = Table(title=f"parameters on mesh ({mesh_text})", title_justify="left")
+    for column in ("parameter", "global shape", "PartitionSpec", "bytes/device"):
+        table.add_column(column, justify="right" if column == "bytes/device" else "left")
+    rows = sharding_report(params)
+    for row in rows:
+        table.add_row(row.name, str(row.shape), str(tuple(row.spec)), f"{row.bytes_per_device:,}")
+    total = sum(r.bytes_per_device for r in rows)
+    table.add_row("total", f"{sum(math.prod(r.shape) for r in rows):,} params", "", f"{total:,}", style="bold")
+    console.print(table)

@@ -1,0 +1,156 @@
+"""The train step: loss, ``value_and_grad``, optax update — the one place where jit, shardings and
+donation live.
+
+Shapes: B = global batch, C = classes; ``x`` is ``[B, ...]`` (images NHWC or features), ``y`` is ``[B]``.
+
+Why one place: every other module (trainer loop, benchmarks, tests, notebooks) gets a ``Program`` whose
+functions are already compiled for one mesh, strategy and batch shape. Parameters are born sharded
+(``eval_shape`` -> shardings -> ``jit(init, out_shardings=...)``), the batch is sharded through
+``in_shardings`` and the train state is donated, so a step never holds two copies of the weights.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from jaxmp.config import Config, ConfigError, OptimConfig
+from jaxmp.models import build_model
+from jaxmp.sharding import check_divisible, logical_to_spec, param_specs, rules_for, use_rules
+
+
+class TrainState(NamedTuple):
+    """Everything a step reads and writes: params, optimizer state, step counter and dropout key."""
+
+    params: nnx.State
+    opt_state: optax.OptState
+    step: jax.Array
+    key: jax.Array
+
+
+class Program(NamedTuple):
+    """Compiled functions and shardings for one model, mesh, strategy and batch shape."""
+
+    mesh: jax.sharding.Mesh
+    graphdef: nnx.GraphDef
+    state_shardings: TrainState
+    x_sharding: NamedSharding
+    y_sharding: NamedSharding
+    init: Callable[[], TrainState]
+    train_step: Any
+    eval_step: Any
+
+
+def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
+    """The optax transformation named by ``cfg.optimizer``."""
+    if cfg.optimizer == "sgd":
+        return optax.sgd(cfg.lr)
+    if cfg.optimizer == "adam":
+        return optax.adam(cfg.lr)
+    if cfg.optimizer == "adamw":
+        return optax.adamw(cfg.lr, weight_decay=cfg.weight_decay)
+    raise ConfigError(f"--optimizer {cfg.optimizer!r} is not one of sgd, adam, adamw.")
+
+
+def cross_entropy(logits_BxC: jax.Array, y_B: jax.Array) -> jax.Array:
+    """Per-example cross-entropy of integer labels (log-softmax outputs are accepted as logits)."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits_BxC.astype(jnp.float32), y_B)
+
+
+def _batch_spec(names: tuple[str, ...], ndim: int, rules) -> PartitionSpec:
+    return logical_to_spec(names + (None,) * (ndim - 1), rules)
+
+
+def _check_batch(batch_size: int, spec: PartitionSpec, mesh: jax.sharding.Mesh) -> None:
+    axes = spec[0] if spec else None
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+    parts = math.prod(mesh.shape[a] for a in axes)
+    if batch_size % parts:
+        raise ConfigError(
+            f"--batch-size {batch_size} is not divisible by {parts}, the devices of mesh axes "
+            f"{'x'.join(axes)} that split the batch."
+        )
+
+
+def _full_tree_shardings(specs, abstract_params, mesh):
+    """A tree shaped like the params with a NamedSharding per array (what optax can map over)."""
+    return jax.tree.map(
+        lambda spec, var: jax.tree.map(lambda _: NamedSharding(mesh, spec), var),
+        specs,
+        abstract_params,
+        is_leaf=lambda x: isinstance(x, PartitionSpec),
+    )
+
+
+def build_program(cfg: Config, mesh: jax.sharding.Mesh, input_shape: tuple[int, ...], classes: int) -> Program:
+    """Build, shard and compile the init, train and eval functions of ``cfg`` on ``mesh``.
+
+    Raises:
+      ConfigError: a parameter dimension or the batch does not divide the mesh axes it is split over.
+    """
+    rules = rules_for(cfg.model.strategy)
+    tx = make_optimizer(cfg.optim)
+    batch = cfg.run.batch_size
+
+    def init_fn() -> TrainState:
+        model = build_model(cfg.model, input_shape, classes, nnx.Rngs(params=cfg.run.seed))
+        params = nnx.state(model, nnx.Param)
+        return TrainState(params, tx.init(params), jnp.zeros((), jnp.int32), jax.random.key(cfg.run.seed + 1))
+
+    abstract_model = nnx.eval_shape(lambda: build_model(cfg.model, input_shape, classes, nnx.Rngs(0)))
+    graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
+    specs = param_specs(abstract_params, rules)
+    check_divisible(abstract_params, specs, mesh)
+    abstract = jax.eval_shape(init_fn)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    params_sh = _full_tree_shardings(specs, abstract_params, mesh)
+    opt_sh = optax.tree_map_params(
+        tx, lambda _, sharding: sharding, abstract.opt_state, params_sh, transform_non_params=lambda _: replicated
+    )
+    state_sh = TrainState(params_sh, opt_sh, replicated, replicated)
+
+    input_axis = getattr(type(abstract_model), "INPUT_BATCH_AXIS", "batch")
+    x_spec = _batch_spec((input_axis,), 1 + len(input_shape), rules)
+    y_spec = _batch_spec(("batch",), 1, rules)
+    for spec in (x_spec, y_spec):
+        _check_batch(batch, spec, mesh)
+    x_sh, y_sh = NamedSharding(mesh, x_spec), NamedSharding(mesh, y_spec)
+
+    def loss_fn(params, x, y, key):
+        model = nnx.merge(graphdef, params)
+        return cross_entropy(model(x, train=True, key=key), y).mean()
+
+    def train_step(state: TrainState, x, y):
+        key = jax.random.fold_in(state.key, state.step)
+        loss, grads = jax.value_and_grad(loss_fn)(state.params, x, y, key)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        return TrainState(params, opt_state, state.step + 1, state.key), {"loss": loss}
+
+    def eval_step(params, x, y, mask):
+        logits = nnx.merge(graphdef, params)(x, train=False)
+        correct = (jnp.argmax(logits, -1) == y).astype(jnp.float32)
+        return {"loss_sum": (cross_entropy(logits, y) * mask).sum(), "correct": (correct * mask).sum()}
+
+    def struct(shape, dtype, sharding):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+    x_abs = struct((batch, *input_shape), jnp.float32, x_sh)
+    y_abs = struct((batch,), jnp.int32, y_sh)
+    state_abs = jax.tree.map(lambda a, s: struct(a.shape, a.dtype, s), abstract, state_sh)
+    with jax.set_mesh(mesh), use_rules(rules):
+        init = jax.jit(init_fn, out_shardings=state_sh).lower().compile()
+        train = jax.jit(
+            train_step, in_shardings=(state_sh, x_sh, y_sh), out_shardings=(state_sh, replicated), donate_argnums=0
+        ).lower(state_abs, x_abs, y_abs).compile()
+        evaluate = jax.jit(
+            eval_step, in_shardings=(params_sh, x_sh, y_sh, y_sh), out_shardings=replicated
+        ).lower(state_abs.params, x_abs, y_abs, struct((batch,), jnp.float32, y_sh)).compile()
+    return Program(mesh, graphdef, state_sh, x_sh, y_sh, init, train, evaluate)
