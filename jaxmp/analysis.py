@@ -44,8 +44,10 @@ from typing import Any, NamedTuple
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from jaxmp.mesh import MeshShape, build_mesh
 
 KINDS = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
 
@@ -180,6 +182,7 @@ def _split_operands(text: str) -> list[str]:
 
 
 def _parse_instruction(line: str) -> _Instruction | None:
+    """The instruction on ``line`` if it is a collective (or an async part of one), else None."""
     head = _INSTRUCTION.match(line)
     if head is None:
         return None
@@ -188,7 +191,7 @@ def _parse_instruction(line: str) -> _Instruction | None:
     except (ValueError, IndexError):
         return None
     opcode = _OPCODE.match(line, pos)
-    if opcode is None:
+    if opcode is None or _kind(opcode["opcode"])[0] is None:
         return None
     open_at = opcode.end() - 1
     end = _close(line, open_at)
@@ -297,6 +300,8 @@ def replica_groups(text: str | None, num_devices: int) -> np.ndarray:
         array = _iota(_ints(iota["reshape"]), _ints(iota["perm"]) if iota["perm"] else None)
         return array.reshape(_ints(iota["dims"]))
     groups = [_ints(group) for group in re.findall(r"\{([\d,\s]*)\}", text)]
+    if not groups:
+        raise ValueError(f"cannot read replica_groups={text}")
     width = max(len(group) for group in groups)
     if any(len(group) != width for group in groups):
         raise ValueError(f"replica groups of different sizes are not supported: {text}")
@@ -311,21 +316,21 @@ def source_target_pairs(text: str) -> np.ndarray:
 # ------------------------------------------------------------------------------- ids to mesh axes
 
 
-def _coordinates(ids: np.ndarray, mesh) -> np.ndarray:
+def _coordinates(ids: np.ndarray, mesh: Mesh) -> np.ndarray:
     shape = mesh.devices.shape
     if ids.size and (ids.min() < 0 or ids.max() >= mesh.devices.size):
         raise ValueError(f"device id {int(ids.max())} is outside a mesh of {mesh.devices.size} devices")
     return np.stack(np.unravel_index(ids, shape), axis=-1)
 
 
-def _axes_of_groups(groups: np.ndarray, mesh) -> tuple[str, ...]:
+def _axes_of_groups(groups: np.ndarray, mesh: Mesh) -> tuple[str, ...]:
     """Mesh axes along which coordinates vary inside some group, in mesh order."""
     coords = _coordinates(groups, mesh)  # (groups, members, mesh dims)
     varies = (coords != coords[:, :1]).any(axis=(0, 1))
     return tuple(name for name, moved in zip(mesh.axis_names, varies, strict=True) if moved)
 
 
-def _axes_of_pairs(pairs: np.ndarray, mesh) -> tuple[str, ...]:
+def _axes_of_pairs(pairs: np.ndarray, mesh: Mesh) -> tuple[str, ...]:
     coords = _coordinates(pairs, mesh)  # (pairs, 2, mesh dims)
     varies = (coords[:, 0] != coords[:, 1]).any(axis=0)
     return tuple(name for name, moved in zip(mesh.axis_names, varies, strict=True) if moved)
@@ -381,7 +386,7 @@ def _itemsize_bits(dtype: str) -> int:
     return int(match[1]) if match else 8
 
 
-def _records(inst: _Instruction, kind: str, result: Shape, mesh) -> list[Collective]:
+def _records(inst: _Instruction, kind: str, result: Shape, mesh: Mesh) -> list[Collective]:
     num_devices = mesh.devices.size
     if kind == "collective-permute":
         pairs = source_target_pairs(_attr(inst.attrs, "source_target_pairs") or "{}")
@@ -423,7 +428,7 @@ def _kind(opcode: str) -> tuple[str | None, str]:
     return (opcode, "") if opcode in KINDS else (None, "")
 
 
-def collectives(hlo_text: str, mesh) -> list[Collective]:
+def collectives(hlo_text: str, mesh: Mesh) -> list[Collective]:
     """Every collective in the HLO text of a compiled SPMD program, in text order.
 
     Args:
@@ -525,7 +530,7 @@ _TEXTBOOK = {
 
 
 def textbook_layer_exchange(
-    strategy: str, batch: int = 128, fan_in: int = 1000, fan_out: int = 500, mesh=None
+    strategy: str, batch: int = 128, fan_in: int = 1000, fan_out: int = 500, mesh: Mesh | None = None
 ) -> list[Collective]:
     """Collectives XLA emits for forward + backward of one bias-free dense layer ``y = x @ W``.
 
@@ -545,8 +550,6 @@ def textbook_layer_exchange(
       strategy: "dp", "column" or "row".
       mesh: default: a 2-device mesh, ``data=2`` for "dp" and ``tensor=2`` otherwise.
     """
-    from jaxmp.mesh import MeshShape, build_mesh
-
     if strategy not in _TEXTBOOK:
         raise ValueError(f"strategy {strategy!r} is not one of {', '.join(_TEXTBOOK)}")
     axis, act, weight, x_use, y_made = _TEXTBOOK[strategy]

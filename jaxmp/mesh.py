@@ -28,7 +28,7 @@ class MeshShape(NamedTuple):
         return self.data * self.tensor * self.pipe
 
     def __str__(self) -> str:
-        return ",".join(f"{name}={size}" for name, size in zip(AXES, self))
+        return ",".join(f"{name}={size}" for name, size in zip(AXES, self, strict=True))
 
 
 def parse_mesh(spec: str, num_devices: int) -> MeshShape:
@@ -62,7 +62,8 @@ def parse_mesh(spec: str, num_devices: int) -> MeshShape:
     if fill:
         if num_devices % fixed:
             raise ConfigError(
-                f"--mesh {spec!r}: {num_devices} devices cannot be split evenly with fixed axes of product {fixed}."
+                f"--mesh {spec!r}: {num_devices} devices cannot be split evenly over fixed axes "
+                f"of product {fixed}."
             )
         sizes[fill[0]] = num_devices // fixed
     shape = MeshShape(**sizes)
@@ -106,9 +107,7 @@ def build_mesh(shape: MeshShape, devices=None):
 
     if devices is None:
         devices = jax.devices()[: shape.size]
-    return jax.make_mesh(
-        tuple(shape), AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=list(devices)
-    )
+    return jax.make_mesh(tuple(shape), AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=list(devices))
 
 
 def mesh_from_spec(spec: str, devices=None):

@@ -99,16 +99,18 @@ def path_name(path) -> str:
 
 def check_divisible(params: nnx.State, specs: nnx.State, mesh: jax.sharding.Mesh) -> None:
     """Raise ``ConfigError`` naming the first parameter whose dimension its mesh axes do not divide."""
-    flat_specs = dict(jax.tree_util.tree_flatten_with_path(specs, is_leaf=_is_spec)[0])
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        spec = flat_specs[path[:-1]] if path[:-1] in flat_specs else flat_specs[path]
-        for dim, axes in zip(leaf.shape, spec):
+
+    def check(path, variable: nnx.Variable, spec: PartitionSpec) -> None:
+        shape = tuple(variable.value.shape)
+        for dim, axes in zip(shape, spec, strict=False):
             parts = _axis_product(mesh, axes)
             if dim % parts:
                 raise ConfigError(
-                    f"parameter {path_name(path[:-1])} of shape {tuple(leaf.shape)} cannot be split over "
-                    f"{axes} ({parts} devices): {dim} is not divisible by {parts}."
+                    f"parameter {path_name(path)} of shape {shape} cannot be split over {axes} "
+                    f"({parts} devices): {dim} is not divisible by {parts}."
                 )
+
+    jax.tree_util.tree_map_with_path(check, params, specs, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def _is_spec(x) -> bool:
@@ -174,5 +176,7 @@ def print_sharding_report(params, mesh: jax.sharding.Mesh, console=None) -> None
     for row in rows:
         table.add_row(row.name, str(row.shape), str(tuple(row.spec)), f"{row.bytes_per_device:,}")
     total = sum(r.bytes_per_device for r in rows)
-    table.add_row("total", f"{sum(math.prod(r.shape) for r in rows):,} params", "", f"{total:,}", style="bold")
+    table.add_row(
+        "total", f"{sum(math.prod(r.shape) for r in rows):,} params", "", f"{total:,}", style="bold"
+    )
     console.print(table)

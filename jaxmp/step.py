@@ -47,6 +47,10 @@ class Program(NamedTuple):
     train_step: Any
     eval_step: Any
 
+    def put_batch(self, x, y) -> tuple[jax.Array, jax.Array]:
+        """Place a host batch on the mesh with the shardings the compiled steps expect."""
+        return jax.device_put(x, self.x_sharding), jax.device_put(y, self.y_sharding)
+
 
 def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
     """The optax transformation named by ``cfg.optimizer``."""
@@ -89,7 +93,9 @@ def _full_tree_shardings(specs, abstract_params, mesh):
     )
 
 
-def build_program(cfg: Config, mesh: jax.sharding.Mesh, input_shape: tuple[int, ...], classes: int) -> Program:
+def build_program(
+    cfg: Config, mesh: jax.sharding.Mesh, input_shape: tuple[int, ...], classes: int
+) -> Program:
     """Build, shard and compile the init, train and eval functions of ``cfg`` on ``mesh``.
 
     Raises:
@@ -112,7 +118,11 @@ def build_program(cfg: Config, mesh: jax.sharding.Mesh, input_shape: tuple[int, 
     replicated = NamedSharding(mesh, PartitionSpec())
     params_sh = _full_tree_shardings(specs, abstract_params, mesh)
     opt_sh = optax.tree_map_params(
-        tx, lambda _, sharding: sharding, abstract.opt_state, params_sh, transform_non_params=lambda _: replicated
+        tx,
+        lambda _, sharding: sharding,
+        abstract.opt_state,
+        params_sh,
+        transform_non_params=lambda _: replicated,
     )
     state_sh = TrainState(params_sh, opt_sh, replicated, replicated)
 
@@ -145,12 +155,48 @@ def build_program(cfg: Config, mesh: jax.sharding.Mesh, input_shape: tuple[int, 
     x_abs = struct((batch, *input_shape), jnp.float32, x_sh)
     y_abs = struct((batch,), jnp.int32, y_sh)
     state_abs = jax.tree.map(lambda a, s: struct(a.shape, a.dtype, s), abstract, state_sh)
-    with jax.set_mesh(mesh), use_rules(rules):
-        init = jax.jit(init_fn, out_shardings=state_sh).lower().compile()
-        train = jax.jit(
-            train_step, in_shardings=(state_sh, x_sh, y_sh), out_shardings=(state_sh, replicated), donate_argnums=0
-        ).lower(state_abs, x_abs, y_abs).compile()
-        evaluate = jax.jit(
-            eval_step, in_shardings=(params_sh, x_sh, y_sh, y_sh), out_shardings=replicated
-        ).lower(state_abs.params, x_abs, y_abs, struct((batch,), jnp.float32, y_sh)).compile()
+    compile_here = _compiler(mesh, rules)
+    init = compile_here(jax.jit(init_fn, out_shardings=state_sh))
+    train = compile_here(
+        jax.jit(
+            train_step,
+            in_shardings=(state_sh, x_sh, y_sh),
+            out_shardings=(state_sh, replicated),
+            donate_argnums=0,
+        ),
+        state_abs,
+        x_abs,
+        y_abs,
+    )
+    evaluate = _LazyCompiled(
+        lambda: compile_here(
+            jax.jit(eval_step, in_shardings=(params_sh, x_sh, y_sh, y_sh), out_shardings=replicated),
+            state_abs.params,
+            x_abs,
+            y_abs,
+            struct((batch,), jnp.float32, y_sh),
+        )
+    )
     return Program(mesh, graphdef, state_sh, x_sh, y_sh, init, train, evaluate)
+
+
+def _compiler(mesh: jax.sharding.Mesh, rules):
+    """Lower and compile a jitted function ahead of time, with the mesh and rules in force while tracing."""
+
+    def compile_here(jitted, *abstract_args):
+        with jax.set_mesh(mesh), use_rules(rules):
+            return jitted.lower(*abstract_args).compile()
+
+    return compile_here
+
+
+class _LazyCompiled:
+    """Compile on first call: evaluation is not needed by every user of a Program (tests, benchmarks)."""
+
+    def __init__(self, make: Callable[[], Any]):
+        self._make, self._compiled = make, None
+
+    def __call__(self, *args):
+        if self._compiled is None:
+            self._compiled = self._make()
+        return self._compiled(*args)

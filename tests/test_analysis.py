@@ -87,7 +87,12 @@ AXIS_CASES = {
         P("tensor"),
         ("all-reduce", ("data",), 2, 2),
     ),
-    "gather data": (lambda x: x * 2, P("data", "tensor"), P(None, "tensor"), ("all-gather", ("data",), 2, 16)),
+    "gather data": (
+        lambda x: x * 2,
+        P("data", "tensor"),
+        P(None, "tensor"),
+        ("all-gather", ("data",), 2, 16),
+    ),
 }
 
 
@@ -117,9 +122,7 @@ def test_loop_body_counted_once_per_appearance(mesh24):
     def body(_, x):
         return jax.lax.psum(x, "tensor") * 0.5
 
-    step = jax.shard_map(
-        lambda x: jax.lax.fori_loop(0, 3, body, x), mesh=mesh24, in_specs=P(), out_specs=P()
-    )
+    step = jax.shard_map(lambda x: jax.lax.fori_loop(0, 3, body, x), mesh=mesh24, in_specs=P(), out_specs=P())
     text = compiled_text(step, jax.ShapeDtypeStruct((8, 16), jnp.float32))
     assert brief(collectives(text, mesh24)) == [("all-reduce", ("tensor",), 4, 128)]
 
@@ -142,7 +145,10 @@ GROUPS = {
     "[1,8]<=[8]": (("data", "tensor"), 8),
     "mesh['axis_0'=2,'axis_1'=4] {'axis_0'}": (("data",), 2),
     "mesh['axis_0'=4,'axis_1'=2], device_ids=([2,4]T(1,0)) {'axis_1'}": (("data",), 2),
-    "mesh['axis_0'=1,'axis_1'=2,'axis_2'=2,'axis_3'=2], device_ids=([2,4]T(1,0)) {'axis_1'}": (("tensor",), 2),
+    "mesh['axis_0'=1,'axis_1'=2,'axis_2'=2,'axis_3'=2], device_ids=([2,4]T(1,0)) {'axis_1'}": (
+        ("tensor",),
+        2,
+    ),
     "mesh['a'=2,'b'=4] {'b':(1)2}": (("tensor",), 2),
     "mesh['a'=2,'b'=4] {'a','b':(2)2}": (("data", "tensor"), 4),
 }
@@ -175,16 +181,21 @@ def test_group_arrays():
 )
 def test_collective_permute_pairs(mesh24, pairs: str, axes: tuple[str, ...], group_size: int):
     coll = _one(mesh24, f"  %cp = bf16[4,8]{{1,0}} collective-permute(%p), source_target_pairs={pairs}")
-    assert (coll.kind, coll.axes, coll.group_size, coll.dtype) == ("collective-permute", axes, group_size, "bfloat16")
+    assert (coll.kind, coll.axes, coll.group_size, coll.dtype) == (
+        "collective-permute",
+        axes,
+        group_size,
+        "bfloat16",
+    )
     assert coll.elements == (32 if group_size > 1 else 0)
     assert coll.bytes == 2 * coll.elements
 
 
 ASYNC = """
 ENTRY %main (p: f32[128,64]) -> f32[128,64] {
-  %ars = f32[128,64]{1,0} all-reduce-start(%p), channel_id=1, replica_groups={{0,1,2,3},{4,5,6,7}}, to_apply=%add
+  %ars = f32[128,64]{1,0} all-reduce-start(%p), replica_groups={{0,1,2,3},{4,5,6,7}}, to_apply=%add
   %ard = f32[128,64]{1,0} all-reduce-done(%ars)
-  %ags = (f32[4,16]{1,0}, f32[8,16]{1,0}) all-gather-start(%q), replica_groups=[4,2]<=[2,4]T(1,0), dimensions={0}
+  %ags = (f32[4,16]{1,0}, f32[8,16]{1,0}) all-gather-start(%q), replica_groups=[4,2]<=[2,4]T(1,0)
   %agd = f32[8,16]{1,0} all-gather-done(%ags)
   %cps = (f32[8]{0}, f32[8]{0}, u32[], u32[]) collective-permute-start(%r), source_target_pairs={{0,1},{1,0}}
   %cpd = f32[8]{0} collective-permute-done(%cps)
@@ -212,7 +223,9 @@ def test_async_start_without_done_uses_start_layout(mesh24):
 
 
 def test_combined_and_tuple_all_to_all(mesh24):
-    combined = "%ar = (f32[10]{0}, bf16[4,4]{1,0}) all-reduce(%a, %b), replica_groups={{0,1,2,3,4,5,6,7}}, " + ADD
+    combined = (
+        "%ar = (f32[10]{0}, bf16[4,4]{1,0}) all-reduce(%a, %b), replica_groups={{0,1,2,3,4,5,6,7}}, " + ADD
+    )
     colls = collectives(combined, mesh24)
     assert [(c.shape, c.dtype, c.elements, c.bytes) for c in colls] == [
         ((10,), "float32", 10, 40),
@@ -225,15 +238,16 @@ def test_combined_and_tuple_all_to_all(mesh24):
 
 
 def test_while_body_and_metadata(mesh24):
-    text = """
-%body (p: (s32[], f32[4])) -> (s32[], f32[4]) {
-  %x = f32[4]{0} get-tuple-element(%p), index=1
-  %ar.2 = f32[4]{0} all-reduce(%x), replica_groups=[2,4]<=[8], to_apply=%add, metadata={op_name="jit(f)/while/body/psum" source_file="f.py" source_line=3}
-}
-ENTRY %main (a: f32[4]) -> f32[4] {
-  %w = (s32[], f32[4]{0}) while(%t), condition=%cond, body=%body
-  ROOT %ag = f32[8]{0} all-gather(%a), replica_groups=[4,2]<=[2,4]T(1,0), dimensions={0}
-}
+    meta = 'metadata={op_name="jit(f)/while/body/psum" source_file="f.py"}'
+    text = f"""
+%body (p: (s32[], f32[4])) -> (s32[], f32[4]) {{
+  %x = f32[4]{{0}} get-tuple-element(%p), index=1
+  %ar.2 = f32[4]{{0}} all-reduce(%x), replica_groups=[2,4]<=[8], to_apply=%add, {meta}
+}}
+ENTRY %main (a: f32[4]) -> f32[4] {{
+  %w = (s32[], f32[4]{{0}}) while(%t), condition=%cond, body=%body
+  ROOT %ag = f32[8]{{0}} all-gather(%a), replica_groups=[4,2]<=[2,4]T(1,0), dimensions={{0}}
+}}
 """
     colls = collectives(text, mesh24)
     assert [(c.name, c.axes, c.op_name) for c in colls] == [
@@ -251,7 +265,11 @@ def test_summarize():
     def make(kind: str, axes: tuple[str, ...], elements: int) -> Collective:
         return Collective(kind, axes, (elements,), "float32", 2, elements, 4 * elements, "c", "")
 
-    colls = [make("all-reduce", ("data",), 5), make("all-reduce", ("data",), 7), make("all-gather", ("data",), 3)]
+    colls = [
+        make("all-reduce", ("data",), 5),
+        make("all-reduce", ("data",), 7),
+        make("all-gather", ("data",), 3),
+    ]
     assert summarize(colls) == {("all-reduce", ("data",)): 12, ("all-gather", ("data",)): 3}
 
 

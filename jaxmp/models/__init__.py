@@ -25,7 +25,9 @@ def check_strategy(cfg: ModelConfig) -> None:
     """Raise ``ConfigError`` when the model has no such strategy."""
     allowed = MODEL_STRATEGIES[cfg.model]
     if cfg.strategy not in allowed:
-        raise ConfigError(f"--strategy {cfg.strategy} does not apply to --model {cfg.model}; use {', '.join(allowed)}.")
+        raise ConfigError(
+            f"--strategy {cfg.strategy} does not apply to --model {cfg.model}; use {', '.join(allowed)}."
+        )
 
 
 def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], classes: int, rngs: nnx.Rngs) -> nnx.Module:
@@ -39,7 +41,12 @@ def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], classes: int, rn
     features = math.prod(input_shape)
     if cfg.model == "mlp":
         return ResidualMLP(
-            features, classes, width=cfg.width, hidden=cfg.hidden, depth=cfg.depth, activation=activation,
+            features,
+            classes,
+            width=cfg.width,
+            hidden=cfg.hidden,
+            depth=cfg.depth,
+            activation=activation,
             rngs=rngs,
         )
     if cfg.model == "mlp-1024":

@@ -43,7 +43,14 @@ class ResidualMLP(nnx.Module):
     """``embed`` -> ``depth`` Megatron blocks -> ``head``: the model tensor parallelism is made for."""
 
     def __init__(
-        self, features: int, classes: int, *, width: int, hidden: int, depth: int, activation: str,
+        self,
+        features: int,
+        classes: int,
+        *,
+        width: int,
+        hidden: int,
+        depth: int,
+        activation: str,
         rngs: nnx.Rngs,
     ):
         self.embed = dense(features, width, ("features", "embed"), rngs=rngs)
