@@ -85,6 +85,7 @@ _DEVICE_IOTA = re.compile(
     r"\[(?P<first>[\d,\s]+)\](?:<=\[(?P<reshape>[\d,\s]+)\])?(?:T\((?P<perm>[\d,\s]+)\))?$"
 )
 _AXIS_REF = re.compile(r"'?(?P<name>[^':,\s]+)'?(?::\((?P<pre>\d+)\)(?P<size>\d+))?")
+_COMMENT = re.compile(r"/\*.*?\*/")
 _OP_NAME = re.compile(r'metadata=\{[^\n]*?\bop_name="(?P<op>(?:[^"\\]|\\.)*)"')
 _OPENERS = {"(": ")", "{": "}", "[": "]"}
 
@@ -183,6 +184,7 @@ def _split_operands(text: str) -> list[str]:
 
 def _parse_instruction(line: str) -> _Instruction | None:
     """The instruction on ``line`` if it is a collective (or an async part of one), else None."""
+    line = _COMMENT.sub("", line)  # long tuples carry /*index=5*/ markers
     head = _INSTRUCTION.match(line)
     if head is None:
         return None

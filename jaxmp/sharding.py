@@ -80,7 +80,7 @@ def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
 
 def _logical_names(variable: nnx.Variable) -> tuple[str | None, ...]:
     names = variable.get_metadata().get("out_sharding") or ()
-    return tuple(names) + (None,) * (variable.value.ndim - len(names))
+    return tuple(names) + (None,) * (variable.get_value().ndim - len(names))
 
 
 def param_specs(params: nnx.State, rules: Rules) -> nnx.State:
@@ -101,7 +101,7 @@ def check_divisible(params: nnx.State, specs: nnx.State, mesh: jax.sharding.Mesh
     """Raise ``ConfigError`` naming the first parameter whose dimension its mesh axes do not divide."""
 
     def check(path, variable: nnx.Variable, spec: PartitionSpec) -> None:
-        shape = tuple(variable.value.shape)
+        shape = tuple(variable.get_value().shape)
         for dim, axes in zip(shape, spec, strict=False):
             parts = _axis_product(mesh, axes)
             if dim % parts:

@@ -140,7 +140,8 @@ def build_program(
     def train_step(state: TrainState, x, y):
         key = jax.random.fold_in(state.key, state.step)
         loss, grads = jax.value_and_grad(loss_fn)(state.params, x, y, key)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        with jax.numpy_dtype_promotion("standard"):  # optax relies on implicit promotion (b1 ** count)
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         return TrainState(params, opt_state, state.step + 1, state.key), {"loss": loss}
 

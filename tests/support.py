@@ -1,0 +1,51 @@
+"""Helpers shared by tests: fixed batches and a loss trajectory on any mesh."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import numpy as np
+
+from jaxmp.config import Config
+from jaxmp.mesh import MeshShape, build_mesh
+from jaxmp.step import build_program
+
+IMAGE = (12, 12, 1)
+CLASSES = 10
+
+
+def small_config(model: str, strategy: str, **overrides) -> Config:
+    """A config small enough to compile and train 20 steps in about a second."""
+    base = dict(model=model, strategy=strategy, width=32, hidden=64, depth=2, batch_size=16)
+    base.update(optimizer="sgd", lr=0.01)
+    return Config().replace(**{**base, **overrides})
+
+
+def fixed_batches(steps: int, batch: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``steps`` batches of random images and labels, the same on every call."""
+    rng = np.random.default_rng(seed)
+    xs = rng.uniform(size=(steps, batch, *IMAGE)).astype(np.float32)
+    ys = rng.integers(0, CLASSES, size=(steps, batch)).astype(np.int32)
+    return xs, ys
+
+
+def losses_on(cfg: Config, mesh: jax.sharding.Mesh, steps: int = 20) -> np.ndarray:
+    """The loss of each of ``steps`` train steps of ``cfg`` on ``mesh``."""
+    program = build_program(cfg, mesh, IMAGE, CLASSES)
+    xs, ys = fixed_batches(steps, cfg.run.batch_size)
+    state, losses = program.init(), []
+    for x, y in zip(xs, ys, strict=True):
+        state, metrics = program.train_step(state, *program.put_batch(x, y))
+        losses.append(metrics["loss"])
+    return np.array([float(loss) for loss in losses])
+
+
+def single_device_mesh() -> jax.sharding.Mesh:
+    return build_mesh(MeshShape(), jax.devices()[:1])
+
+
+@functools.cache
+def reference_losses(cfg: Config, steps: int = 20) -> np.ndarray:
+    """Losses on one device; the strategy does not matter there, so it is normalised away."""
+    return losses_on(cfg, single_device_mesh(), steps)

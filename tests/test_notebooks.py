@@ -1,0 +1,47 @@
+"""Execute every notebook in notebooks/ top to bottom; any cell error fails the test.
+
+Why: notebooks teach with numbers read off compiled programs and ``assert`` them against the textbook, so a
+notebook that no longer runs, or whose numbers drifted, must break CI like any other test. Parametrized over
+the glob, so a new notebook is covered without touching this file.
+
+The kernel is a separate process: the 8 simulated devices of ``conftest.py`` do not reach it, and each
+notebook sets up its own devices (``simulate_cpu_devices``) before JAX starts. The kernel runs this very
+interpreter (``sys.executable``, i.e. the venv's Python): its kernelspec is written to a temporary folder for
+the session, so no ``ipykernel install`` step is needed and no user- or system-wide ``python3`` kernelspec
+can substitute another Python.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nbformat
+import pytest
+from ipykernel.kernelspec import write_kernel_spec
+from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_client.manager import AsyncKernelManager
+from nbclient import NotebookClient
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+KERNEL = "python3"
+
+
+@pytest.fixture(scope="session")
+def kernel_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder holding one kernelspec, ``python3``, that starts ``sys.executable`` with JAX on CPU."""
+    kernels = tmp_path_factory.mktemp("kernels")
+    write_kernel_spec(kernels / KERNEL, overrides={"env": {"JAX_PLATFORMS": "cpu"}})
+    return kernels
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.name)
+def test_notebook_executes(path: Path, kernel_dir: Path):
+    notebook = nbformat.read(path, as_version=4)
+    manager = AsyncKernelManager(
+        kernel_name=KERNEL, kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(kernel_dir)])
+    )
+    client = NotebookClient(
+        notebook, km=manager, timeout=600, resources={"metadata": {"path": str(path.parent)}}
+    )
+    client.execute()  # raises CellExecutionError (with the cell and traceback) on the first failing cell
