@@ -197,7 +197,11 @@ class _LazyCompiled:
     def __init__(self, make: Callable[[], Any]):
         self._make, self._compiled = make, None
 
-    def __call__(self, *args):
+    @property
+    def compiled(self) -> jax.stages.Compiled:
         if self._compiled is None:
             self._compiled = self._make()
-        return self._compiled(*args)
+        return self._compiled
+
+    def __call__(self, *args):
+        return self.compiled(*args)

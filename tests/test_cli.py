@@ -1,0 +1,163 @@
+"""Bad input: one line on stderr, exit code 2, no traceback, and no file the user had is touched.
+
+Most cases call ``jaxmp.train.main`` in-process (the test process already has its 8 CPU devices);
+two run the real ``python -m jaxmp.train`` to check the process exit code itself.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import jaxmp.loop
+from jaxmp.train import main
+
+PRECIOUS = "a file the user saved\n"
+
+
+def exit_code(argv) -> int:
+    try:
+        return main(argv)
+    except SystemExit as stop:  # argparse's own errors
+        return stop.code
+
+
+@pytest.fixture
+def metrics(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(PRECIOUS)
+    return path
+
+
+def corrupt_idx_dir(tmp_path):
+    folder = tmp_path / "idx"
+    folder.mkdir()
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte"):
+        (folder / name).write_bytes(b"\x00\x00\x08\x03garbage")
+    (folder / "t10k-labels-idx1-ubyte").write_bytes(b"\x00\x00\x08\x01")
+    return folder
+
+
+BAD_INPUTS = [
+    (["--mesh", "data=3"], "needs 3 devices but 8 are available"),
+    (["--mesh", "data=2,foo=4"], "'foo=4' is not AXIS=SIZE"),
+    (["--mesh", "data=-1,tensor=-1"], "only one axis to -1"),
+    (["--mesh", "data=0,tensor=8"], "size 0 for data must be positive"),
+    (["--mesh", "data=4,pipe=2"], "pipe>1 needs pipeline parallelism"),
+    (["--cpu-devices", "4"], "came too late"),
+    (["--model", "resnet"], "--model 'resnet' is not one of mlp, mlp-1024"),
+    (["--dataset", "imagenet"], "--dataset 'imagenet' is not one of"),
+    (["--strategy", "column"], "--strategy column does not apply to --model mlp"),
+    (["--hidden", "100", "--mesh", "tensor=8"], "blocks.0.down.kernel of shape (100, 128)"),
+    (["--batch-size", "60", "--mesh", "data=8"], "--batch-size 60 is not divisible by 8"),
+    (["--batch-size", "5000"], "larger than the 1437 training examples"),
+    (["--batch-size", "0"], "--batch-size must be positive, got 0"),
+    (["--depth", "-1"], "--depth must be positive, got -1"),
+    (["--lr", "0"], "--lr must be positive"),
+    (["--steps", "0"], "--steps must be positive"),
+    (["--lr", "fast"], "invalid float value: 'fast'"),
+    (["--dataset", "mnist"], "mnist"),
+    (["--dataset", "mnist", "--data-dir", "/no/such/folder"], "/no/such/folder is not a folder"),
+    (["--dataset", "synthetic", "--synthetic-shape", "2x"], "2x"),
+    (["--model", "mnist-cnn", "--dataset", "synthetic", "--synthetic-shape", "64"], "needs images"),
+    (["--model", "mnist-cnn", "--dataset", "synthetic", "--synthetic-shape", "5x5x1"], "at least 6x6"),
+    (["--model", "dense", "--strategy", "tp"], "--strategy tp does not apply to --model dense"),
+]
+
+
+@pytest.mark.parametrize(("argv", "message"), BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
+def test_bad_input_gets_one_line_and_exit_2(argv, message, metrics, capsys):
+    assert exit_code([*argv, "--metrics-file", str(metrics)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert message in err
+    assert metrics.read_text() == PRECIOUS
+    assert not os.path.exists(f"{metrics}.partial")
+
+
+def test_corrupt_data_file_is_named(tmp_path, metrics, capsys):
+    folder = corrupt_idx_dir(tmp_path)
+    assert exit_code(["--dataset", "mnist", "--data-dir", str(folder), "--metrics-file", str(metrics)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "idx3-ubyte" in err
+    assert metrics.read_text() == PRECIOUS
+
+
+@pytest.mark.parametrize("target", ["missing-dir/m.jsonl", "."])
+def test_unwritable_metrics_path(tmp_path, target, capsys):
+    assert exit_code(["--metrics-file", str(tmp_path / target)]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_failed_run_keeps_the_old_metrics_file(metrics, monkeypatch):
+    def broken_evaluate(*args, **kwargs):
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(jaxmp.loop, "evaluate", broken_evaluate)
+    with pytest.raises(RuntimeError):
+        main(["--steps", "3", "--metrics-file", str(metrics), "--no-report"])
+    assert metrics.read_text() == PRECIOUS
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"), [(["--lr", "x"], "--lr"), (["--cpu-devices", "4", "--mesh", "data=8"], "8")]
+)
+def test_process_exit_code_is_2(argv, message, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "jaxmp.train", *argv],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+    assert "Traceback" not in result.stderr and message in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_help_lists_every_option_with_its_default(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["--help"])
+    assert stop.value.code == 0
+    out = capsys.readouterr().out
+    for flag in (
+        "--mesh",
+        "--cpu-devices",
+        "--model",
+        "--strategy",
+        "--optimizer",
+        "--lr",
+        "--batch-size",
+        "--steps",
+        "--epochs",
+        "--seed",
+        "--eval-every",
+        "--dataset",
+        "--data-dir",
+        "--metrics-file",
+    ):
+        assert flag in out
+    assert "(default: data=-1)" in out
+
+
+def test_default_run_learns_digits(tmp_path):
+    """``python -m jaxmp.train`` with defaults: >= 0.9 eval accuracy, and a complete metrics file."""
+    path = tmp_path / "metrics.jsonl"
+    result = subprocess.run(
+        [sys.executable, "-m", "jaxmp.train", "--metrics-file", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    steps, final = records[:-1], records[-1]
+    assert [r["step"] for r in steps] == list(range(1, len(steps) + 1))
+    assert all(r["step_time_s"] > 0 and r["loss"] > 0 for r in steps)
+    assert steps[-1]["loss"] < steps[0]["loss"] / 5
+    assert final["eval_accuracy"] >= 0.9
+    assert "blocks.0.up.kernel" in result.stdout and "eval accuracy" in result.stdout

@@ -1,0 +1,142 @@
+"""Exact PartitionSpecs per parameter, for every model and strategy, and the optimizer state.
+
+The expected tables are written out by hand from the design (column split = output on ``tensor``,
+row split = input on ``tensor``), so a rules-table or model-annotation slip shows up as a diff.
+"""
+
+import jax
+import pytest
+from support import CLASSES, IMAGE, small_config
+
+from jaxmp.config import ConfigError
+from jaxmp.mesh import MeshShape, build_mesh
+from jaxmp.sharding import path_name, sharding_report
+from jaxmp.step import build_program
+
+P = jax.P
+T = "tensor"
+MLP_TP = {
+    "embed.kernel": P(None, None),
+    "embed.bias": P(None),
+    "head.kernel": P(None, None),
+    "head.bias": P(None),
+    **{
+        f"blocks.{i}.{name}": spec
+        for i in range(2)
+        for name, spec in {
+            "norm.scale": P(None),
+            "norm.bias": P(None),
+            "up.kernel": P(None, T),
+            "up.bias": P(T),
+            "down.kernel": P(T, None),
+            "down.bias": P(None),
+        }.items()
+    },
+}
+MLP1024_TP = {
+    "layers.0.kernel": P(None, T),
+    "layers.0.bias": P(T),
+    "layers.1.kernel": P(T, None),
+    "layers.1.bias": P(None),
+    "layers.2.kernel": P(None, T),
+    "layers.2.bias": P(T),
+    "layers.3.kernel": P(T, None),
+    "layers.3.bias": P(None),
+}
+CNN_TP = {
+    "conv1.kernel": P(None, None, None, T),
+    "conv1.bias": P(T),
+    "conv2.kernel": P(None, None, None, T),
+    "conv2.bias": P(T),
+    "fc1.kernel": P(None, T),
+    "fc1.bias": P(T),
+    "fc2.kernel": P(T, None),
+    "fc2.bias": P(None),
+    "fc3.kernel": P(None, None),
+    "fc3.bias": P(None),
+}
+CNN_HYBRID = {
+    name: spec if name.startswith("fc") else P(*[None] * len(spec)) for name, spec in CNN_TP.items()
+}
+
+
+def replicated(table):
+    return {name: P(*[None] * len(spec)) for name, spec in table.items()}
+
+
+EXPECTED = {
+    ("mlp", "tp"): MLP_TP,
+    ("mlp", "hybrid"): MLP_TP,
+    ("mlp", "dp"): replicated(MLP_TP),
+    ("mlp-1024", "tp"): MLP1024_TP,
+    ("mlp-1024", "hybrid"): MLP1024_TP,
+    ("mlp-1024", "dp"): replicated(MLP1024_TP),
+    ("mnist-cnn", "tp"): CNN_TP,
+    ("mnist-cnn", "hybrid"): CNN_HYBRID,
+    ("mnist-cnn", "dp"): replicated(CNN_TP),
+    ("dense", "column"): {"layer.kernel": P(None, T)},
+    ("dense", "row"): {"layer.kernel": P(T, None)},
+    ("dense", "dp"): {"layer.kernel": P(None, None)},
+}
+BATCH_AXES = {"dp": ("data", "tensor"), "tp": "data", "hybrid": "data", "column": "data", "row": "data"}
+
+
+def build(model, strategy, shape=MeshShape(2, 4)):
+    return build_program(small_config(model, strategy), build_mesh(shape), IMAGE, CLASSES)
+
+
+def spec_table(shardings):
+    flat = jax.tree_util.tree_flatten_with_path(shardings)[0]
+    return {path_name(path[:-1]): sharding.spec for path, sharding in flat}
+
+
+@pytest.mark.parametrize(("model", "strategy"), sorted(EXPECTED))
+def test_parameter_specs_are_exact(model, strategy):
+    program = build(model, strategy, MeshShape(4, 2) if model == "dense" else MeshShape(2, 4))
+    assert spec_table(program.state_shardings.params) == EXPECTED[model, strategy]
+
+
+@pytest.mark.parametrize(("model", "strategy"), sorted(EXPECTED))
+def test_batch_spec(model, strategy):
+    program = build(model, strategy, MeshShape(4, 2))
+    conv_batch = ("data", "tensor") if strategy == "hybrid" and model == "mnist-cnn" else BATCH_AXES[strategy]
+    assert program.x_sharding.spec[0] == conv_batch
+    assert program.y_sharding.spec == P(BATCH_AXES[strategy])
+
+
+def test_initialised_arrays_carry_the_specs_and_adam_state_follows_params():
+    program = build_program(
+        small_config("mlp", "tp", optimizer="adam"), build_mesh(MeshShape(2, 4)), IMAGE, CLASSES
+    )
+    state = program.init()
+    actual = {
+        path_name(p[:-1]): leaf.sharding.spec
+        for p, leaf in jax.tree_util.tree_flatten_with_path(state.params)[0]
+    }
+    assert actual == MLP_TP
+    adam = state.opt_state[0]
+    assert spec_table(jax.tree.map(lambda a: a.sharding, adam.mu)) == MLP_TP
+    assert spec_table(jax.tree.map(lambda a: a.sharding, adam.nu)) == MLP_TP
+    assert adam.count.sharding.spec == P()
+
+
+def test_report_bytes_per_device_divide_by_the_split():
+    state = build("mlp", "tp").init()
+    rows = {row.name: row for row in sharding_report(state.params)}
+    up, norm = rows["blocks.0.up.kernel"], rows["blocks.0.norm.scale"]
+    assert up.shape == (32, 64) and up.bytes_per_device == 32 * 64 * 4 // 4
+    assert norm.bytes_per_device == 32 * 4
+
+
+def test_indivisible_parameter_is_named():
+    cfg = small_config("mlp", "tp", hidden=60)
+    with pytest.raises(
+        ConfigError, match=r"blocks\.0\.down\.kernel of shape \(60, 32\).*60 is not divisible by 8"
+    ):
+        build_program(cfg, build_mesh(MeshShape(1, 8)), IMAGE, CLASSES)
+
+
+def test_indivisible_batch_is_rejected():
+    cfg = small_config("mlp", "dp", batch_size=12)
+    with pytest.raises(ConfigError, match="--batch-size 12 is not divisible by 8"):
+        build_program(cfg, build_mesh(MeshShape(2, 4)), IMAGE, CLASSES)
