@@ -81,8 +81,8 @@ EXPECTED = {
 BATCH_AXES = {"dp": ("data", "tensor"), "tp": "data", "hybrid": "data", "column": "data", "row": "data"}
 
 
-def build(model, strategy, shape=MeshShape(2, 4)):
-    return build_program(small_config(model, strategy), build_mesh(shape), IMAGE, CLASSES)
+def build(model, strategy, shape=None):
+    return build_program(small_config(model, strategy), build_mesh(shape or MeshShape(2, 4)), IMAGE, CLASSES)
 
 
 def spec_table(shardings):
