@@ -142,8 +142,12 @@ def _int_keyed_to_list(tree: Any) -> Any:
 
 
 def plain_params_from(jaxmp_params: Any, args: argparse.Namespace) -> Params:
-    """A fresh copy (own buffers: the jaxmp state is donated) of the jaxmp params as a plain dict."""
-    params = jax.tree.map(jnp.copy, _int_keyed_to_list(jaxmp_params.to_pure_dict()))
+    """A fresh copy (own buffers: the jaxmp state is donated) of the jaxmp params as a plain dict.
+
+    Accepts an ``nnx.State`` or an already pure nested dict of arrays.
+    """
+    pure = jaxmp_params.to_pure_dict() if hasattr(jaxmp_params, "to_pure_dict") else jaxmp_params
+    params = jax.tree.map(jnp.copy, _int_keyed_to_list(pure))
     got, want = jax.tree.map(lambda a: tuple(a.shape), params), plain_shapes(args)
     if got != want:
         raise SystemExit(f"parameter layout differs:\n jaxmp: {got}\n plain: {want}")
@@ -165,9 +169,8 @@ def check_same_losses(jaxmp_losses: list[float], plain_losses: list[float]) -> N
     """Refuse to benchmark two steps that do not compute the same thing."""
     for i, (a, b) in enumerate(zip(jaxmp_losses, plain_losses, strict=True)):
         if not abs(a - b) <= LOSS_RTOL * max(abs(a), abs(b)):
-            raise SystemExit(
-                f"step {i}: jaxmp loss {a!r} != plain loss {b!r} (rtol {LOSS_RTOL}); no ratio reported."
-            )
+            why = f"jaxmp loss {a!r} != plain loss {b!r} (rtol {LOSS_RTOL})"
+            raise SystemExit(f"step {i}: {why}; no ratio reported.")
 
 
 # --- timing --------------------------------------------------------------------------------------
@@ -250,10 +253,8 @@ def report(runners: list[Runner], args: argparse.Namespace, losses: list[float])
     ]
     for r in runners:
         per_step = [1e3 * t / args.steps_per_round for t in r.round_s]
-        lines.append(
-            f"| {r.name} | {median_step_ms(r, args.steps_per_round):.3f} "
-            f"| {min(per_step):.3f} | {max(per_step):.3f} |"
-        )
+        median = median_step_ms(r, args.steps_per_round)
+        lines.append(f"| {r.name} | {median:.3f} | {min(per_step):.3f} | {max(per_step):.3f} |")
     lines += ["", f"ratio jaxmp/plain = **{jaxmp_ms / plain_ms:.3f}** (target <= 1.05)"]
     return "\n".join(lines) + "\n"
 

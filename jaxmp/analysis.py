@@ -81,9 +81,7 @@ _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?(?P<name>[\w.\-]+)\s*=\s*")
 _OPCODE = re.compile(r"\s*(?P<opcode>[a-z][\w\-]*)\(")
 _LEAF = re.compile(r"\s*(?P<dtype>[a-z][a-z0-9]*)\[(?P<dims>[^\]]*)\]")
 _IOTA = re.compile(r"\[(?P<dims>[\d,\s]+)\]<=\[(?P<reshape>[\d,\s]+)\](?:T\((?P<perm>[\d,\s]+)\))?")
-_DEVICE_IOTA = re.compile(
-    r"\[(?P<first>[\d,\s]+)\](?:<=\[(?P<reshape>[\d,\s]+)\])?(?:T\((?P<perm>[\d,\s]+)\))?$"
-)
+_DEVICE_IOTA = re.compile(r"\[(?P<first>[\d,\s]+)\](?:<=\[(?P<reshape>[\d,\s]+)\])?(?:T\((?P<perm>[\d,\s]+)\))?$")
 _AXIS_REF = re.compile(r"'?(?P<name>[^':,\s]+)'?(?::\((?P<pre>\d+)\)(?P<size>\d+))?")
 _COMMENT = re.compile(r"/\*.*?\*/")
 _OP_NAME = re.compile(r'metadata=\{[^\n]*?\bop_name="(?P<op>(?:[^"\\]|\\.)*)"')

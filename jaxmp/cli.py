@@ -26,9 +26,7 @@ _TYPES = {"int": int, "float": float, "str": str, "int | None": int, "str | None
 
 def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     """An argparse parser with one flag per config leaf."""
-    parser = _OneLineParser(
-        prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    parser = _OneLineParser(prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     defaults = Config()
     for group_field in dataclasses.fields(Config):
         group_value = getattr(defaults, group_field.name)
@@ -38,16 +36,12 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
             default = getattr(group_value, f.name)
             help_text = f.metadata.get("help", "")
             if f.type == "bool":
-                group.add_argument(
-                    flag, action=argparse.BooleanOptionalAction, default=default, help=help_text
-                )
+                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
                 continue
             choices = f.metadata.get("choices")
             if choices:
                 help_text += f" ({', '.join(choices)})"
-            group.add_argument(
-                flag, type=_TYPES[f.type], default=default, help=help_text, metavar=f.name.upper()
-            )
+            group.add_argument(flag, type=_TYPES[f.type], default=default, help=help_text, metavar=f.name.upper())
     return parser
 
 

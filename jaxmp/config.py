@@ -27,6 +27,8 @@ STRATEGIES = ("dp", "tp", "hybrid", "column", "row")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 DATASETS = ("digits", "fashion-mnist", "mnist", "synthetic")
 ACTIVATIONS = ("none", "relu", "gelu")
+SCHEDULES = ("gpipe", "naive")
+REMATS = ("none", "stage", "full")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -74,6 +76,27 @@ class OptimConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class PipelineConfig:
+    """How layers are spread over the ``pipe`` mesh axis and how micro-batches flow through them."""
+
+    microbatches: int = _opt(1, "split the global batch into this many micro-batches")
+    schedule: str = _opt(
+        "gpipe",
+        "gpipe: micro-batches flow through the stages; naive: one micro-batch (F1..FS, BS..B1)",
+        choices=SCHEDULES,
+    )
+    repeats: int = _opt(1, "circular pipeline: each device holds this many non-adjacent chunks of layers")
+    remat: str = _opt(
+        "none",
+        "re-materialise the tick body: stage keeps matmul outputs, full keeps only stage inputs",
+        choices=REMATS,
+    )
+    stage_split: str = _opt(
+        "uniform", "stage boundaries: uniform, auto (balanced by FLOPs) or layer counts per stage, e.g. 1,3"
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
 class RunConfig:
     """Mesh, schedule of the run and outputs."""
 
@@ -95,6 +118,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def replace(self, **leaves) -> Config:
@@ -120,7 +144,7 @@ def _positive(name: str, value: int | float | None) -> None:
 
 def validate(cfg: Config) -> Config:
     """Check every option that can be checked without devices or data; return ``cfg``."""
-    for group in (cfg.model, cfg.data, cfg.optim, cfg.run):
+    for group in (cfg.model, cfg.data, cfg.optim, cfg.pipeline, cfg.run):
         for f in dataclasses.fields(group):
             choices = f.metadata.get("choices")
             value = getattr(group, f.name)
@@ -132,6 +156,12 @@ def validate(cfg: Config) -> Config:
     for name in ("batch_size", "steps", "epochs", "cpu_devices"):
         _positive(name, getattr(cfg.run, name))
     _positive("lr", cfg.optim.lr)
+    _positive("microbatches", cfg.pipeline.microbatches)
+    _positive("repeats", cfg.pipeline.repeats)
+    if cfg.pipeline.schedule == "naive" and cfg.pipeline.microbatches != 1:
+        raise ConfigError(
+            f"--schedule naive runs one micro-batch; drop --microbatches {cfg.pipeline.microbatches} or use gpipe."
+        )
     _positive("synthetic_classes", cfg.data.synthetic_classes)
     _positive("synthetic_size", cfg.data.synthetic_size)
     if cfg.run.eval_every < 0:

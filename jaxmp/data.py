@@ -125,9 +125,7 @@ def load_idx_dataset(data_dir: str, name: str) -> Dataset:
         _check_idx_pair(arrays, paths, split)
     train_hw, test_hw = arrays["train_images"].shape[1:], arrays["test_images"].shape[1:]
     if train_hw != test_hw:
-        raise ConfigError(
-            f"{paths['test_images']} holds {test_hw} images but the training images are {train_hw}."
-        )
+        raise ConfigError(f"{paths['test_images']} holds {test_hw} images but the training images are {train_hw}.")
 
     def images(key: str) -> np.ndarray:
         return (arrays[key].astype(np.float32) / 255.0)[..., None]
@@ -247,8 +245,7 @@ def parse_synthetic_shape(text: str) -> tuple[int, ...]:
     if len(parts) in (1, 3) and all(p.strip().isdecimal() and int(p) > 0 for p in parts):
         return tuple(int(p) for p in parts)
     raise ConfigError(
-        f"--synthetic-shape {text!r} is not HxWxC (e.g. 28x28x1) or a feature count (e.g. 64) "
-        "of positive integers."
+        f"--synthetic-shape {text!r} is not HxWxC (e.g. 28x28x1) or a feature count (e.g. 64) of positive integers."
     )
 
 
@@ -270,8 +267,7 @@ def make_synthetic(shape: tuple[int, ...], size: int, num_classes: int, seed: in
     """
     if size < 1 or num_classes < 1:
         raise ConfigError(
-            f"synthetic data needs positive --synthetic-size and --synthetic-classes, got {size} and "
-            f"{num_classes}."
+            f"synthetic data needs positive --synthetic-size and --synthetic-classes, got {size} and {num_classes}."
         )
     prototypes = np.random.default_rng([seed, 0]).random((num_classes, *shape), dtype=np.float32)
 
@@ -362,9 +358,7 @@ def train_batches(
     return stream()
 
 
-def eval_batches(
-    x: np.ndarray, y: np.ndarray, batch_size: int
-) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def eval_batches(x: np.ndarray, y: np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """The whole evaluation set in fixed-size batches, the last padded, with a mask of real examples.
 
     Every batch has exactly ``batch_size`` rows (so one compiled eval step serves them all); padded

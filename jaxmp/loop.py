@@ -55,13 +55,13 @@ def prepare(cfg: Config) -> Setup:
         simulate_cpu_devices(cfg.run.cpu_devices)
     mesh = mesh_from_spec(cfg.run.mesh)
     if mesh.shape["pipe"] > 1:
-        raise ConfigError(
-            "--mesh pipe>1 needs pipeline parallelism, which jaxmp does not have yet; use pipe=1."
-        )
+        raise ConfigError("--mesh pipe>1 needs pipeline parallelism, which jaxmp does not have yet; use pipe=1.")
     dataset = load_dataset(cfg.data, cfg.run.seed)
     train_batches(dataset, cfg.run.batch_size, cfg.run.seed)  # raises if one batch does not fit
     steps = cfg.run.steps or cfg.run.epochs * num_batches(len(dataset.x_train), cfg.run.batch_size)
     program = build_program(cfg, mesh, dataset.x_train.shape[1:], dataset.num_classes)
+    for function in (program.init, program.train_step, program.eval_step):
+        function.compiled  # noqa: B018 (compile now, so no step time includes compilation)
     return Setup(cfg, dataset, program, steps)
 
 

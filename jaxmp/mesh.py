@@ -62,8 +62,7 @@ def parse_mesh(spec: str, num_devices: int) -> MeshShape:
     if fill:
         if num_devices % fixed:
             raise ConfigError(
-                f"--mesh {spec!r}: {num_devices} devices cannot be split evenly over fixed axes "
-                f"of product {fixed}."
+                f"--mesh {spec!r}: {num_devices} devices cannot be split evenly over fixed axes of product {fixed}."
             )
         sizes[fill[0]] = num_devices // fixed
     shape = MeshShape(**sizes)

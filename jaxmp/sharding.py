@@ -9,7 +9,8 @@ Logical axes used by the models:
   mlp         the hidden width of a column/row  classes   logits (never split)
               pair (split by ``tp``/``hybrid``)  flat      flattened conv features (never split)
   channels    conv output channels              dense_in  input dim of the textbook layer
-                                                dense_out output dim of the textbook layer
+  layers      stacked layers (on ``pipe``)      dense_out output dim of the textbook layer
+  stage       pipeline stages (on ``pipe``)
 A kernel whose *output* axis maps to ``tensor`` is split by column (outputs stacked / all-gathered);
 one whose *input* axis maps to ``tensor`` is split by row (partial sums added / all-reduced).
 """
@@ -32,6 +33,8 @@ MeshAxes = str | tuple[str, ...] | None
 Rules = Mapping[str, MeshAxes]
 
 ALL_DEVICES = ("data", "tensor")
+# Stacked layers and pipeline stages live on `pipe` under every strategy.
+PIPELINE_RULES: Rules = {"layers": "pipe", "stage": "pipe"}
 STRATEGY_RULES: dict[str, Rules] = {
     # Data parallelism: every weight replicated, the batch split over every non-pipe device.
     "dp": {"batch": ALL_DEVICES, "conv_batch": ALL_DEVICES},
@@ -50,7 +53,7 @@ _active_rules: contextvars.ContextVar[Rules | None] = contextvars.ContextVar("ja
 def rules_for(strategy: str) -> Rules:
     """The rules table of a strategy name."""
     try:
-        return STRATEGY_RULES[strategy]
+        return {**STRATEGY_RULES[strategy], **PIPELINE_RULES}
     except KeyError:
         raise ConfigError(f"--strategy {strategy!r} is not one of {', '.join(STRATEGY_RULES)}.") from None
 
@@ -176,7 +179,5 @@ def print_sharding_report(params, mesh: jax.sharding.Mesh, console=None) -> None
     for row in rows:
         table.add_row(row.name, str(row.shape), str(tuple(row.spec)), f"{row.bytes_per_device:,}")
     total = sum(r.bytes_per_device for r in rows)
-    table.add_row(
-        "total", f"{sum(math.prod(r.shape) for r in rows):,} params", "", f"{total:,}", style="bold"
-    )
+    table.add_row("total", f"{sum(math.prod(r.shape) for r in rows):,} params", "", f"{total:,}", style="bold")
     console.print(table)

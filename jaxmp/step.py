@@ -11,7 +11,6 @@ functions are already compiled for one mesh, strategy and batch shape. Parameter
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -23,6 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxmp.config import Config, ConfigError, OptimConfig
 from jaxmp.models import build_model
+from jaxmp.pipeline import batch_parts, check_pipeline, make_forward
 from jaxmp.sharding import check_divisible, logical_to_spec, param_specs, rules_for, use_rules
 
 
@@ -46,6 +46,7 @@ class Program(NamedTuple):
     init: Callable[[], TrainState]
     train_step: Any
     eval_step: Any
+    grad_step: Any  # (state, x, y) -> (loss, grads): what a train step would apply, for checks
 
     def put_batch(self, x, y) -> tuple[jax.Array, jax.Array]:
         """Place a host batch on the mesh with the shardings the compiled steps expect."""
@@ -72,15 +73,17 @@ def _batch_spec(names: tuple[str, ...], ndim: int, rules) -> PartitionSpec:
     return logical_to_spec(names + (None,) * (ndim - 1), rules)
 
 
-def _check_batch(batch_size: int, spec: PartitionSpec, mesh: jax.sharding.Mesh) -> None:
+def _check_batch(batch_size: int, spec: PartitionSpec, mesh: jax.sharding.Mesh) -> int:
+    """Raise ``ConfigError`` if the batch does not divide its mesh axes; return how many it spans."""
     axes = spec[0] if spec else None
-    axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
-    parts = math.prod(mesh.shape[a] for a in axes)
+    parts = batch_parts(mesh, axes)
     if batch_size % parts:
+        named_axes = "x".join((axes,) if isinstance(axes, str) else axes)
         raise ConfigError(
             f"--batch-size {batch_size} is not divisible by {parts}, the devices of mesh axes "
-            f"{'x'.join(axes)} that split the batch."
+            f"{named_axes} that split the batch."
         )
+    return parts
 
 
 def _full_tree_shardings(specs, abstract_params, mesh):
@@ -93,92 +96,144 @@ def _full_tree_shardings(specs, abstract_params, mesh):
     )
 
 
+class _Layout(NamedTuple):
+    """Shardings of the train state and of a batch, derived from the rules table."""
+
+    graphdef: nnx.GraphDef
+    state: TrainState
+    x: NamedSharding
+    y: NamedSharding
+
+
+def _layout(cfg: Config, mesh, rules, tx, init_fn, input_shape, classes) -> _Layout:
+    """Param shardings from logical names, optimizer shardings following them, batch shardings."""
+    abstract_model = nnx.eval_shape(lambda: build_model(cfg.model, input_shape, classes, nnx.Rngs(0)))
+    graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
+    input_axis = getattr(type(abstract_model), "INPUT_BATCH_AXIS", "batch")
+    x_spec = _batch_spec((input_axis,), 1 + len(input_shape), rules)
+    y_spec = _batch_spec(("batch",), 1, rules)
+    _check_batch(cfg.run.batch_size, x_spec, mesh)
+    parts = _check_batch(cfg.run.batch_size, y_spec, mesh)
+    check_pipeline(cfg.pipeline, abstract_model, mesh.shape["pipe"], cfg.run.batch_size, parts)
+    specs = param_specs(abstract_params, rules)
+    check_divisible(abstract_params, specs, mesh)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    params_sh = _full_tree_shardings(specs, abstract_params, mesh)
+    opt_sh = optax.tree_map_params(
+        tx,
+        lambda _, sharding: sharding,
+        jax.eval_shape(init_fn).opt_state,
+        params_sh,
+        transform_non_params=lambda _: replicated,
+    )
+    state_sh = TrainState(params_sh, opt_sh, replicated, replicated)
+    return _Layout(graphdef, state_sh, NamedSharding(mesh, x_spec), NamedSharding(mesh, y_spec))
+
+
 def build_program(
-    cfg: Config, mesh: jax.sharding.Mesh, input_shape: tuple[int, ...], classes: int
+    cfg: Config, mesh: jax.sharding.Mesh, input_shape: tuple[int, ...], classes: int, *, poison: bool = False
 ) -> Program:
     """Build, shard and compile the init, train and eval functions of ``cfg`` on ``mesh``.
 
+    Args:
+      poison: fill pipeline bubbles with NaN (tests prove they never reach the result).
+
     Raises:
-      ConfigError: a parameter dimension or the batch does not divide the mesh axes it is split over.
+      ConfigError: a parameter dimension or the batch does not divide the mesh axes it is split over,
+        or the model cannot be pipelined as asked.
     """
     rules = rules_for(cfg.model.strategy)
     tx = make_optimizer(cfg.optim)
-    batch = cfg.run.batch_size
+    forward = make_forward(cfg.pipeline, mesh.shape["pipe"], poison=poison)
 
     def init_fn() -> TrainState:
         model = build_model(cfg.model, input_shape, classes, nnx.Rngs(params=cfg.run.seed))
         params = nnx.state(model, nnx.Param)
         return TrainState(params, tx.init(params), jnp.zeros((), jnp.int32), jax.random.key(cfg.run.seed + 1))
 
-    abstract_model = nnx.eval_shape(lambda: build_model(cfg.model, input_shape, classes, nnx.Rngs(0)))
-    graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
-    specs = param_specs(abstract_params, rules)
-    check_divisible(abstract_params, specs, mesh)
-    abstract = jax.eval_shape(init_fn)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    params_sh = _full_tree_shardings(specs, abstract_params, mesh)
-    opt_sh = optax.tree_map_params(
-        tx,
-        lambda _, sharding: sharding,
-        abstract.opt_state,
-        params_sh,
-        transform_non_params=lambda _: replicated,
-    )
-    state_sh = TrainState(params_sh, opt_sh, replicated, replicated)
-
-    input_axis = getattr(type(abstract_model), "INPUT_BATCH_AXIS", "batch")
-    x_spec = _batch_spec((input_axis,), 1 + len(input_shape), rules)
-    y_spec = _batch_spec(("batch",), 1, rules)
-    for spec in (x_spec, y_spec):
-        _check_batch(batch, spec, mesh)
-    x_sh, y_sh = NamedSharding(mesh, x_spec), NamedSharding(mesh, y_spec)
+    layout = _layout(cfg, mesh, rules, tx, init_fn, input_shape, classes)
 
     def loss_fn(params, x, y, key):
-        model = nnx.merge(graphdef, params)
-        return cross_entropy(model(x, train=True, key=key), y).mean()
+        logits = forward(nnx.merge(layout.graphdef, params), x, train=True, key=key)
+        return cross_entropy(logits, y).mean()
+
+    def grad_step(state: TrainState, x, y):
+        key = jax.random.fold_in(state.key, state.step)
+        return jax.value_and_grad(loss_fn)(state.params, x, y, key)
 
     def train_step(state: TrainState, x, y):
-        key = jax.random.fold_in(state.key, state.step)
-        loss, grads = jax.value_and_grad(loss_fn)(state.params, x, y, key)
+        loss, grads = grad_step(state, x, y)
         with jax.numpy_dtype_promotion("standard"):  # optax relies on implicit promotion (b1 ** count)
             updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         return TrainState(params, opt_state, state.step + 1, state.key), {"loss": loss}
 
     def eval_step(params, x, y, mask):
-        logits = nnx.merge(graphdef, params)(x, train=False)
+        logits = forward(nnx.merge(layout.graphdef, params), x, train=False)
         correct = (jnp.argmax(logits, -1) == y).astype(jnp.float32)
         return {"loss_sum": (cross_entropy(logits, y) * mask).sum(), "correct": (correct * mask).sum()}
+
+    steps = _Steps(init_fn, train_step, grad_step, eval_step)
+    return _compile_program(mesh, rules, layout, steps, cfg.run.batch_size, input_shape)
+
+
+class _Steps(NamedTuple):
+    init: Callable
+    train: Callable
+    grad: Callable
+    eval: Callable
+
+
+def _compile_program(mesh, rules, layout: _Layout, steps: _Steps, batch, input_shape) -> Program:
+    """Every step function, lowered and compiled ahead of time on first use (``.compiled`` forces it)."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    state_sh = layout.state
 
     def struct(shape, dtype, sharding):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
 
-    x_abs = struct((batch, *input_shape), jnp.float32, x_sh)
-    y_abs = struct((batch,), jnp.int32, y_sh)
-    state_abs = jax.tree.map(lambda a, s: struct(a.shape, a.dtype, s), abstract, state_sh)
+    x_abs = struct((batch, *input_shape), jnp.float32, layout.x)
+    y_abs = struct((batch,), jnp.int32, layout.y)
+    state_abs = jax.tree.map(lambda a, s: struct(a.shape, a.dtype, s), jax.eval_shape(steps.init), state_sh)
     compile_here = _compiler(mesh, rules)
-    init = compile_here(jax.jit(init_fn, out_shardings=state_sh))
-    train = compile_here(
-        jax.jit(
-            train_step,
-            in_shardings=(state_sh, x_sh, y_sh),
-            out_shardings=(state_sh, replicated),
-            donate_argnums=0,
-        ),
-        state_abs,
-        x_abs,
-        y_abs,
+    init = _LazyCompiled(lambda: compile_here(jax.jit(steps.init, out_shardings=state_sh)))
+    train = _LazyCompiled(
+        lambda: compile_here(
+            jax.jit(
+                steps.train,
+                in_shardings=(state_sh, layout.x, layout.y),
+                out_shardings=(state_sh, replicated),
+                donate_argnums=0,
+            ),
+            state_abs,
+            x_abs,
+            y_abs,
+        )
     )
     evaluate = _LazyCompiled(
         lambda: compile_here(
-            jax.jit(eval_step, in_shardings=(params_sh, x_sh, y_sh, y_sh), out_shardings=replicated),
+            jax.jit(
+                steps.eval,
+                in_shardings=(state_sh.params, layout.x, layout.y, layout.y),
+                out_shardings=replicated,
+            ),
             state_abs.params,
             x_abs,
             y_abs,
-            struct((batch,), jnp.float32, y_sh),
+            struct((batch,), jnp.float32, layout.y),
         )
     )
-    return Program(mesh, graphdef, state_sh, x_sh, y_sh, init, train, evaluate)
+    grad = _LazyCompiled(
+        lambda: compile_here(
+            jax.jit(
+                steps.grad, in_shardings=(state_sh, layout.x, layout.y), out_shardings=(replicated, state_sh.params)
+            ),
+            state_abs,
+            x_abs,
+            y_abs,
+        )
+    )
+    return Program(mesh, layout.graphdef, state_sh, layout.x, layout.y, init, train, evaluate, grad)
 
 
 def _compiler(mesh: jax.sharding.Mesh, rules):
@@ -192,7 +247,7 @@ def _compiler(mesh: jax.sharding.Mesh, rules):
 
 
 class _LazyCompiled:
-    """Compile on first call: evaluation is not needed by every user of a Program (tests, benchmarks)."""
+    """Compile on first use: not every user of a Program needs every function (tests, benchmarks)."""
 
     def __init__(self, make: Callable[[], Any]):
         self._make, self._compiled = make, None

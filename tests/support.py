@@ -49,3 +49,15 @@ def single_device_mesh() -> jax.sharding.Mesh:
 def reference_losses(cfg: Config, steps: int = 20) -> np.ndarray:
     """Losses on one device; the strategy does not matter there, so it is normalised away."""
     return losses_on(cfg, single_device_mesh(), steps)
+
+
+@functools.cache
+def loss_and_grads(cfg: Config, mesh: jax.sharding.Mesh, *, poison: bool = False, seed: int = 0):
+    """Loss and gradients of one batch at initialisation, as host numpy (grads keyed by param name)."""
+    from jaxmp.sharding import path_name
+
+    program = build_program(cfg, mesh, IMAGE, CLASSES, poison=poison)
+    xs, ys = fixed_batches(1, cfg.run.batch_size, seed)
+    loss, grads = program.grad_step(program.init(), *program.put_batch(xs[0], ys[0]))
+    flat = jax.tree_util.tree_flatten_with_path(grads)[0]
+    return float(loss), {path_name(path[:-1]): np.asarray(g) for path, g in flat}

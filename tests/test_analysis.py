@@ -99,9 +99,7 @@ AXIS_CASES = {
 def _compiled_collectives(mesh, case: str) -> list[Collective]:
     fn, in_spec, out_spec, _ = AXIS_CASES[case]
     x = jax.ShapeDtypeStruct((8, 16), jnp.float32)
-    text = compiled_text(
-        fn, x, in_shardings=NamedSharding(mesh, in_spec), out_shardings=NamedSharding(mesh, out_spec)
-    )
+    text = compiled_text(fn, x, in_shardings=NamedSharding(mesh, in_spec), out_shardings=NamedSharding(mesh, out_spec))
     return collectives(text, mesh)
 
 
@@ -223,9 +221,7 @@ def test_async_start_without_done_uses_start_layout(mesh24):
 
 
 def test_combined_and_tuple_all_to_all(mesh24):
-    combined = (
-        "%ar = (f32[10]{0}, bf16[4,4]{1,0}) all-reduce(%a, %b), replica_groups={{0,1,2,3,4,5,6,7}}, " + ADD
-    )
+    combined = "%ar = (f32[10]{0}, bf16[4,4]{1,0}) all-reduce(%a, %b), replica_groups={{0,1,2,3,4,5,6,7}}, " + ADD
     colls = collectives(combined, mesh24)
     assert [(c.shape, c.dtype, c.elements, c.bytes) for c in colls] == [
         ((10,), "float32", 10, 40),

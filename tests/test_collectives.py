@@ -33,7 +33,7 @@ def over(colls, axes):
 def test_megatron_pair_costs_one_all_reduce_each_way(shape):
     program, mesh = program_and_mesh("mlp", "tp", shape)
     batch_per_replica = 16 // shape.data
-    on_tensor = over(collectives(program.train_step.as_text(), mesh), ("tensor",))
+    on_tensor = over(collectives(program.train_step.compiled.as_text(), mesh), ("tensor",))
     assert {c.kind for c in on_tensor} == {"all-reduce"}
     assert all(c.shape == (batch_per_replica, 32) for c in on_tensor)
     backward = [c for c in on_tensor if "transpose(" in c.op_name]
@@ -59,7 +59,7 @@ def _shard_sizes(params) -> Counter:
 def test_each_gradient_is_reduced_once_over_the_batch_axes(model, strategy, shape, batch_axes):
     program, mesh = program_and_mesh(model, strategy, shape)
     params = program.init().params
-    colls = collectives(program.train_step.as_text(), mesh)
+    colls = collectives(program.train_step.compiled.as_text(), mesh)
     reduced = [c for c in colls if c.axes in batch_axes and c.elements > 1]
     assert {c.kind for c in reduced} == {"all-reduce"}
     assert Counter(c.elements for c in reduced) == _shard_sizes(params)
@@ -68,11 +68,11 @@ def test_each_gradient_is_reduced_once_over_the_batch_axes(model, strategy, shap
 def test_hybrid_reduces_conv_gradients_over_all_devices_and_dense_over_data():
     program, mesh = program_and_mesh("mnist-cnn", "hybrid", MeshShape(4, 2))
     params = program.init().params
-    colls = collectives(program.train_step.as_text(), mesh)
+    colls = collectives(program.train_step.compiled.as_text(), mesh)
     everywhere = Counter(c.elements for c in over(colls, ("data", "tensor")) if c.elements > 1)
     assert everywhere == _shard_sizes({k: params[k] for k in ("conv1", "conv2")})
 
 
 def test_pure_data_parallelism_has_no_tensor_traffic():
     program, mesh = program_and_mesh("mlp", "dp", MeshShape(8, 1))
-    assert not over(collectives(program.train_step.as_text(), mesh), ("tensor",))
+    assert not over(collectives(program.train_step.compiled.as_text(), mesh), ("tensor",))

@@ -41,7 +41,5 @@ def test_notebook_executes(path: Path, kernel_dir: Path):
     manager = AsyncKernelManager(
         kernel_name=KERNEL, kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(kernel_dir)])
     )
-    client = NotebookClient(
-        notebook, km=manager, timeout=600, resources={"metadata": {"path": str(path.parent)}}
-    )
+    client = NotebookClient(notebook, km=manager, timeout=600, resources={"metadata": {"path": str(path.parent)}})
     client.execute()  # raises CellExecutionError (with the cell and traceback) on the first failing cell

@@ -55,9 +55,7 @@ CNN_TP = {
     "fc3.kernel": P(None, None),
     "fc3.bias": P(None),
 }
-CNN_HYBRID = {
-    name: spec if name.startswith("fc") else P(*[None] * len(spec)) for name, spec in CNN_TP.items()
-}
+CNN_HYBRID = {name: spec if name.startswith("fc") else P(*[None] * len(spec)) for name, spec in CNN_TP.items()}
 
 
 def replicated(table):
@@ -105,13 +103,10 @@ def test_batch_spec(model, strategy):
 
 
 def test_initialised_arrays_carry_the_specs_and_adam_state_follows_params():
-    program = build_program(
-        small_config("mlp", "tp", optimizer="adam"), build_mesh(MeshShape(2, 4)), IMAGE, CLASSES
-    )
+    program = build_program(small_config("mlp", "tp", optimizer="adam"), build_mesh(MeshShape(2, 4)), IMAGE, CLASSES)
     state = program.init()
     actual = {
-        path_name(p[:-1]): leaf.sharding.spec
-        for p, leaf in jax.tree_util.tree_flatten_with_path(state.params)[0]
+        path_name(p[:-1]): leaf.sharding.spec for p, leaf in jax.tree_util.tree_flatten_with_path(state.params)[0]
     }
     assert actual == MLP_TP
     adam = state.opt_state[0]
@@ -130,9 +125,7 @@ def test_report_bytes_per_device_divide_by_the_split():
 
 def test_indivisible_parameter_is_named():
     cfg = small_config("mlp", "tp", hidden=60)
-    with pytest.raises(
-        ConfigError, match=r"blocks\.0\.down\.kernel of shape \(60, 32\).*60 is not divisible by 8"
-    ):
+    with pytest.raises(ConfigError, match=r"blocks\.0\.down\.kernel of shape \(60, 32\).*60 is not divisible by 8"):
         build_program(cfg, build_mesh(MeshShape(1, 8)), IMAGE, CLASSES)
 
 

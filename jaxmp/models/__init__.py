@@ -25,9 +25,7 @@ def check_strategy(cfg: ModelConfig) -> None:
     """Raise ``ConfigError`` when the model has no such strategy."""
     allowed = MODEL_STRATEGIES[cfg.model]
     if cfg.strategy not in allowed:
-        raise ConfigError(
-            f"--strategy {cfg.strategy} does not apply to --model {cfg.model}; use {', '.join(allowed)}."
-        )
+        raise ConfigError(f"--strategy {cfg.strategy} does not apply to --model {cfg.model}; use {', '.join(allowed)}.")
 
 
 def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], classes: int, rngs: nnx.Rngs) -> nnx.Module:

@@ -30,9 +30,7 @@ class MnistCNN(nnx.Module):
         height, width, channels = image_shape
         pooled = ((height - 4) // 2, (width - 4) // 2)
         if min(pooled) < 1:
-            raise ConfigError(
-                f"--model mnist-cnn needs images of at least 6x6, the data has {height}x{width}."
-            )
+            raise ConfigError(f"--model mnist-cnn needs images of at least 6x6, the data has {height}x{width}.")
         self.conv1 = conv3x3(channels, 32, rngs=rngs)
         self.drop1 = nnx.Dropout(0.5, broadcast_dims=(1, 2))
         self.conv2 = conv3x3(32, 64, rngs=rngs)
@@ -42,9 +40,7 @@ class MnistCNN(nnx.Module):
         self.fc3 = dense(20, classes, (None, "classes"), rngs=rngs)
         self.activation = activation
 
-    def __call__(
-        self, x_BxHxWxC: jax.Array, *, train: bool = False, key: jax.Array | None = None
-    ) -> jax.Array:
+    def __call__(self, x_BxHxWxC: jax.Array, *, train: bool = False, key: jax.Array | None = None) -> jax.Array:
         act = activation_fn(self.activation)
         if x_BxHxWxC.ndim != 4:
             raise ConfigError(f"--model mnist-cnn needs images (B, H, W, C), got shape {x_BxHxWxC.shape}.")
@@ -72,9 +68,7 @@ class TextbookDense(nnx.Module):
 
     def __init__(self, features: int, classes: int, *, rngs: nnx.Rngs):
         if features > self.FAN_IN:
-            raise ConfigError(
-                f"--model dense takes at most {self.FAN_IN} input features, the data has {features}."
-            )
+            raise ConfigError(f"--model dense takes at most {self.FAN_IN} input features, the data has {features}.")
         if classes > self.FAN_OUT:
             raise ConfigError(f"--model dense has {self.FAN_OUT} outputs, the data has {classes} classes.")
         self.layer = dense(self.FAN_IN, self.FAN_OUT, ("dense_in", "dense_out"), use_bias=False, rngs=rngs)

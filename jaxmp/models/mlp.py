@@ -40,7 +40,12 @@ class MegatronBlock(nnx.Module):
 
 
 class ResidualMLP(nnx.Module):
-    """``embed`` -> ``depth`` Megatron blocks -> ``head``: the model tensor parallelism is made for."""
+    """``embed`` -> ``depth`` Megatron blocks -> ``head``: the model tensor parallelism is made for.
+
+    The blocks are stacked: every block parameter has a leading ``layers`` axis of size ``depth``
+    (created by ``nnx.vmap``), applied by a ``lax.scan``, so compile time does not grow with depth and
+    the pipeline can hand contiguous chunks of layers to stages (``layers`` -> ``pipe``).
+    """
 
     def __init__(
         self,
@@ -54,14 +59,30 @@ class ResidualMLP(nnx.Module):
         rngs: nnx.Rngs,
     ):
         self.embed = dense(features, width, ("features", "embed"), rngs=rngs)
-        self.blocks = nnx.List(MegatronBlock(width, hidden, activation, rngs=rngs) for _ in range(depth))
+
+        @nnx.split_rngs(splits=depth)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def stacked_blocks(rngs: nnx.Rngs) -> MegatronBlock:
+            return MegatronBlock(width, hidden, activation, rngs=rngs)
+
+        self.blocks = stacked_blocks(rngs)
         self.head = dense(width, classes, ("embed", "classes"), rngs=rngs)
 
-    def __call__(self, x: jax.Array, *, train: bool = False, key: jax.Array | None = None) -> jax.Array:
-        x_BxD = constrain(self.embed(flatten_features(x)), ("batch", "embed"))
-        for block in self.blocks:
-            x_BxD = block(x_BxD)
+    def pre(self, x: jax.Array) -> jax.Array:
+        """Inputs -> residual stream ``[B, D]`` (runs before the pipelined blocks)."""
+        return constrain(self.embed(flatten_features(x)), ("batch", "embed"))
+
+    def post(self, x_BxD: jax.Array) -> jax.Array:
+        """Residual stream -> logits (runs after the pipelined blocks)."""
         return self.head(x_BxD)
+
+    def __call__(self, x: jax.Array, *, train: bool = False, key: jax.Array | None = None) -> jax.Array:
+        graphdef, stacked = nnx.split(self.blocks)
+
+        def one_block(x_BxD, block_params):
+            return nnx.merge(graphdef, block_params)(x_BxD), None
+
+        return self.post(jax.lax.scan(one_block, self.pre(x), stacked)[0])
 
 
 class MLP1024(nnx.Module):

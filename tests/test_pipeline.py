@@ -1,0 +1,91 @@
+"""Pipelined training equals sequential training: loss and every gradient, any S, M, R, with data and
+tensor axes too; bubbles are poisoned with NaN and must not reach the result."""
+
+import numpy as np
+import pytest
+from support import loss_and_grads, single_device_mesh, small_config
+
+from jaxmp.config import ConfigError
+from jaxmp.mesh import MeshShape, build_mesh
+from jaxmp.pipeline import gpipe, render
+
+RTOL = 1e-5
+
+
+def assert_same(got, expected):
+    loss, grads = got
+    ref_loss, ref_grads = expected
+    np.testing.assert_allclose(loss, ref_loss, rtol=RTOL)
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:
+        scale = np.abs(ref_grads[name]).max()
+        np.testing.assert_allclose(grads[name], ref_grads[name], rtol=RTOL, atol=RTOL * scale, err_msg=name)
+
+
+CASES = [
+    # (stages, microbatches, repeats, data, tensor)
+    (2, 1, 1, 1, 1),
+    (2, 3, 1, 1, 1),
+    (2, 8, 1, 1, 1),
+    (4, 3, 1, 1, 1),
+    (4, 8, 2, 1, 1),
+    (8, 8, 1, 1, 1),
+    (8, 1, 1, 1, 1),
+    (2, 3, 2, 1, 1),
+    (2, 8, 2, 2, 2),
+    (4, 1, 2, 2, 1),
+    (2, 4, 1, 2, 2),
+    (2, 3, 1, 1, 4),
+]
+
+
+@pytest.mark.parametrize(("stages", "microbatches", "repeats", "data", "tensor"), CASES)
+def test_mlp_pipeline_matches_sequential(stages, microbatches, repeats, data, tensor):
+    cfg = small_config("mlp", "tp", depth=16, batch_size=48 if microbatches == 3 else 32)
+    piped = cfg.replace(microbatches=microbatches, repeats=repeats)
+    mesh = build_mesh(MeshShape(data, tensor, stages))
+    assert_same(loss_and_grads(piped, mesh, poison=True), loss_and_grads(cfg, single_device_mesh()))
+
+
+@pytest.mark.parametrize("remat", ["stage", "full"])
+def test_remat_changes_nothing(remat):
+    cfg = small_config("mlp", "tp", depth=8, batch_size=32)
+    piped = cfg.replace(microbatches=4, remat=remat)
+    assert_same(
+        loss_and_grads(piped, build_mesh(MeshShape(1, 2, 4)), poison=True), loss_and_grads(cfg, single_device_mesh())
+    )
+
+
+def test_poison_is_really_there():
+    """Without masking, bubbles would be NaN: check the schedule has bubbles the poison would hit."""
+    assert gpipe(4, 3).busy.sum() < gpipe(4, 3).busy.size
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (dict(depth=6, repeats=1), "cannot be split into 4 equal chunks"),
+        (dict(depth=2), "need at least 4 layers"),
+        (dict(microbatches=3, batch_size=32), "cannot be split into 3 micro-batches"),
+        (dict(stage_split="1,3"), "need equal stages"),
+    ],
+)
+def test_bad_pipeline_configs(overrides, message):
+    from support import CLASSES, IMAGE
+
+    from jaxmp.step import build_program
+
+    cfg = small_config("mlp", "tp", depth=8, batch_size=32).replace(**overrides)
+    with pytest.raises(ConfigError, match=message):
+        build_program(cfg, build_mesh(MeshShape(2, 1, 4)), IMAGE, CLASSES)
+
+
+def test_schedule_table_counts_the_gpipe_bubble():
+    for stages, microbatches in [(2, 1), (2, 8), (4, 3), (8, 32)]:
+        schedule = gpipe(stages, microbatches)
+        assert schedule.ticks == microbatches + stages - 1
+        assert schedule.bubble_fraction == pytest.approx((stages - 1) / (microbatches + stages - 1))
+    circular = gpipe(4, 8, repeats=2)
+    assert circular.ticks == 8 * 2 + 4 - 1
+    assert circular.bubble_fraction == pytest.approx(3 / (2 * 8 + 3))
+    assert render(gpipe(2, 2)).splitlines() == ["stage 0: 0 1 .", "stage 1: . 0 1"]
