@@ -64,6 +64,12 @@ class Collective(NamedTuple):
     bytes: int
     name: str
     op_name: str
+    count: int = 1  # executions per run of the program: loop bodies count their trip count
+
+    @property
+    def total_elements(self) -> int:
+        """Elements moved per run of the program (``elements * count``)."""
+        return self.elements * self.count
 
 
 class MemoryAndFlops(NamedTuple):
@@ -124,6 +130,7 @@ class _Instruction(NamedTuple):
     opcode: str
     operands: list[str]
     attrs: str
+    count: int = 1
 
 
 def _close(text: str, pos: int) -> int:
@@ -438,9 +445,15 @@ def collectives(hlo_text: str, mesh: Mesh) -> list[Collective]:
 
     Returns:
       One :class:`Collective` per collective (per operand for combined ones); async start/done pairs
-      once; collectives in loop bodies once per appearance (no trip counts).
+      once; ``count`` is how often it runs per execution: the product of the known trip counts of the
+      ``while`` loops around it (1 where XLA does not know a trip count).
     """
-    instructions = [inst for inst in map(_parse_instruction, hlo_text.splitlines()) if inst]
+    multipliers = _execution_counts(hlo_text)
+    instructions = []
+    for computation, line in _lines_by_computation(hlo_text):
+        inst = _parse_instruction(line)
+        if inst:
+            instructions.append(inst._replace(count=multipliers.get(computation, 1)))
     by_name = {inst.name: inst for inst in instructions}
     done_shape: dict[str, Shape] = {}
     for inst in instructions:
@@ -459,8 +472,52 @@ def collectives(hlo_text: str, mesh: Mesh) -> list[Collective]:
         result = inst.shape
         if phase == "start":
             result = done_shape.get(inst.name) or _start_result(kind, inst.shape)
-        records += _records(inst, kind, result, mesh)
+        records += [r._replace(count=inst.count) for r in _records(inst, kind, result, mesh)]
     return records
+
+
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?(?P<name>[\w.\-]+)\s.*\{\s*$")
+_CALLEE = re.compile(
+    r"\b(?P<key>body|condition|calls|to_apply|branch_computations|async_execution_thread)=(?P<value>\{[^}]*\}|%?[\w.\-]+)"
+)
+_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(?P<n>\d+)"\}')
+
+
+def _lines_by_computation(hlo_text: str):
+    """``(computation name, line)`` for every line; ``ENTRY`` (and loose instruction lines) is ``"ENTRY"``."""
+    current = None
+    for line in hlo_text.splitlines():
+        if current is None:
+            match = _COMPUTATION.match(line)
+            if match and not line.startswith(" "):
+                current = "ENTRY" if line.startswith("ENTRY") else match["name"]
+            else:
+                yield "ENTRY", line
+            continue
+        if line.startswith("}"):
+            current = None
+            continue
+        yield current, line
+
+
+def _execution_counts(hlo_text: str) -> dict[str, int]:
+    """How many times each computation runs per execution of ``ENTRY``: while bodies run their trip count."""
+    calls: dict[str, list[tuple[str, int]]] = {}
+    for computation, line in _lines_by_computation(hlo_text):
+        trip = _TRIP_COUNT.search(line)
+        for callee in _CALLEE.finditer(_COMMENT.sub("", line)):
+            times = int(trip["n"]) if trip and callee["key"] == "body" else 1
+            for name in re.findall(r"%?([\w.\-]+)", callee["value"]):
+                calls.setdefault(computation, []).append((name, times))
+    counts: dict[str, int] = {}
+
+    def visit(name: str, times: int, depth: int = 0) -> None:
+        counts[name] = counts.get(name, 0) + times
+        for callee, factor in calls.get(name, ()) if depth < 64 else ():
+            visit(callee, times * factor, depth + 1)
+
+    visit("ENTRY", 1)
+    return counts
 
 
 def summarize(colls: Iterable[Collective]) -> dict[tuple[str, tuple[str, ...]], int]:

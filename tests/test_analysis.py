@@ -116,13 +116,19 @@ def test_ids_are_mesh_positions_not_device_ids():
         assert brief(_compiled_collectives(mesh, case)) == [AXIS_CASES[case][3]]
 
 
-def test_loop_body_counted_once_per_appearance(mesh24):
+@pytest.mark.parametrize(("outer", "inner"), [(3, 1), (3, 5)])
+def test_loop_body_collectives_count_their_trip_counts(mesh24, outer, inner):
     def body(_, x):
         return jax.lax.psum(x, "tensor") * 0.5
 
-    step = jax.shard_map(lambda x: jax.lax.fori_loop(0, 3, body, x), mesh=mesh24, in_specs=P(), out_specs=P())
+    def nested(_, x):
+        return jax.lax.fori_loop(0, inner, body, x) if inner > 1 else body(_, x)
+
+    step = jax.shard_map(lambda x: jax.lax.fori_loop(0, outer, nested, x), mesh=mesh24, in_specs=P(), out_specs=P())
     text = compiled_text(step, jax.ShapeDtypeStruct((8, 16), jnp.float32))
-    assert brief(collectives(text, mesh24)) == [("all-reduce", ("tensor",), 4, 128)]
+    colls = collectives(text, mesh24)
+    assert brief(colls) == [("all-reduce", ("tensor",), 4, 128)]
+    assert colls[0].count == outer * inner and colls[0].total_elements == 128 * outer * inner
 
 
 # ------------------------------------------------------------------------ parser, hand-written HLO

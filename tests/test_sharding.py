@@ -20,18 +20,13 @@ MLP_TP = {
     "embed.bias": P(None),
     "head.kernel": P(None, None),
     "head.bias": P(None),
-    **{
-        f"blocks.{i}.{name}": spec
-        for i in range(2)
-        for name, spec in {
-            "norm.scale": P(None),
-            "norm.bias": P(None),
-            "up.kernel": P(None, T),
-            "up.bias": P(T),
-            "down.kernel": P(T, None),
-            "down.bias": P(None),
-        }.items()
-    },
+    # stacked blocks: a leading `layers` axis, on `pipe` (size 1 here unless pipelined)
+    "blocks.norm.scale": P("pipe", None),
+    "blocks.norm.bias": P("pipe", None),
+    "blocks.up.kernel": P("pipe", None, T),
+    "blocks.up.bias": P("pipe", T),
+    "blocks.down.kernel": P("pipe", T, None),
+    "blocks.down.bias": P("pipe", None),
 }
 MLP1024_TP = {
     "layers.0.kernel": P(None, T),
@@ -59,7 +54,7 @@ CNN_HYBRID = {name: spec if name.startswith("fc") else P(*[None] * len(spec)) fo
 
 
 def replicated(table):
-    return {name: P(*[None] * len(spec)) for name, spec in table.items()}
+    return {name: P(*["pipe" if axis == "pipe" else None for axis in spec]) for name, spec in table.items()}
 
 
 EXPECTED = {
@@ -118,14 +113,14 @@ def test_initialised_arrays_carry_the_specs_and_adam_state_follows_params():
 def test_report_bytes_per_device_divide_by_the_split():
     state = build("mlp", "tp").init()
     rows = {row.name: row for row in sharding_report(state.params)}
-    up, norm = rows["blocks.0.up.kernel"], rows["blocks.0.norm.scale"]
-    assert up.shape == (32, 64) and up.bytes_per_device == 32 * 64 * 4 // 4
-    assert norm.bytes_per_device == 32 * 4
+    up, norm = rows["blocks.up.kernel"], rows["blocks.norm.scale"]
+    assert up.shape == (2, 32, 64) and up.bytes_per_device == 2 * 32 * 64 * 4 // 4
+    assert norm.bytes_per_device == 2 * 32 * 4
 
 
 def test_indivisible_parameter_is_named():
     cfg = small_config("mlp", "tp", hidden=60)
-    with pytest.raises(ConfigError, match=r"blocks\.0\.down\.kernel of shape \(60, 32\).*60 is not divisible by 8"):
+    with pytest.raises(ConfigError, match=r"blocks\.down\.kernel of shape \(2, 60, 32\).*60 is not divisible by 8"):
         build_program(cfg, build_mesh(MeshShape(1, 8)), IMAGE, CLASSES)
 
 
