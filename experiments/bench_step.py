@@ -66,12 +66,29 @@ def layer_norm(p: Params, x_BxD: jax.Array) -> jax.Array:
     return (x_BxD - mean) * (jax.lax.rsqrt(var + LN_EPSILON) * p["scale"]) + p["bias"]
 
 
-def mlp_forward(params: Params, x: jax.Array) -> jax.Array:
-    """embed -> pre-norm residual blocks ``x + down(gelu(up(norm(x))))`` -> head."""
+def residual_block(block: Params, x_BxD: jax.Array) -> jax.Array:
+    """Pre-norm residual block ``x + down(gelu(up(norm(x))))``."""
+    h_BxH = jax.nn.gelu(dense(block["up"], layer_norm(block["norm"], x_BxD)))
+    return x_BxD + dense(block["down"], h_BxH)
+
+
+def mlp_forward(params: Params, x: jax.Array, loop: str = "scan") -> jax.Array:
+    """embed -> residual blocks -> head.
+
+    ``params["blocks"]`` is either a list of blocks (a Python loop) or one block whose arrays carry a
+    leading ``depth`` axis (as jaxmp stacks them), applied by ``lax.scan`` or, with ``loop="unroll"``,
+    by a Python loop over slices.
+    """
     x_BxD = dense(params["embed"], x.reshape(x.shape[0], -1))
-    for block in params["blocks"]:
-        h_BxH = jax.nn.gelu(dense(block["up"], layer_norm(block["norm"], x_BxD)))
-        x_BxD = x_BxD + dense(block["down"], h_BxH)
+    blocks = params["blocks"]
+    if isinstance(blocks, list):
+        for block in blocks:
+            x_BxD = residual_block(block, x_BxD)
+    elif loop == "scan":
+        x_BxD = jax.lax.scan(lambda h, block: (residual_block(block, h), None), x_BxD, blocks)[0]
+    else:
+        for i in range(jax.tree.leaves(blocks)[0].shape[0]):
+            x_BxD = residual_block(jax.tree.map(lambda a, i=i: a[i], blocks), x_BxD)
     return dense(params["head"], x_BxD)
 
 
@@ -86,18 +103,24 @@ def mlp1024_forward(params: Params, x: jax.Array) -> jax.Array:
     return x_BxF
 
 
-FORWARD: dict[str, Callable[[Params, jax.Array], jax.Array]] = {
-    "mlp": mlp_forward,
-    "mlp-1024": mlp1024_forward,
-}
+MODELS = ("mlp", "mlp-1024")
+
+
+def plain_forward(args: argparse.Namespace) -> Callable[[Params, jax.Array], jax.Array]:
+    if args.model == "mlp-1024":
+        return mlp1024_forward
+    return lambda params, x: mlp_forward(params, x, args.plain_loop)
 
 
 def _dense_shapes(fan_in: int, fan_out: int) -> Params:
     return {"kernel": (fan_in, fan_out), "bias": (fan_out,)}
 
 
-def plain_shapes(args: argparse.Namespace) -> Params:
-    """The parameter shapes of the plain twin, written out independently of the Flax model."""
+def plain_shapes(args: argparse.Namespace, stacked: bool) -> Params:
+    """The parameter shapes of the plain twin, written out independently of the Flax model.
+
+    ``stacked``: mlp blocks as one block with a leading ``depth`` axis rather than a list of blocks.
+    """
     if args.model == "mlp-1024":
         sizes = (*MLP1024_WIDTHS, args.classes)
         return {"layers": [_dense_shapes(sizes[i], sizes[i + 1]) for i in range(len(sizes) - 1)]}
@@ -108,7 +131,9 @@ def plain_shapes(args: argparse.Namespace) -> Params:
     }
     return {
         "embed": _dense_shapes(args.features, args.width),
-        "blocks": [block] * args.depth,
+        "blocks": jax.tree.map(lambda s: (args.depth, *s), block, is_leaf=_is_shape)
+        if stacked
+        else [block] * args.depth,
         "head": _dense_shapes(args.width, args.classes),
     }
 
@@ -148,10 +173,15 @@ def plain_params_from(jaxmp_params: Any, args: argparse.Namespace) -> Params:
     """
     pure = jaxmp_params.to_pure_dict() if hasattr(jaxmp_params, "to_pure_dict") else jaxmp_params
     params = jax.tree.map(jnp.copy, _int_keyed_to_list(pure))
-    got, want = jax.tree.map(lambda a: tuple(a.shape), params), plain_shapes(args)
+    stacked = not isinstance(params.get("blocks", []), list)
+    got, want = jax.tree.map(lambda a: tuple(a.shape), params), plain_shapes(args, stacked)
     if got != want:
         raise SystemExit(f"parameter layout differs:\n jaxmp: {got}\n plain: {want}")
     return params
+
+
+def _is_shape(x: Any) -> bool:
+    return isinstance(x, tuple) and all(isinstance(d, int) for d in x)
 
 
 def make_batches(program: Program, args: argparse.Namespace, count: int = 4) -> Batches:
@@ -229,7 +259,7 @@ def build_runners(args: argparse.Namespace) -> tuple[list[Runner], Batches, list
     params = plain_params_from(state.params, args)
     tx = optax.adam(args.lr)
     jaxmp = Runner("jaxmp", state, program.train_step, lambda metrics: metrics["loss"])
-    plain = Runner("plain", (params, tx.init(params)), make_plain_step(FORWARD[args.model], tx), lambda x: x)
+    plain = Runner("plain", (params, tx.init(params)), make_plain_step(plain_forward(args), tx), lambda x: x)
     batches = make_batches(program, args)
     losses = [jaxmp.step(*batches[i % len(batches)]) for i in range(CHECK_STEPS)]
     check_same_losses(losses, [plain.step(*batches[i % len(batches)]) for i in range(CHECK_STEPS)])
@@ -239,7 +269,7 @@ def build_runners(args: argparse.Namespace) -> tuple[list[Runner], Batches, list
 def report(runners: list[Runner], args: argparse.Namespace, losses: list[float]) -> str:
     jaxmp_ms, plain_ms = (median_step_ms(r, args.steps_per_round) for r in runners)
     if args.model == "mlp":
-        shape = f"width {args.width}, hidden {args.hidden}, depth {args.depth}"
+        shape = f"width {args.width}, hidden {args.hidden}, depth {args.depth}; plain {args.plain_loop}"
     else:
         shape = "1024-512-256-128"
     lines = [
@@ -261,7 +291,7 @@ def report(runners: list[Runner], args: argparse.Namespace, losses: list[float])
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", choices=sorted(FORWARD), default="mlp")
+    p.add_argument("--model", choices=MODELS, default="mlp")
     p.add_argument("--width", type=int, default=512, help="mlp: residual width")
     p.add_argument("--hidden", type=int, default=2048, help="mlp: hidden width of each block")
     p.add_argument("--depth", type=int, default=4, help="mlp: residual blocks")
@@ -269,6 +299,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--features", type=int, default=784, help="input features (mlp-1024: at most 1024)")
     p.add_argument("--classes", type=int, default=10)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument(
+        "--plain-loop",
+        choices=("scan", "unroll"),
+        default="scan",
+        help="mlp: how the plain twin applies stacked blocks (jaxmp scans them)",
+    )
     p.add_argument("--steps-per-round", type=int, default=5)
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--out", help="also write the Markdown table to this file")

@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import jax
 
-from jaxmp.config import Config, ConfigError, validate
+from jaxmp.config import Config, validate
 from jaxmp.data import Dataset, eval_batches, load_dataset, num_batches, train_batches
 from jaxmp.mesh import mesh_from_spec, simulate_cpu_devices
 from jaxmp.metrics import MetricsWriter, check_metrics_path
@@ -54,8 +54,6 @@ def prepare(cfg: Config) -> Setup:
     if cfg.run.cpu_devices:
         simulate_cpu_devices(cfg.run.cpu_devices)
     mesh = mesh_from_spec(cfg.run.mesh)
-    if mesh.shape["pipe"] > 1:
-        raise ConfigError("--mesh pipe>1 needs pipeline parallelism, which jaxmp does not have yet; use pipe=1.")
     dataset = load_dataset(cfg.data, cfg.run.seed)
     train_batches(dataset, cfg.run.batch_size, cfg.run.seed)  # raises if one batch does not fit
     steps = cfg.run.steps or cfg.run.epochs * num_batches(len(dataset.x_train), cfg.run.batch_size)

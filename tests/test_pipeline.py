@@ -89,3 +89,33 @@ def test_schedule_table_counts_the_gpipe_bubble():
     assert circular.ticks == 8 * 2 + 4 - 1
     assert circular.bubble_fraction == pytest.approx(3 / (2 * 8 + 3))
     assert render(gpipe(2, 2)).splitlines() == ["stage 0: 0 1 .", "stage 1: . 0 1"]
+
+
+def test_training_trajectory_on_data_tensor_pipe_mesh():
+    """``--mesh data=2,tensor=2,pipe=2 --microbatches 4``: 20 steps follow one device's losses."""
+    from support import losses_on, reference_losses
+
+    cfg = small_config("mlp", "tp", depth=4, batch_size=32)
+    expected = reference_losses(cfg)
+    got = losses_on(cfg.replace(microbatches=4), build_mesh(MeshShape(2, 2, 2)))
+    np.testing.assert_allclose(got, expected, rtol=RTOL)
+
+
+@pytest.mark.parametrize(("stages", "microbatches", "repeats"), [(4, 4, 1), (2, 4, 2), (2, 3, 2)])
+def test_activations_cross_stages_by_one_collective_permute_per_tick_each_way(stages, microbatches, repeats):
+    from support import CLASSES, IMAGE
+
+    from jaxmp.analysis import collectives
+    from jaxmp.step import build_program
+
+    cfg = small_config("mlp", "tp", depth=8, batch_size=48).replace(microbatches=microbatches, repeats=repeats)
+    mesh = build_mesh(MeshShape(1, 1, stages))
+    program = build_program(cfg, mesh, IMAGE, CLASSES)
+    ticks = gpipe(stages, microbatches, repeats).ticks
+    permutes = [c for c in collectives(program.train_step.compiled.as_text(), mesh) if c.kind == "collective-permute"]
+    microbatch_activation = (48 // microbatches) * 32  # b x width
+    assert {c.axes for c in permutes} == {("pipe",)}
+    assert all(c.elements == microbatch_activation for c in permutes)
+    assert sum(c.count for c in permutes) == 2 * ticks
+    # 2 * (M*R + S - 1) micro-batch activations when S divides M; a partial last group idles longer
+    assert sum(c.total_elements for c in permutes) == 2 * ticks * microbatch_activation

@@ -9,11 +9,20 @@ import jax
 from flax import nnx
 
 from jaxmp.config import ConfigError
-from jaxmp.models.layers import activation_fn, conv3x3, dense, flatten_features, pad_features
+from jaxmp.models.layers import (
+    LayerContext,
+    LayerSequence,
+    activation_fn,
+    channel_dropout,
+    conv3x3,
+    dense,
+    flatten_features,
+    pad_features,
+)
 from jaxmp.sharding import constrain
 
 
-class MnistCNN(nnx.Module):
+class MnistCNN(LayerSequence, nnx.Module):
     """Conv(C->32, 3x3) - Dropout2d(0.5) - Conv(32->64, 3x3) - Dropout2d(0.75) - max-pool 2 - flatten -
     Linear(F->128) - Linear(128->20) - Linear(20->K) - log-softmax.
 
@@ -21,10 +30,12 @@ class MnistCNN(nnx.Module):
     the first two linear layers). Any input size of at least 6x6 works (28x28 gives F = 9216). Conv
     activations are named ``conv_batch`` and dense ones ``batch``, so the ``hybrid`` strategy can run the
     convolutions data-parallel and the dense layers tensor-parallel (Krizhevsky 2014), with XLA
-    resharding the flattened features in between.
+    resharding the flattened features in between. As a layer sequence (for heterogeneous pipelines) it
+    has five layers: conv1, conv2 (with pooling and flattening), fc1, fc2, fc3.
     """
 
     INPUT_BATCH_AXIS = "conv_batch"
+    num_layers = 5
 
     def __init__(self, image_shape: tuple[int, int, int], classes: int, *, activation: str, rngs: nnx.Rngs):
         height, width, channels = image_shape
@@ -32,28 +43,31 @@ class MnistCNN(nnx.Module):
         if min(pooled) < 1:
             raise ConfigError(f"--model mnist-cnn needs images of at least 6x6, the data has {height}x{width}.")
         self.conv1 = conv3x3(channels, 32, rngs=rngs)
-        self.drop1 = nnx.Dropout(0.5, broadcast_dims=(1, 2))
         self.conv2 = conv3x3(32, 64, rngs=rngs)
-        self.drop2 = nnx.Dropout(0.75, broadcast_dims=(1, 2))
         self.fc1 = dense(pooled[0] * pooled[1] * 64, 128, ("flat", "mlp"), rngs=rngs)
         self.fc2 = dense(128, 20, ("mlp", None), rngs=rngs)
         self.fc3 = dense(20, classes, (None, "classes"), rngs=rngs)
         self.activation = activation
 
-    def __call__(self, x_BxHxWxC: jax.Array, *, train: bool = False, key: jax.Array | None = None) -> jax.Array:
-        act = activation_fn(self.activation)
+    def pre(self, x_BxHxWxC: jax.Array) -> jax.Array:
         if x_BxHxWxC.ndim != 4:
             raise ConfigError(f"--model mnist-cnn needs images (B, H, W, C), got shape {x_BxHxWxC.shape}.")
-        keys = jax.random.split(key, 2) if train else (None, None)
-        x = constrain(x_BxHxWxC, ("conv_batch", None, None, None))
-        x = self.drop1(act(self.conv1(x)), deterministic=not train, rngs=keys[0])
-        x = constrain(x, ("conv_batch", None, None, "channels"))
-        x = self.drop2(act(self.conv2(x)), deterministic=not train, rngs=keys[1])
-        x = nnx.max_pool(constrain(x, ("conv_batch", None, None, "channels")), (2, 2), strides=(2, 2))
-        x_BxF = constrain(flatten_features(x), ("batch", "flat"))
-        x_Bx128 = act(self.fc1(x_BxF))
-        x_Bx20 = act(self.fc2(constrain(x_Bx128, ("batch", "mlp"))))
-        return jax.nn.log_softmax(self.fc3(x_Bx20))
+        return constrain(x_BxHxWxC, ("conv_batch", None, None, None))
+
+    def apply_layer(self, k: int, h: jax.Array, ctx: LayerContext) -> jax.Array:
+        act = activation_fn(self.activation)
+        if k == 0:
+            h = channel_dropout(act(self.conv1(h)), 0.5, ctx, salt=0)
+            return constrain(h, ("conv_batch", None, None, "channels"))
+        if k == 1:
+            h = channel_dropout(act(self.conv2(h)), 0.75, ctx, salt=1)
+            h = nnx.max_pool(constrain(h, ("conv_batch", None, None, "channels")), (2, 2), strides=(2, 2))
+            return constrain(flatten_features(h), ("batch", "flat"))
+        if k == 2:
+            return constrain(act(self.fc1(h)), ("batch", "mlp"))
+        if k == 3:
+            return act(self.fc2(h))
+        return jax.nn.log_softmax(self.fc3(h))
 
 
 class TextbookDense(nnx.Module):

@@ -8,6 +8,7 @@ device (see ``jaxmp.step.init_state``).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -72,3 +73,50 @@ def flatten_features(x: jax.Array) -> jax.Array:
 def pad_features(x_BxF: jax.Array, width: int) -> jax.Array:
     """Zero-pad flattened inputs to ``width`` features (fixed-width textbook models)."""
     return jnp.pad(x_BxF, ((0, 0), (0, width - x_BxF.shape[-1])))
+
+
+class LayerContext(NamedTuple):
+    """What a layer may need besides its input: train mode, the step's dropout key, example ids.
+
+    Dropout masks are drawn per example from ``fold_in(key, example id)``, so a micro-batch gets
+    exactly its examples' rows of the full-batch mask, whatever the mesh or pipeline schedule.
+    """
+
+    train: bool = False
+    key: jax.Array | None = None
+    example_ids: jax.Array | None = None
+
+
+def channel_dropout(x_BxHxWxC: jax.Array, rate: float, ctx: LayerContext, salt: int) -> jax.Array:
+    """Dropout2d: zero whole channels of each example with probability ``rate``, scale the rest."""
+    if not ctx.train or rate == 0.0:
+        return x_BxHxWxC
+    key = jax.random.fold_in(ctx.key, salt)
+
+    def keep_mask(example_id):
+        return jax.random.bernoulli(jax.random.fold_in(key, example_id), 1.0 - rate, (1, 1, x_BxHxWxC.shape[-1]))
+
+    keep_Bx1x1xC = jax.vmap(keep_mask)(ctx.example_ids)
+    return jnp.where(keep_Bx1x1xC, x_BxHxWxC / (1.0 - rate), jnp.zeros_like(x_BxHxWxC))
+
+
+class LayerSequence:
+    """Mixin for models that run as a list of layers of different shapes (pipelined heterogeneously).
+
+    A subclass defines ``pre(x)``, ``post(h)``, ``num_layers`` and ``apply_layer(k, h, ctx)``.
+    """
+
+    num_layers: int
+
+    def __call__(self, x: jax.Array, *, train: bool = False, key: jax.Array | None = None) -> jax.Array:
+        ctx = LayerContext(train, key, jnp.arange(x.shape[0]))
+        h = self.pre(x)
+        for k in range(self.num_layers):
+            h = self.apply_layer(k, h, ctx)
+        return self.post(h)
+
+    def pre(self, x: jax.Array) -> jax.Array:
+        return x
+
+    def post(self, h: jax.Array) -> jax.Array:
+        return h

@@ -9,7 +9,15 @@ import jax
 from flax import nnx
 
 from jaxmp.config import ConfigError
-from jaxmp.models.layers import activation_fn, dense, flatten_features, pad_features, partitioned
+from jaxmp.models.layers import (
+    LayerContext,
+    LayerSequence,
+    activation_fn,
+    dense,
+    flatten_features,
+    pad_features,
+    partitioned,
+)
 from jaxmp.sharding import constrain
 
 
@@ -85,15 +93,17 @@ class ResidualMLP(nnx.Module):
         return self.post(jax.lax.scan(one_block, self.pre(x), stacked)[0])
 
 
-class MLP1024(nnx.Module):
+class MLP1024(LayerSequence, nnx.Module):
     """The classic layer-wise model-parallelism example: 1024 -> 512 -> 256 -> 128 -> classes, ReLU.
 
     Inputs are flattened and zero-padded to 1024 features (digits: 64, MNIST: 784), which leaves the
     function of the real features unchanged while keeping the textbook layer sizes. Under ``tp`` the
-    layers alternate column and row splits, so each pair costs one all-reduce per direction.
+    layers alternate column and row splits, so each pair costs one all-reduce per direction. As a layer
+    sequence (for heterogeneous pipelines) it has four layers, one per linear map.
     """
 
     WIDTHS = (1024, 512, 256, 128)
+    num_layers = 4
 
     def __init__(self, features: int, classes: int, *, activation: str, rngs: nnx.Rngs):
         if features > self.WIDTHS[0]:
@@ -105,10 +115,9 @@ class MLP1024(nnx.Module):
         )
         self.activation = activation
 
-    def __call__(self, x: jax.Array, *, train: bool = False, key: jax.Array | None = None) -> jax.Array:
-        x_BxF = pad_features(flatten_features(x), self.WIDTHS[0])
-        for i, layer in enumerate(self.layers):
-            x_BxF = layer(x_BxF)
-            if i < len(self.layers) - 1:
-                x_BxF = activation_fn(self.activation)(x_BxF)
-        return x_BxF
+    def pre(self, x: jax.Array) -> jax.Array:
+        return pad_features(flatten_features(x), self.WIDTHS[0])
+
+    def apply_layer(self, k: int, h: jax.Array, ctx: LayerContext) -> jax.Array:
+        h = self.layers[k](h)
+        return activation_fn(self.activation)(h) if k < self.num_layers - 1 else h

@@ -3,7 +3,8 @@ that runs a model's stacked layers through it.
 
 A model can be pipelined when it has ``pre(x)``, a stacked ``blocks`` module (leading ``layers`` axis)
 and ``post(h)``: ``pre`` and ``post`` run on the whole batch, the blocks run as ``S`` stages (x ``R``
-repeats) over ``M`` micro-batches.
+repeats) over ``M`` micro-batches under ``jax.vmap`` (``gpipe.run_pipeline``). Heterogeneous models
+(``LayerSequence``: mlp-1024, mnist-cnn) are not pipelined yet.
 """
 
 from __future__ import annotations
@@ -48,7 +49,9 @@ def check_pipeline(cfg: PipelineConfig, model: nnx.Module, stages: int, batch: i
         return
     name = type(model).__name__
     if not hasattr(model, "blocks"):
-        raise ConfigError(f"model {name} has no stacked layers to pipeline; use --model mlp or pipe=1.")
+        raise ConfigError(
+            f"model {name} has layers of different shapes, which jaxmp cannot pipeline yet; use --model mlp or pipe=1."
+        )
     depth = jax.tree.leaves(nnx.state(model.blocks))[0].shape[0]
     chunks = stages * cfg.repeats
     if chunks > depth:
@@ -59,6 +62,10 @@ def check_pipeline(cfg: PipelineConfig, model: nnx.Module, stages: int, batch: i
         raise ConfigError(f"--depth {depth} cannot be split into {chunks} equal chunks (pipe x repeats).")
     if cfg.stage_split not in ("uniform", "auto") and set(cfg.stage_split.split(",")) != {str(depth // chunks)}:
         raise ConfigError(f"--stage-split {cfg.stage_split}: stacked layers need equal stages of {depth // chunks}.")
+    _check_microbatches(cfg, stages, batch, batch_parts)
+
+
+def _check_microbatches(cfg: PipelineConfig, stages: int, batch: int, batch_parts: int) -> None:
     microbatches = schedule_for(cfg, stages).microbatches
     if batch % (microbatches * batch_parts):
         raise ConfigError(

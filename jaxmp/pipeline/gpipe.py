@@ -59,6 +59,27 @@ def stage_view(stacked, schedule: Schedule):
     return jax.tree.map(view, stacked)
 
 
+@jax.custom_vjp
+def rotate_stages(x_Sx: jax.Array) -> jax.Array:
+    """Shift every stage's slot to the next stage (the last wraps to stage 0): one collective-permute.
+
+    A custom VJP so the backward pass is the opposite rotation, again one collective-permute; the
+    transpose of ``jnp.roll`` (a slice and a pad) would cost two.
+    """
+    return jnp.roll(x_Sx, 1, axis=0)
+
+
+def _rotate_forward(x_Sx):
+    return rotate_stages(x_Sx), None
+
+
+def _rotate_backward(_, g_Sx):
+    return (jnp.roll(g_Sx, -1, axis=0),)
+
+
+rotate_stages.defvjp(_rotate_forward, _rotate_backward)
+
+
 def run_pipeline(
     layer_fn: Callable,
     stacked,
@@ -88,7 +109,11 @@ def run_pipeline(
     microbatch = jnp.asarray(schedule.microbatch)
     repeat = jnp.asarray(np.maximum(schedule.repeat, 0))
     fresh = schedule.repeat[:, 0] == 0
-    stage0_inputs = x_Mxbx[np.where(fresh, schedule.microbatch[:, 0], 0)]  # [T, b, ...]
+    # fresh micro-batches in stage 0's slot of a pipe-sharded [T, S, b, ...] array: the cotangent then stays
+    # on stage 0 inside the loop and is gathered once after it, not broadcast every tick
+    injected_Tx = x_Mxbx[np.where(fresh, schedule.microbatch[:, 0], 0)]
+    first_S = (jnp.arange(schedule.stages) == 0).reshape(1, -1, *[1] * (x_Mxbx.ndim - 1))
+    injected_TxSxBx = constrain(jnp.where(first_S, injected_Tx[:, None], 0.0), (None, *buffer_names))
 
     def run_chunk(params_RxL, r, x_bx, busy):
         params_L = jax.tree.map(lambda a: a[r], params_RxL)
@@ -102,10 +127,11 @@ def run_pipeline(
     run_stages = jax.vmap(run_chunk, in_axes=(1, 0, 0, 0), spmd_axis_name="pipe")
 
     def tick(previous_SxBx, per_tick):
-        injected_bx, fresh_t, microbatch_S, repeat_S = per_tick
-        inputs_SxBx = jnp.roll(previous_SxBx, 1, axis=0)  # stage s <- s-1, stage 0 <- S-1
-        inputs_SxBx = inputs_SxBx.at[0].set(jnp.where(fresh_t, injected_bx, inputs_SxBx[0]))
-        inputs_SxBx = constrain(inputs_SxBx, buffer_names)
+        injected_SxBx, fresh_t, microbatch_S, repeat_S = per_tick
+        inputs_SxBx = rotate_stages(previous_SxBx)  # stage s <- s-1, stage 0 <- S-1
+        # stage 0 takes the fresh micro-batch: an element-wise select, so no stage's slot leaves its device
+        take_fresh = jnp.logical_and(fresh_t, first_S[0])
+        inputs_SxBx = constrain(jnp.where(take_fresh, injected_SxBx, inputs_SxBx), buffer_names)
         outputs_SxBx = constrain(run_stages(params_RxSxL, repeat_S, inputs_SxBx, microbatch_S >= 0), buffer_names)
         return outputs_SxBx, outputs_SxBx
 
@@ -115,6 +141,6 @@ def run_pipeline(
         tick = jax.checkpoint(tick, policy=REMAT_POLICIES[remat], prevent_cse=False)
     fill = jnp.nan if poison else 0.0
     initial = constrain(jnp.full((schedule.stages, *x_Mxbx.shape[1:]), fill, x_Mxbx.dtype), buffer_names)
-    per_tick = (stage0_inputs, jnp.asarray(fresh), microbatch, repeat)
+    per_tick = (injected_TxSxBx, jnp.asarray(fresh), microbatch, repeat)
     _, outputs_TxSxBx = jax.lax.scan(tick, initial, per_tick)
     return outputs_TxSxBx[schedule.finishing_ticks(), -1]
