@@ -114,7 +114,7 @@ def _layout(cfg: Config, mesh, rules, tx, init_fn, input_shape, classes) -> _Lay
     y_spec = _batch_spec(("batch",), 1, rules)
     _check_batch(cfg.run.batch_size, x_spec, mesh)
     parts = _check_batch(cfg.run.batch_size, y_spec, mesh)
-    check_pipeline(cfg.pipeline, abstract_model, mesh.shape["pipe"], cfg.run.batch_size, parts)
+    check_pipeline(cfg.pipeline, abstract_model, mesh, cfg.run.batch_size, parts)
     specs = param_specs(abstract_params, rules)
     check_divisible(abstract_params, specs, mesh)
     replicated = NamedSharding(mesh, PartitionSpec())

@@ -119,3 +119,70 @@ def test_activations_cross_stages_by_one_collective_permute_per_tick_each_way(st
     assert sum(c.count for c in permutes) == 2 * ticks
     # 2 * (M*R + S - 1) micro-batch activations when S divides M; a partial last group idles longer
     assert sum(c.total_elements for c in permutes) == 2 * ticks * microbatch_activation
+
+
+HETERO_CASES = [
+    # (model, stages, microbatches, repeats, data, stage_split)
+    ("mlp-1024", 2, 1, 1, 1, "uniform"),
+    ("mlp-1024", 2, 3, 1, 2, "uniform"),
+    ("mlp-1024", 4, 8, 1, 1, "uniform"),
+    ("mlp-1024", 2, 8, 2, 2, "uniform"),
+    ("mlp-1024", 2, 3, 1, 1, "1,3"),
+    ("mnist-cnn", 2, 3, 1, 1, "uniform"),
+    ("mnist-cnn", 2, 4, 1, 4, "auto"),
+    ("mnist-cnn", 4, 1, 1, 1, "auto"),
+    ("mnist-cnn", 3, 8, 1, 2, "uniform"),
+]
+
+
+@pytest.mark.parametrize(("model", "stages", "microbatches", "repeats", "data", "split"), HETERO_CASES)
+def test_heterogeneous_pipeline_matches_sequential(model, stages, microbatches, repeats, data, split):
+    """Stages of different shapes (conv, then dense), dropout included: same loss and gradients.
+
+    GELU instead of mlp-1024's ReLU: with a kink at 0, float32 reassociation (a micro-batch matmul
+    sums in another order) can flip a unit sitting within rounding of 0 and change its gradient.
+    """
+    cfg = small_config(model, "tp", batch_size=48, activation="gelu" if model == "mlp-1024" else "default")
+    piped = cfg.replace(microbatches=microbatches, repeats=repeats, stage_split=split)
+    mesh = build_mesh(MeshShape(data, 1, stages))
+    assert_same(loss_and_grads(piped, mesh, poison=True), loss_and_grads(cfg, single_device_mesh()))
+
+
+def test_heterogeneous_training_trajectory():
+    from support import losses_on, reference_losses
+
+    cfg = small_config("mnist-cnn", "hybrid", batch_size=32)
+    got = losses_on(cfg.replace(microbatches=4), build_mesh(MeshShape(2, 1, 2)))
+    np.testing.assert_allclose(got, reference_losses(cfg), rtol=RTOL)
+
+
+def test_auto_split_balances_flops_and_never_drops_a_layer():
+    from jaxmp.pipeline.partition import chunk_bounds
+
+    assert chunk_bounds("uniform", 5, 2) == [(0, 3), (3, 5)]
+    assert chunk_bounds("2,3", 5, 2) == [(0, 2), (2, 5)]
+    # one expensive layer gets a stage of its own; the cheap ones share
+    assert chunk_bounds("auto", 5, 3, [1.0, 100.0, 1.0, 1.0, 1.0]) == [(0, 1), (1, 2), (2, 5)]
+    for split, flops in [("uniform", None), ("auto", [3.0, 1.0, 4.0, 1.0, 5.0])]:
+        bounds = chunk_bounds(split, 5, 4, flops)
+        assert bounds[0][0] == 0 and bounds[-1][1] == 5
+        assert all(a[1] == b[0] and a[0] < a[1] for a, b in zip(bounds, bounds[1:], strict=False))
+
+
+@pytest.mark.parametrize(
+    ("model", "shape", "overrides", "message"),
+    [
+        ("mlp-1024", MeshShape(1, 1, 8), {}, "need at least 8 layers, the model has 4"),
+        ("mlp-1024", MeshShape(1, 2, 2), {}, "runs with tensor=1"),
+        ("mnist-cnn", MeshShape(1, 1, 2), dict(stage_split="2,2"), "adding up to the model's 5 layers"),
+        ("mnist-cnn", MeshShape(1, 1, 2), dict(stage_split="fast"), "is not uniform, auto or"),
+    ],
+)
+def test_bad_heterogeneous_configs(model, shape, overrides, message):
+    from support import CLASSES, IMAGE
+
+    from jaxmp.step import build_program
+
+    cfg = small_config(model, "tp", batch_size=32).replace(microbatches=2, **overrides)
+    with pytest.raises(ConfigError, match=message):
+        build_program(cfg, build_mesh(shape), IMAGE, CLASSES)

@@ -1,10 +1,13 @@
 """Pipeline parallelism: schedules as data (``schedule``), the scan executor (``gpipe``), and the glue
 that runs a model's stacked layers through it.
 
-A model can be pipelined when it has ``pre(x)``, a stacked ``blocks`` module (leading ``layers`` axis)
-and ``post(h)``: ``pre`` and ``post`` run on the whole batch, the blocks run as ``S`` stages (x ``R``
-repeats) over ``M`` micro-batches under ``jax.vmap`` (``gpipe.run_pipeline``). Heterogeneous models
-(``LayerSequence``: mlp-1024, mnist-cnn) are not pipelined yet.
+Two kinds of model can be pipelined:
+- homogeneous: ``pre(x)``, a stacked ``blocks`` module (leading ``layers`` axis) and ``post(h)``; the
+  blocks run as ``S`` stages (x ``R`` repeats) over ``M`` micro-batches under ``jax.vmap``
+  (``gpipe.run_pipeline``);
+- heterogeneous: a ``LayerSequence`` (layers of different shapes, e.g. conv then dense); chunks of
+  layers run under ``lax.switch`` in a ``shard_map`` over ``pipe`` (``hetero.run_hetero_pipeline``),
+  split ``uniform``ly, by ``auto`` FLOP balance, or by explicit layer counts (``partition``).
 """
 
 from __future__ import annotations
@@ -16,7 +19,10 @@ import jax
 from flax import nnx
 
 from jaxmp.config import ConfigError, PipelineConfig
+from jaxmp.models.layers import LayerSequence
 from jaxmp.pipeline.gpipe import merge_microbatches, run_pipeline, split_microbatches
+from jaxmp.pipeline.hetero import layer_flops, run_hetero_pipeline
+from jaxmp.pipeline.partition import chunk_bounds
 from jaxmp.pipeline.schedule import Schedule, gpipe, render
 
 __all__ = [
@@ -43,15 +49,25 @@ def schedule_for(cfg: PipelineConfig, stages: int) -> Schedule:
     return gpipe(stages, microbatches, cfg.repeats)
 
 
-def check_pipeline(cfg: PipelineConfig, model: nnx.Module, stages: int, batch: int, batch_parts: int) -> None:
-    """Raise ``ConfigError`` if ``model`` cannot run as ``stages`` stages of ``cfg`` on this batch."""
+def check_pipeline(
+    cfg: PipelineConfig, model: nnx.Module, mesh: jax.sharding.Mesh, batch: int, batch_parts: int
+) -> None:
+    """Raise ``ConfigError`` if ``model`` cannot run as ``pipe`` stages of ``cfg`` on this batch."""
+    stages = mesh.shape["pipe"]
     if not is_pipelined(cfg, stages):
         return
     name = type(model).__name__
+    if isinstance(model, LayerSequence):
+        if mesh.shape["tensor"] > 1:
+            raise ConfigError(
+                f"model {name} has layers of different shapes; its pipeline runs with tensor=1 (tensor-parallel "
+                "collectives inside per-stage branches deadlock XLA's CPU runtime); use data and pipe axes."
+            )
+        chunk_bounds(cfg.stage_split, model.num_layers, stages * cfg.repeats)
+        _check_microbatches(cfg, stages, batch, batch_parts)
+        return
     if not hasattr(model, "blocks"):
-        raise ConfigError(
-            f"model {name} has layers of different shapes, which jaxmp cannot pipeline yet; use --model mlp or pipe=1."
-        )
+        raise ConfigError(f"model {name} has no layers to pipeline; use pipe=1.")
     depth = jax.tree.leaves(nnx.state(model.blocks))[0].shape[0]
     chunks = stages * cfg.repeats
     if chunks > depth:
@@ -91,7 +107,15 @@ def make_forward(cfg: PipelineConfig, stages: int, *, poison: bool = False) -> F
     if not is_pipelined(cfg, stages):
         return lambda model, x, **kw: model(x, **kw)
     schedule = schedule_for(cfg, stages)
-    return lambda model, x, **kw: pipelined_forward(model, x, schedule, remat=cfg.remat, poison=poison)
+
+    def forward(model, x, *, train: bool = False, key=None):
+        if not isinstance(model, LayerSequence):
+            return pipelined_forward(model, x, schedule, remat=cfg.remat, poison=poison)
+        flops = layer_flops(model, jax.eval_shape(model.pre, x).shape) if cfg.stage_split == "auto" else None
+        bounds = chunk_bounds(cfg.stage_split, model.num_layers, stages * cfg.repeats, flops)
+        return run_hetero_pipeline(model, x, schedule, bounds, train=train, key=key, poison=poison)
+
+    return forward
 
 
 def batch_parts(mesh: jax.sharding.Mesh, axes) -> int:
