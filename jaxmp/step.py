@@ -29,7 +29,7 @@ from jaxmp.sharding import check_divisible, logical_to_spec, param_specs, rules_
 class TrainState(NamedTuple):
     """Everything a step reads and writes: params, optimizer state, step counter and dropout key."""
 
-    params: nnx.State
+    params: dict  # nnx.to_pure_dict: nested dicts of arrays, no Variable pytree nodes
     opt_state: optax.OptState
     step: jax.Array
     key: jax.Array
@@ -86,14 +86,9 @@ def _check_batch(batch_size: int, spec: PartitionSpec, mesh: jax.sharding.Mesh) 
     return parts
 
 
-def _full_tree_shardings(specs, abstract_params, mesh):
-    """A tree shaped like the params with a NamedSharding per array (what optax can map over)."""
-    return jax.tree.map(
-        lambda spec, var: jax.tree.map(lambda _: NamedSharding(mesh, spec), var),
-        specs,
-        abstract_params,
-        is_leaf=lambda x: isinstance(x, PartitionSpec),
-    )
+def _full_tree_shardings(specs, mesh):
+    """A tree shaped like the (pure-dict) params with a NamedSharding per array."""
+    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
 class _Layout(NamedTuple):
@@ -117,8 +112,9 @@ def _layout(cfg: Config, mesh, rules, tx, init_fn, input_shape, classes) -> _Lay
     check_pipeline(cfg.pipeline, abstract_model, mesh, cfg.run.batch_size, parts)
     specs = param_specs(abstract_params, rules)
     check_divisible(abstract_params, specs, mesh)
+    specs = nnx.to_pure_dict(specs)
     replicated = NamedSharding(mesh, PartitionSpec())
-    params_sh = _full_tree_shardings(specs, abstract_params, mesh)
+    params_sh = _full_tree_shardings(specs, mesh)
     opt_sh = optax.tree_map_params(
         tx,
         lambda _, sharding: sharding,
@@ -148,7 +144,7 @@ def build_program(
 
     def init_fn() -> TrainState:
         model = build_model(cfg.model, input_shape, classes, nnx.Rngs(params=cfg.run.seed))
-        params = nnx.state(model, nnx.Param)
+        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))  # plain dicts: fast pytree flattening per call
         return TrainState(params, tx.init(params), jnp.zeros((), jnp.int32), jax.random.key(cfg.run.seed + 1))
 
     layout = _layout(cfg, mesh, rules, tx, init_fn, input_shape, classes)

@@ -60,4 +60,4 @@ def loss_and_grads(cfg: Config, mesh: jax.sharding.Mesh, *, poison: bool = False
     xs, ys = fixed_batches(1, cfg.run.batch_size, seed)
     loss, grads = program.grad_step(program.init(), *program.put_batch(xs[0], ys[0]))
     flat = jax.tree_util.tree_flatten_with_path(grads)[0]
-    return float(loss), {path_name(path[:-1]): np.asarray(g) for path, g in flat}
+    return float(loss), {path_name(path): np.asarray(g) for path, g in flat}
