@@ -1,25 +1,33 @@
-"""GPipe in one SPMD program: a ``lax.scan`` over ticks, every stage at once under ``jax.vmap``.
+"""GPipe in one SPMD program: a ``lax.scan`` over ticks in which every stage works at once.
 
 Shapes: M = micro-batches, b = micro-batch size, S = stages, R = repeats, L = layers per chunk,
 T = ticks, ``...`` = activation feature dims.
 
-How (the GSPMD paper's "vmap + shifting buffer", as Praxis and MaxText do it): the stacked layer
-parameters are viewed as ``[R, S, L, ...]`` with the stage axis sharded over ``pipe``; each tick, every
-stage applies its ``L`` layers to its slot of an ``[S, b, ...]`` buffer under
-``jax.vmap(..., spmd_axis_name="pipe")``, and the buffer then rotates by one stage (``jnp.roll``, which
-XLA turns into a collective-permute). Stage 0 takes a fresh micro-batch on a repeat-0 tick and the
-rotated output of the last stage otherwise. Autodiff through the scan gives GPipe's backward (all
-forwards, then all backwards). Idle slots compute on zeros, never on whatever the buffer held, so a
-bubble cannot leak into values or gradients (the tests fill the buffer with NaN to prove it).
+How (the GSPMD paper's "shifting buffer", as Praxis and MaxText do it): the stacked layer parameters
+are viewed as ``[R, S, L, ...]`` with the stage axis sharded over ``pipe``; each tick, every stage
+applies its ``L`` layers to its slot of an ``[S, b, ...]`` buffer, and the buffer then rotates by one
+stage (one collective-permute each way, see :func:`rotate_stages`). Stage 0 takes a fresh micro-batch
+on a repeat-0 tick and the rotated output of the last stage otherwise. Autodiff through the scan gives
+GPipe's backward (all forwards, then all backwards). Idle slots compute on zeros, never on whatever the
+buffer held, so a bubble cannot leak into values or gradients (the tests fill the buffer with NaN).
+
+Why the stages run under ``jax.shard_map`` over ``pipe`` (``data`` and ``tensor`` stay automatic) and
+not ``jax.vmap(..., spmd_axis_name="pipe")`` as first designed: measured on XLA:CPU, vmap made every
+matmul batched (slow, transposed weight-gradient updates; the ``stage`` remat policy then saved
+nothing), saved a copy of the stage weights on every tick, and turned the per-tick choice of repeat
+into a gather that resharded all weights each tick. Under ``shard_map`` each device slices its own
+weights locally with plain dots. ``vmap`` remains for a mesh without a ``pipe`` axis.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from operator import itemgetter
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from jaxmp.pipeline.schedule import Schedule
 from jaxmp.sharding import constrain
@@ -27,7 +35,9 @@ from jaxmp.sharding import constrain
 REMAT_POLICIES = {
     "none": None,
     # save matmul results, recompute the cheap element-wise work in the backward pass
-    "stage": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # (any dot: under the stage vmap every dot has a batch dimension, which the "no batch dims" policy
+    # refuses, so "stage" used to save nothing, exactly like "full")
+    "stage": jax.checkpoint_policies.dots_saveable,
     # GPipe's re-materialisation: keep only each tick's stage inputs, recompute everything else
     "full": jax.checkpoint_policies.nothing_saveable,
 }
@@ -116,15 +126,51 @@ def run_pipeline(
     injected_TxSxBx = constrain(jnp.where(first_S, injected_Tx[:, None], 0.0), (None, *buffer_names))
 
     def run_chunk(params_RxL, r, x_bx, busy):
-        params_L = jax.tree.map(lambda a: a[r], params_RxL)
         x_bx = jnp.where(busy, x_bx, jnp.zeros_like(x_bx))  # idle slots compute on zeros
+        if schedule.repeats == 1:
+            # a static index keeps the weights loop-invariant: autodiff saves them once, not once per tick
+            params_L = jax.tree.map(lambda a: a[0], params_RxL)
+            return jax.lax.scan(lambda h, p: (layer_fn(p, h), None), x_bx, params_L)[0]
 
-        def one_layer(h, layer_params):
-            return layer_fn(layer_params, h), None
+        def one_layer(h, layer):
+            # the weights of repeat r (a per-tick value): sliced here, and the checkpoint keeps only dot
+            # outputs, so the slice is recomputed in the backward pass instead of being saved every tick
+            return layer_fn(jax.tree.map(lambda a: a[r, layer], params_RxL), h), None
 
-        return jax.lax.scan(one_layer, x_bx, params_L)[0]
+        if remat == "none":
+            one_layer = jax.checkpoint(one_layer, policy=jax.checkpoint_policies.dots_saveable, prevent_cse=False)
+        return jax.lax.scan(one_layer, x_bx, jnp.arange(jax.tree.leaves(params_RxL)[0].shape[1]))[0]
 
-    run_stages = jax.vmap(run_chunk, in_axes=(1, 0, 0, 0), spmd_axis_name="pipe")
+    def local_stages(params_RxSxL, repeat_S, inputs_SxBx, busy_S):
+        """The stages this device holds (one under shard_map), each with plain, unbatched dots."""
+        outputs = [
+            run_chunk(jax.tree.map(itemgetter((slice(None), s)), params_RxSxL), repeat_S[s], inputs_SxBx[s], busy_S[s])
+            for s in range(inputs_SxBx.shape[0])
+        ]
+        return jnp.stack(outputs)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if schedule.stages == 1:
+        run_stages = local_stages
+    elif mesh.empty or mesh.shape.get("pipe", 1) == 1:
+        run_stages = jax.vmap(run_chunk, in_axes=(1, 0, 0, 0))
+    else:
+        # manual over pipe (data and tensor stay automatic): each device slices its own weights locally;
+        # under vmap a[r] is a gather that the SPMD partitioner reshards every tick
+        run_stages = jax.shard_map(
+            local_stages,
+            in_specs=(P(None, "pipe"), P("pipe"), P("pipe"), P("pipe")),
+            out_specs=P("pipe"),
+            axis_names={"pipe"},
+        )
+
+    if REMAT_POLICIES.get(remat, "missing") == "missing":
+        raise ValueError(f"remat {remat!r} is not one of {', '.join(REMAT_POLICIES)}")
+    # remat the stages' compute, not the rotation: its input (the rotated buffer) is then what is kept, and
+    # the backward pass does not shift the activations around the ring a second time
+    compute = run_stages
+    if remat != "none":
+        compute = jax.checkpoint(run_stages, policy=REMAT_POLICIES[remat], prevent_cse=False)
 
     def tick(previous_SxBx, per_tick):
         injected_SxBx, fresh_t, microbatch_S, repeat_S = per_tick
@@ -132,13 +178,9 @@ def run_pipeline(
         # stage 0 takes the fresh micro-batch: an element-wise select, so no stage's slot leaves its device
         take_fresh = jnp.logical_and(fresh_t, first_S[0])
         inputs_SxBx = constrain(jnp.where(take_fresh, injected_SxBx, inputs_SxBx), buffer_names)
-        outputs_SxBx = constrain(run_stages(params_RxSxL, repeat_S, inputs_SxBx, microbatch_S >= 0), buffer_names)
+        outputs_SxBx = constrain(compute(params_RxSxL, repeat_S, inputs_SxBx, microbatch_S >= 0), buffer_names)
         return outputs_SxBx, outputs_SxBx
 
-    if REMAT_POLICIES.get(remat, "missing") == "missing":
-        raise ValueError(f"remat {remat!r} is not one of {', '.join(REMAT_POLICIES)}")
-    if remat != "none":
-        tick = jax.checkpoint(tick, policy=REMAT_POLICIES[remat], prevent_cse=False)
     fill = jnp.nan if poison else 0.0
     initial = constrain(jnp.full((schedule.stages, *x_Mxbx.shape[1:]), fill, x_Mxbx.dtype), buffer_names)
     per_tick = (injected_TxSxBx, jnp.asarray(fresh), microbatch, repeat)
