@@ -106,7 +106,7 @@ def check_divisible(params: nnx.State, specs: nnx.State, mesh: jax.sharding.Mesh
     def check(path, variable: nnx.Variable, spec: PartitionSpec) -> None:
         shape = tuple(variable.get_value().shape)
         for dim, axes in zip(shape, spec, strict=False):
-            parts = _axis_product(mesh, axes)
+            parts = axis_size(mesh, axes)
             if dim % parts:
                 raise ConfigError(
                     f"parameter {path_name(path)} of shape {shape} cannot be split over {axes} "
@@ -120,7 +120,8 @@ def _is_spec(x) -> bool:
     return isinstance(x, PartitionSpec)
 
 
-def _axis_product(mesh: jax.sharding.Mesh, axes: MeshAxes) -> int:
+def axis_size(mesh: jax.sharding.Mesh, axes: MeshAxes) -> int:
+    """How many devices the mesh axes ``axes`` (a name, a tuple of names or None) span."""
     if axes is None:
         return 1
     axes = (axes,) if isinstance(axes, str) else axes

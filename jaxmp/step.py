@@ -22,8 +22,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxmp.config import Config, ConfigError, OptimConfig
 from jaxmp.models import build_model
-from jaxmp.pipeline import batch_parts, check_pipeline, make_forward
-from jaxmp.sharding import check_divisible, logical_to_spec, param_specs, rules_for, use_rules
+from jaxmp.pipeline import check_pipeline, make_forward
+from jaxmp.sharding import axis_size, check_divisible, logical_to_spec, param_specs, rules_for, use_rules
 
 
 class TrainState(NamedTuple):
@@ -76,7 +76,7 @@ def _batch_spec(names: tuple[str, ...], ndim: int, rules) -> PartitionSpec:
 def _check_batch(batch_size: int, spec: PartitionSpec, mesh: jax.sharding.Mesh) -> int:
     """Raise ``ConfigError`` if the batch does not divide its mesh axes; return how many it spans."""
     axes = spec[0] if spec else None
-    parts = batch_parts(mesh, axes)
+    parts = axis_size(mesh, axes)
     if batch_size % parts:
         named_axes = "x".join((axes,) if isinstance(axes, str) else axes)
         raise ConfigError(

@@ -3,8 +3,8 @@ that runs a model's stacked layers through it.
 
 Two kinds of model can be pipelined:
 - homogeneous: ``pre(x)``, a stacked ``blocks`` module (leading ``layers`` axis) and ``post(h)``; the
-  blocks run as ``S`` stages (x ``R`` repeats) over ``M`` micro-batches under ``jax.vmap``
-  (``gpipe.run_pipeline``);
+  blocks run as ``S`` stages (x ``R`` repeats) over ``M`` micro-batches, each device running its own
+  stage inside a ``shard_map`` over ``pipe`` (``gpipe.run_pipeline``);
 - heterogeneous: a ``LayerSequence`` (layers of different shapes, e.g. conv then dense); chunks of
   layers run under ``lax.switch`` in a ``shard_map`` over ``pipe`` (``hetero.run_hetero_pipeline``),
   split ``uniform``ly, by ``auto`` FLOP balance, or by explicit layer counts (``partition``).
@@ -12,7 +12,6 @@ Two kinds of model can be pipelined:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import jax
@@ -116,9 +115,3 @@ def make_forward(cfg: PipelineConfig, stages: int, *, poison: bool = False) -> F
         return run_hetero_pipeline(model, x, schedule, bounds, train=train, key=key, poison=poison)
 
     return forward
-
-
-def batch_parts(mesh: jax.sharding.Mesh, axes) -> int:
-    """How many devices the batch is split over."""
-    axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
-    return math.prod(mesh.shape[a] for a in axes)
