@@ -1,20 +1,26 @@
 """jaxmp: model parallelism (data, tensor, layer-wise, pipeline) for JAX/XLA and Flax NNX.
 
 The public API, re-exported; everything else lives in the submodules. Importing jaxmp does not start
-a JAX backend, so ``simulate_cpu_devices`` can still run afterwards.
+a JAX backend, so ``simulate_cpu_devices`` can still run afterwards. The command-line modules
+(``jaxmp.train``, ``jaxmp.analyze``, ``jaxmp.plan``) are not imported here, so ``python -m`` runs them
+cleanly; import them directly (``from jaxmp.analyze import analyze``).
 """
 
 from jaxmp.analysis import Collective, collectives, textbook_layer_exchange
 from jaxmp.config import Config, ConfigError
+from jaxmp.costs import predict
+from jaxmp.hardware import HARDWARE, Hardware
 from jaxmp.mesh import MeshShape, build_mesh, mesh_from_spec, parse_mesh, simulate_cpu_devices
 from jaxmp.pipeline import Schedule, gpipe, render
 from jaxmp.sharding import print_sharding_report, sharding_report
 from jaxmp.step import Program, TrainState, build_program
 
 __all__ = [
+    "HARDWARE",
     "Collective",
     "Config",
     "ConfigError",
+    "Hardware",
     "MeshShape",
     "Program",
     "Schedule",
@@ -25,6 +31,7 @@ __all__ = [
     "gpipe",
     "mesh_from_spec",
     "parse_mesh",
+    "predict",
     "print_sharding_report",
     "render",
     "sharding_report",

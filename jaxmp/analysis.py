@@ -32,8 +32,13 @@ operand, all with the same ``name``. A tuple-form all-to-all (one operand per pe
 :class:`Collective` with shape ``(operands, *chunk)``. Async pairs (``all-reduce-start`` /
 ``-done`` ...) count once, at the ``-start``, with the shape of the ``-done``.
 
-Loops: every collective in the text counts once per appearance, including those inside while-loop bodies
-and other called computations; trip counts are not applied (a later job).
+Loops: ``count`` is how often a collective runs per execution of the program: the product of the
+``known_trip_count`` of the while loops around it (XLA records it in the loop's backend config). A
+collective inside a conditional branch counts as if that branch ran.
+
+Wire bytes (:func:`wire_bytes`, for time estimates): what one device sends in a bandwidth-optimal ring,
+per execution: all-reduce ``2 (g-1)/g`` x the array (reduce-scatter then all-gather), all-gather,
+reduce-scatter and all-to-all ``elements`` as counted above, collective-permute the array.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxmp.mesh import MeshShape, build_mesh
+from jaxmp.sharding import logical_to_spec, rules_for
 
 KINDS = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
 
@@ -73,12 +79,27 @@ class Collective(NamedTuple):
 
 
 class MemoryAndFlops(NamedTuple):
-    """Per-device memory (bytes) and flops XLA reports for a compiled program; None when unavailable."""
+    """Per-device memory (bytes) and flops XLA reports for a compiled program; None when unavailable.
+
+    ``flops`` and ``bytes_accessed`` are ``cost_analysis()``'s: XLA counts each while-loop body once
+    (checked on jax 0.10 CPU), so for scanned layers or pipelines use :mod:`jaxmp.hlo_cost`. Peak
+    memory is ``argument + output - alias + temp`` (donated inputs alias outputs).
+    """
 
     argument_bytes: int | None
     output_bytes: int | None
     temp_bytes: int | None
     flops: float | None
+    alias_bytes: int | None = None
+    bytes_accessed: float | None = None
+
+    @property
+    def peak_bytes(self) -> int | None:
+        """Live bytes at the program's peak: arguments, outputs not aliased to arguments, temporaries."""
+        parts = (self.argument_bytes, self.output_bytes, self.temp_bytes)
+        if any(part is None for part in parts):
+            return None
+        return self.argument_bytes + self.output_bytes - (self.alias_bytes or 0) + self.temp_bytes
 
 
 # ----------------------------------------------------------------------------------------- HLO syntax
@@ -520,13 +541,61 @@ def _execution_counts(hlo_text: str) -> dict[str, int]:
     return counts
 
 
-def summarize(colls: Iterable[Collective]) -> dict[tuple[str, tuple[str, ...]], int]:
-    """Total elements moved per (kind, axes)."""
+def summarize(colls: Iterable[Collective], *, per_run: bool = False) -> dict[tuple[str, tuple[str, ...]], int]:
+    """Total elements moved per (kind, axes): per appearance, or per run of the program (``per_run``)."""
     totals: dict[tuple[str, tuple[str, ...]], int] = {}
     for coll in colls:
         key = (coll.kind, coll.axes)
-        totals[key] = totals.get(key, 0) + coll.elements
+        totals[key] = totals.get(key, 0) + (coll.total_elements if per_run else coll.elements)
     return totals
+
+
+def wire_bytes(coll: Collective) -> int:
+    """Bytes one device sends per execution in a ring (module docstring); all-reduce is 2 (g-1)/g x array."""
+    if coll.kind == "all-reduce" and coll.group_size > 1:
+        return 2 * coll.bytes * (coll.group_size - 1) // coll.group_size
+    return coll.bytes
+
+
+class AxisTotal(NamedTuple):
+    """Traffic over one set of mesh axes per run of the program (loop trip counts applied)."""
+
+    axes: tuple[str, ...]
+    collectives: int  # executions
+    elements: int
+    bytes: int
+    wire_bytes: int
+
+
+def per_axis(colls: Iterable[Collective]) -> list[AxisTotal]:
+    """Totals per set of mesh axes, largest traffic first; collectives that move nothing are left out."""
+    totals: dict[tuple[str, ...], list[int]] = {}
+    for coll in colls:
+        if coll.elements == 0:
+            continue
+        row = totals.setdefault(coll.axes, [0, 0, 0, 0])
+        for i, value in enumerate((1, coll.elements, coll.bytes, wire_bytes(coll))):
+            row[i] += value * coll.count
+    rows = [AxisTotal(axes, *values) for axes, values in totals.items()]
+    return sorted(rows, key=lambda row: -row.bytes)
+
+
+def origin(op_name: str) -> str:
+    """Where a collective came from, from its HLO ``op_name``: ``"backward: shard_map/while/dot_general"``.
+
+    JAX names the backward pass ``transpose(jvp(...))``; the path keeps the last few scopes (loops,
+    ``shard_map``, the primitive) without the ``jit(...)`` prefix and autodiff wrappers.
+    """
+    if not op_name:
+        return ""
+    phase = "backward" if "transpose(" in op_name else "forward"
+    wrappers = re.compile(r"^(?:jit\(.*|transpose\(.*|jvp(?:\(.*)?|closed_call|body|)$")
+    scopes: list[str] = []
+    for token in re.split(r"[/:]", op_name):  # fused ops read "(a/b:c/d)": scopes and ops, ":"-joined
+        token = token.strip("()")
+        if not wrappers.match(token) and token not in scopes:
+            scopes.append(token)
+    return f"{phase}: {'/'.join(scopes[-3:])}"
 
 
 # ------------------------------------------------------------------------------------ compilation
@@ -562,6 +631,7 @@ def memory_and_flops(compiled: jax.stages.Compiled) -> MemoryAndFlops:
     if isinstance(cost, list | tuple):  # older jax: one dict per program
         cost = cost[0] if cost else None
     flops = cost.get("flops") if cost else None
+    accessed = cost.get("bytes accessed") if cost else None
 
     def field(name: str) -> int | None:
         value = getattr(memory, name, None)
@@ -572,18 +642,27 @@ def memory_and_flops(compiled: jax.stages.Compiled) -> MemoryAndFlops:
         output_bytes=field("output_size_in_bytes"),
         temp_bytes=field("temp_size_in_bytes"),
         flops=None if flops is None else float(flops),
+        alias_bytes=field("alias_size_in_bytes"),
+        bytes_accessed=None if accessed is None else float(accessed),
     )
 
 
 # ------------------------------------------------------------------------ Dettmers' textbook layer
 
-# strategy -> (mesh axis, activation spec (x, dy, y, dx), weight spec (W, dW),
-#              spec of x where the matmul uses it, spec of the matmul's result y before the output)
-_TEXTBOOK = {
-    "dp": ("data", P("data", None), P(), P("data", None), P("data", None)),
-    "column": ("tensor", P(), P(None, "tensor"), P(), P(None, "tensor")),
-    "row": ("tensor", P(), P("tensor", None), P(None, "tensor"), P()),
-}
+_TEXTBOOK_AXIS = {"dp": "data", "column": "tensor", "row": "tensor"}
+
+
+def _textbook_specs(strategy: str) -> tuple[P, P, P, P]:
+    """(activation, weight, x where the matmul uses it, y where the matmul makes it) from the rules table.
+
+    The batch axis of the activations and the weight's ``(dense_in, dense_out)`` axes come from
+    :func:`jaxmp.sharding.rules_for`, so the layer is split exactly as the ``dense`` model is.
+    """
+    rules = rules_for(strategy)
+    batch = rules.get("batch")
+    weight = logical_to_spec(("dense_in", "dense_out"), rules)
+    w_in, w_out = (tuple(weight) + (None, None))[:2]
+    return P(batch, None), weight, P(batch, w_in), P(batch, w_out)
 
 
 def textbook_layer_exchange(
@@ -592,12 +671,16 @@ def textbook_layer_exchange(
     """Collectives XLA emits for forward + backward of one bias-free dense layer ``y = x @ W``.
 
     Dettmers' example (ANCHORS.md): batch 128, W 1000x500, two devices. The step returns ``y`` and, for
-    an output cotangent ``dy``, ``dx = dy @ W.T`` and ``dW = x.T @ dy`` (via ``jax.vjp``). Strategies:
-      - "dp": x, dy, y, dx split by batch over ``data``; W, dW replicated -> all-reduce dW (500,000);
-      - "column": W, dW split by output over ``tensor``; activations whole -> all-gather y (32,000
-        received) + all-reduce of the partial dx (128,000) = 160,000;
-      - "row": W, dW split by input; activations whole -> all-reduce of the partial y (64,000) +
-        all-gather dx (64,000) = 128,000.
+    an output cotangent ``dy``, ``dx = dy @ W.T`` and ``dW = x.T @ dy`` (via ``jax.vjp``): the layer as
+    it runs inside a network, where the input gradient is needed. Strategies (the ``dense`` model's
+    rules table, :mod:`jaxmp.sharding`), with ``g`` devices on the split axis:
+      - "dp": x, dy, y, dx split by batch; W, dW replicated -> all-reduce dW: ``fan_in*fan_out``
+        (500,000);
+      - "column": W, dW split by output over ``tensor``; activations whole -> all-gather y
+        ``batch*fan_out*(g-1)/g`` (32,000 received) + all-reduce of the partial dx ``batch*fan_in``
+        (128,000) = 160,000;
+      - "row": W, dW split by input -> all-reduce of the partial y ``batch*fan_out`` (64,000) +
+        all-gather dx ``batch*fan_in*(g-1)/g`` (64,000) = 128,000.
     Sharding constraints pin where the matmul works (x used column-split for "row", y produced
     column-split for "column"); their transposes pin the backward the same way (dx made column-split
     for "row", dy sliced for "column"). The CPU compiler emits exactly the textbook pattern with or
@@ -605,12 +688,13 @@ def textbook_layer_exchange(
 
     Args:
       strategy: "dp", "column" or "row".
-      mesh: default: a 2-device mesh, ``data=2`` for "dp" and ``tensor=2`` otherwise.
+      mesh: default: a 2-device mesh, ``data=2`` for "dp" and ``tensor=2`` otherwise; any mesh works
+        (e.g. ``tensor=2`` for all three: "dp" then splits the batch over ``tensor`` as the trainer does).
     """
-    if strategy not in _TEXTBOOK:
-        raise ValueError(f"strategy {strategy!r} is not one of {', '.join(_TEXTBOOK)}")
-    axis, act, weight, x_use, y_made = _TEXTBOOK[strategy]
-    mesh = build_mesh(MeshShape(**{axis: 2})) if mesh is None else mesh
+    if strategy not in _TEXTBOOK_AXIS:
+        raise ValueError(f"strategy {strategy!r} is not one of {', '.join(_TEXTBOOK_AXIS)}")
+    act, weight, x_use, y_made = _textbook_specs(strategy)
+    mesh = build_mesh(MeshShape(**{_TEXTBOOK_AXIS[strategy]: 2})) if mesh is None else mesh
 
     def named(spec: P) -> NamedSharding:
         return NamedSharding(mesh, spec)

@@ -11,7 +11,7 @@ import argparse
 import dataclasses
 import sys
 
-from jaxmp.config import Config, ConfigError, validate
+from jaxmp.config import Config, ConfigError, RunStopped, validate
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -51,14 +51,36 @@ def parse_config(argv: list[str] | None, prog: str = "jaxmp.train", description:
     return validate(Config().replace(**args))
 
 
-def run_cli(main, argv: list[str] | None = None, prog: str = "jaxmp.train", description: str = "") -> int:
-    """Parse flags, call ``main(cfg)``, and turn a ``ConfigError`` into one line and exit code 2."""
+def parse_config_and_extras(
+    argv: list[str] | None, prog: str, description: str, add_flags
+) -> tuple[Config, argparse.Namespace]:
+    """Like :func:`parse_config`, for a CLI with its own flags: ``add_flags(group)`` adds them to an
+    argument group named after ``prog``; returns the validated config and a namespace of those flags."""
+    parser = build_parser(prog, description)
+    add_flags(parser.add_argument_group(prog))
+    args = vars(parser.parse_args(argv))
+    leaves = {f.name for group in dataclasses.fields(Config) for f in dataclasses.fields(group.default_factory)}
+    cfg = validate(Config().replace(**{k: v for k, v in args.items() if k in leaves}))
+    return cfg, argparse.Namespace(**{k: v for k, v in args.items() if k not in leaves})
+
+
+def run_cli(
+    main, argv: list[str] | None = None, prog: str = "jaxmp.train", description: str = "", add_flags=None
+) -> int:
+    """Parse flags, call ``main(cfg)`` (``main(cfg, extras)`` with ``add_flags``), and turn a
+    ``ConfigError`` into one line and exit code 2."""
     try:
-        main(parse_config(argv, prog, description))
+        if add_flags is None:
+            main(parse_config(argv, prog, description))
+        else:
+            main(*parse_config_and_extras(argv, prog, description, add_flags))
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except RunStopped as stop:  # diverged loss, Ctrl-C: one line and the run's own exit code
+        print(f"{stop.label}: {stop}", file=sys.stderr)
+        return stop.exit_code
     return 0
 
 
-__all__ = ["ConfigError", "build_parser", "parse_config", "run_cli"]
+__all__ = ["ConfigError", "build_parser", "parse_config", "parse_config_and_extras", "run_cli"]

@@ -17,6 +17,13 @@ class ConfigError(ValueError):
     """Invalid user input: one sentence that names the bad value and what would be valid."""
 
 
+class RunStopped(Exception):
+    """A run that ended early (diverged, interrupted): one line for the user and the process exit code."""
+
+    label = "error"
+    exit_code = 1
+
+
 def _opt(default, help: str, **kw):
     """A dataclass field whose help text the CLI shows next to its default."""
     return field(default=default, metadata={"help": help, **kw})
@@ -29,6 +36,7 @@ DATASETS = ("digits", "fashion-mnist", "mnist", "synthetic")
 ACTIVATIONS = ("none", "relu", "gelu")
 SCHEDULES = ("gpipe", "naive")
 REMATS = ("none", "stage", "full")
+DTYPES = ("float32", "bfloat16")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,12 +52,22 @@ class ModelConfig:
         "activation: mlp uses gelu, mlp-1024 relu, mnist-cnn none (faithful) unless set",
         choices=("default", *ACTIVATIONS),
     )
+    dtype: str = _opt(
+        "float32",
+        "compute dtype of activations and matmuls; parameters, gradients and optimizer state stay float32",
+        choices=DTYPES,
+    )
     strategy: str = _opt(
         "tp",
         "dp: replicate weights, batch over data and tensor; tp: Megatron column/row pairs; "
         "hybrid: conv layers data-parallel over all devices, dense layers tensor-parallel; "
         "column/row: split the dense model's weight by output/input",
         choices=STRATEGIES,
+    )
+    fsdp: bool = _opt(
+        False,
+        "FSDP / ZeRO-3: also shard parameters and optimizer state over the mesh axes that split the batch "
+        "(where a dimension divides); XLA all-gathers each weight where it is used",
     )
 
 
@@ -108,7 +126,31 @@ class RunConfig:
     eval_every: int = _opt(0, "evaluate every N steps (0: only at the end)")
     seed: int = _opt(0, "seed for parameters, shuffling and dropout")
     metrics_file: str | None = _opt(None, "write JSON Lines metrics here")
+    tensorboard_dir: str | None = _opt(None, "also write TensorBoard scalars here (needs the tensorboard extra)")
+    profile_steps: str | None = _opt(
+        None, "trace train steps A:B (1-based, inclusive) with jax.profiler, for Perfetto or TensorBoard"
+    )
+    profile_dir: str = _opt("jaxmp-profile", "folder for the --profile-steps trace")
     report: bool = _opt(True, "print the sharding report at start-up")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckpointConfig:
+    """Orbax checkpoints of the sharded train state, and resuming from them."""
+
+    checkpoint_dir: str | None = _opt(None, "save checkpoints in this folder (one sub-folder per step)")
+    checkpoint_every: int = _opt(0, "save every N steps (0: only at the end and on Ctrl-C)")
+    keep: int = _opt(3, "keep the K newest checkpoints")
+    resume: bool = _opt(False, "continue from the newest checkpoint in --checkpoint-dir (onto any mesh)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DistributedConfig:
+    """Multi-process runs on JAX's runtime (automatic under SLURM, Open MPI and others JAX detects)."""
+
+    coordinator_address: str | None = _opt(None, "HOST:PORT of process 0, for launchers JAX does not detect")
+    num_processes: int | None = _opt(None, "number of processes, with --coordinator-address")
+    process_id: int | None = _opt(None, "this process's rank in 0..num_processes-1, with --coordinator-address")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -120,6 +162,8 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def replace(self, **leaves) -> Config:
         """A copy with leaf options changed by name, e.g. ``cfg.replace(model="dense", lr=0.1)``."""
@@ -144,7 +188,7 @@ def _positive(name: str, value: int | float | None) -> None:
 
 def validate(cfg: Config) -> Config:
     """Check every option that can be checked without devices or data; return ``cfg``."""
-    for group in (cfg.model, cfg.data, cfg.optim, cfg.pipeline, cfg.run):
+    for group in (getattr(cfg, f.name) for f in dataclasses.fields(cfg)):
         for f in dataclasses.fields(group):
             choices = f.metadata.get("choices")
             value = getattr(group, f.name)
@@ -168,4 +212,45 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"--eval-every must be 0 or positive, got {cfg.run.eval_every}.")
     if cfg.optim.weight_decay < 0:
         raise ConfigError(f"--weight-decay must be 0 or positive, got {cfg.optim.weight_decay}.")
+    _validate_checkpoint(cfg.checkpoint)
+    _validate_distributed(cfg.distributed)
+    if cfg.run.profile_steps is not None:
+        parse_profile_steps(cfg.run.profile_steps)
     return cfg
+
+
+def _validate_checkpoint(cfg: CheckpointConfig) -> None:
+    if cfg.checkpoint_every < 0:
+        raise ConfigError(f"--checkpoint-every must be 0 or positive, got {cfg.checkpoint_every}.")
+    _positive("keep", cfg.keep)
+    if cfg.checkpoint_dir is None:
+        for flag, given in (("--resume", cfg.resume), ("--checkpoint-every", cfg.checkpoint_every)):
+            if given:
+                raise ConfigError(f"{flag} needs --checkpoint-dir, the folder that holds the checkpoints.")
+
+
+def _validate_distributed(cfg: DistributedConfig) -> None:
+    given = {
+        "--coordinator-address": cfg.coordinator_address,
+        "--num-processes": cfg.num_processes,
+        "--process-id": cfg.process_id,
+    }
+    if all(v is None for v in given.values()):
+        return
+    missing = [flag for flag, v in given.items() if v is None]
+    if missing:
+        raise ConfigError(f"{', '.join(missing)} missing: give all of {', '.join(given)} or none (auto-detect).")
+    host, sep, port = cfg.coordinator_address.rpartition(":")
+    if not (sep and host and port.isdecimal() and 0 < int(port) < 65536):
+        raise ConfigError(f"--coordinator-address {cfg.coordinator_address!r} is not HOST:PORT (e.g. node0:1234).")
+    _positive("num_processes", cfg.num_processes)
+    if not 0 <= cfg.process_id < cfg.num_processes:
+        raise ConfigError(f"--process-id {cfg.process_id} is not in 0..{cfg.num_processes - 1} (--num-processes).")
+
+
+def parse_profile_steps(text: str) -> tuple[int, int]:
+    """``"5:8"`` -> ``(5, 8)``: the first and last train step to trace (1-based, inclusive)."""
+    first, sep, last = text.partition(":")
+    if sep and first.strip().isdecimal() and last.strip().isdecimal() and 1 <= int(first) <= int(last):
+        return int(first), int(last)
+    raise ConfigError(f"--profile-steps {text!r} is not A:B with 1 <= A <= B (train steps, e.g. 5:8).")

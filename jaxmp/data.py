@@ -316,14 +316,13 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng(np.random.SeedSequence((seed, epoch))).permutation(n)
 
 
-def train_batches(
-    ds: Dataset, batch_size: int, seed: int, start_step: int = 0
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """An endless stream of global training batches, reshuffled every epoch.
+def batch_rows(ds: Dataset, batch_size: int, seed: int, start_step: int = 0) -> Iterator[np.ndarray]:
+    """An endless stream of the training-example indices of each global batch, reshuffled every epoch.
 
     Step ``k`` is always the same batch for the same ``seed`` and ``batch_size``: it is batch
     ``k % nb`` of epoch ``k // nb`` (``nb`` full batches per epoch), so a resumed run passes its
-    step count as ``start_step`` and continues at the same data position.
+    step count as ``start_step`` and continues at the same data position. Indices rather than
+    examples, so that each process of a multi-process run can read only the rows its devices hold.
 
     Args:
         ds: the dataset; only the training split is used.
@@ -332,7 +331,7 @@ def train_batches(
         start_step: the step of the first batch yielded.
 
     Returns:
-        An iterator of ``(x, y)`` with ``len(x) == len(y) == batch_size``.
+        An iterator of int64 arrays of ``batch_size`` row indices into ``ds.x_train``.
 
     Raises:
         ConfigError: (at call time, not first ``next``) the training set is smaller than one batch,
@@ -346,16 +345,23 @@ def train_batches(
         raise ConfigError(f"start step must be 0 or positive, got {start_step}.")
     epoch_order(n, seed, 0)  # validates the seed eagerly
 
-    def stream() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def stream() -> Iterator[np.ndarray]:
         epoch, index = divmod(start_step, per_epoch)
         while True:
             order = epoch_order(n, seed, epoch)
             for i in range(index, per_epoch):
-                idx = order[i * batch_size : (i + 1) * batch_size]
-                yield ds.x_train[idx], ds.y_train[idx]
+                yield order[i * batch_size : (i + 1) * batch_size]
             epoch, index = epoch + 1, 0
 
     return stream()
+
+
+def train_batches(
+    ds: Dataset, batch_size: int, seed: int, start_step: int = 0
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The global batches ``(x, y)`` of :func:`batch_rows` (same arguments, same errors)."""
+    rows = batch_rows(ds, batch_size, seed, start_step)
+    return ((ds.x_train[idx], ds.y_train[idx]) for idx in rows)
 
 
 def eval_batches(x: np.ndarray, y: np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:

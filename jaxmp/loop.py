@@ -1,25 +1,41 @@
 """The training loop behind ``python -m jaxmp.train``: set-up checks, steps, evaluation, summary.
 
 Order matters: every check that can fail on user input (flags, mesh, data files, divisibility of
-parameters and batch, the metrics path) runs before the first file is written, so a bad run exits
-with one line and leaves everything the user had untouched. Step ``n + 1`` is dispatched before step
-``n``'s loss is fetched, so the host never stalls the device (nanodo's ``Trainer.do_step``).
+parameters and batch, the metrics path, the checkpoint folder and the checkpoint itself) runs before
+the first file is written, so a bad run exits with one line and leaves everything the user had
+untouched. Step ``n + 1`` is dispatched before step ``n``'s loss is fetched, so the host never stalls
+the device (nanodo's ``Trainer.do_step``); the exceptions are the steps that are saved, evaluated or
+profiled, which wait for their own results first.
+
+Failure behaviour: a non-finite loss or gradient norm stops the run at that step (:class:`Diverged`,
+exit code 1) before it can be saved, so the newest checkpoint is always a good one; SIGINT (Ctrl-C)
+and SIGTERM (what SLURM sends before it kills a job) only set a flag, the loop saves a checkpoint at
+the next step boundary if ``--checkpoint-dir`` was given and stops (:class:`Interrupted`, exit code
+128 + signal); a second Ctrl-C stops at once.
 """
 
 from __future__ import annotations
 
+import math
+import signal
+import threading
 import time
 from typing import NamedTuple
 
 import jax
 
-from jaxmp.config import Config, validate
-from jaxmp.data import Dataset, eval_batches, load_dataset, num_batches, train_batches
+from jaxmp.checkpoint import Restored, Saver, check_directory, check_resume, restore
+from jaxmp.config import Config, ConfigError, RunStopped, validate
+from jaxmp.data import Dataset, batch_rows, eval_batches, load_dataset, num_batches
+from jaxmp.distributed import initialize, is_main_process
 from jaxmp.mesh import mesh_from_spec, simulate_cpu_devices
-from jaxmp.metrics import MetricsWriter, check_metrics_path
+from jaxmp.metrics import MetricsWriter, carried_records, check_metrics_path, check_tensorboard
 from jaxmp.models import check_strategy
+from jaxmp.profiling import StepProfiler, check_profile
 from jaxmp.sharding import print_sharding_report
-from jaxmp.step import Program, TrainState, build_program
+from jaxmp.step import Program, TrainState, build_program, put_global
+
+STOP_SYNC_EVERY = 10  # multi-process runs agree on a stop request every this many steps
 
 
 class Summary(NamedTuple):
@@ -40,10 +56,26 @@ class Setup(NamedTuple):
     dataset: Dataset
     program: Program
     steps: int
+    restored: Restored | None = None  # the checkpoint a --resume run starts from
+    profile: tuple[int, int] | None = None  # first and last step to trace
+
+
+class Diverged(RunStopped):
+    """The loss or gradient norm became NaN or infinite; that step was not saved."""
+
+
+class Interrupted(RunStopped):
+    """SIGINT or SIGTERM stopped the run between two steps (after saving, if checkpoints were asked for)."""
+
+    label = "stopped"
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
 
 
 def prepare(cfg: Config) -> Setup:
-    """Validate ``cfg`` against devices and data and compile the program; writes nothing.
+    """Validate ``cfg`` against devices, data and checkpoints, compile the program; writes nothing.
 
     Raises:
       ConfigError: any invalid input, with one sentence naming it.
@@ -51,98 +83,235 @@ def prepare(cfg: Config) -> Setup:
     validate(cfg)
     check_strategy(cfg.model)
     check_metrics_path(cfg.run.metrics_file)
+    check_tensorboard(cfg.run.tensorboard_dir)
+    check_directory(cfg)
     if cfg.run.cpu_devices:
         simulate_cpu_devices(cfg.run.cpu_devices)
+    initialize(cfg.distributed)
     mesh = mesh_from_spec(cfg.run.mesh)
     dataset = load_dataset(cfg.data, cfg.run.seed)
-    train_batches(dataset, cfg.run.batch_size, cfg.run.seed)  # raises if one batch does not fit
+    batch_rows(dataset, cfg.run.batch_size, cfg.run.seed)  # raises if one batch does not fit
     steps = cfg.run.steps or cfg.run.epochs * num_batches(len(dataset.x_train), cfg.run.batch_size)
-    program = build_program(cfg, mesh, dataset.x_train.shape[1:], dataset.num_classes)
+    input_shape = dataset.x_train.shape[1:]
+    start = _check_start(cfg, input_shape, dataset.num_classes, steps)
+    profile = check_profile(cfg, start, steps)
+    program = build_program(cfg, mesh, input_shape, dataset.num_classes)
     for function in (program.init, program.train_step, program.eval_step):
         function.compiled  # noqa: B018 (compile now, so no step time includes compilation)
-    return Setup(cfg, dataset, program, steps)
+    restored = restore(cfg, program, input_shape, dataset.num_classes) if cfg.checkpoint.resume else None
+    return Setup(cfg, dataset, program, steps, restored, profile)
+
+
+def _check_start(cfg: Config, input_shape: tuple[int, ...], classes: int, steps: int) -> int:
+    """The step a run starts from: 0, or that of the checkpoint ``--resume`` continues (checked early)."""
+    if not cfg.checkpoint.resume:
+        return 0
+    path, start = check_resume(cfg, input_shape, classes)
+    if start >= steps:
+        raise ConfigError(
+            f"checkpoint {path} is already at step {start} of the {steps} this run trains; "
+            "raise --steps (or --epochs) to train further."
+        )
+    return start
 
 
 def evaluate(program: Program, params, dataset: Dataset, batch_size: int) -> tuple[float, float]:
     """Mean loss and accuracy over the whole test set (padding masked out)."""
     loss_sum = correct = 0.0
     for x, y, mask in eval_batches(dataset.x_test, dataset.y_test, batch_size):
-        out = program.eval_step(params, *program.put_batch(x, y), jax.device_put(mask, program.y_sharding))
+        out = program.eval_step(params, *program.put_batch(x, y), put_global(mask, program.y_sharding))
         loss_sum += float(out["loss_sum"])
         correct += float(out["correct"])
     n = len(dataset.y_test)
     return loss_sum / n, correct / n
 
 
-def train(setup: Setup, writer: MetricsWriter, on_step=None) -> tuple[TrainState, list[float], float]:
-    """Run ``setup.steps`` train steps; returns the final state, the losses and the training time.
+class _Tracker:
+    """Fetches each step's metrics one step late, records them, and stops a diverged run."""
+
+    def __init__(self, writer: MetricsWriter, on_step, batch_size: int, saver: Saver | None):
+        self.writer, self.on_step, self.batch_size, self.saver = writer, on_step, batch_size, saver
+        self.losses: list[float] = []
+        self.pending = None
+        self.start = self.ready = time.perf_counter()
+
+    def push(self, step: int, metrics) -> None:
+        """Record the previous step (its result is needed only now that this one is dispatched)."""
+        self.flush()
+        self.pending = (step, metrics)
+
+    def flush(self) -> None:
+        if self.pending is not None:
+            step, metrics = self.pending
+            self.pending = None
+            self._record(step, float(metrics["loss"]), float(metrics["grad_norm"]))
+
+    def restart_clock(self) -> None:
+        """Do not charge evaluation time to the next step."""
+        self.ready = time.perf_counter()
+
+    def _record(self, step: int, loss: float, grad_norm: float) -> None:
+        now = time.perf_counter()  # float() above blocked until the step was done
+        step_time, self.ready = now - self.ready, now
+        self.writer.write({"step": step, "loss": loss, "grad_norm": grad_norm, "step_time_s": step_time})
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            raise Diverged(self._diverged_message(step, loss, grad_norm))
+        self.losses.append(loss)
+        if self.on_step:
+            self.on_step(step, loss, self.batch_size / step_time)
+
+    def _diverged_message(self, step: int, loss: float, grad_norm: float) -> str:
+        what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {grad_norm}"
+        message = f"{what} at step {step}, so the run stopped without saving that step"
+        if self.saver and self.saver.last_saved is not None:
+            message += (
+                f"; the last good checkpoint is step {self.saver.last_saved} in {self.saver.directory} "
+                "(resume with --resume, e.g. with a lower --lr)"
+            )
+        return message + "."
+
+
+class _StopRequest:
+    """SIGINT and SIGTERM set a flag that the loop reads between steps; a second SIGINT stops at once.
+
+    Why a flag: raising ``KeyboardInterrupt`` in the middle of a step could leave the donated train
+    state half-replaced; between steps the state is whole and can be saved.
+    """
+
+    def __enter__(self) -> _StopRequest:
+        self.signum, self._previous = None, {}
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def requested(self, step: int, last: bool) -> bool:
+        """Whether to stop after ``step``; every process of a multi-process run gives the same answer."""
+        if jax.process_count() == 1:
+            return self.signum is not None
+        if step % STOP_SYNC_EVERY and not last:
+            return False
+        from jax.experimental import multihost_utils
+
+        flags = multihost_utils.process_allgather(int(self.signum or 0))
+        self.signum = self.signum or (int(max(flags)) or None)
+        return self.signum is not None
+
+
+def train(
+    setup: Setup, writer: MetricsWriter, on_step=None, saver: Saver | None = None
+) -> tuple[TrainState, list[float], float]:
+    """Run the steps of ``setup`` (from its checkpoint, if any); returns final state, losses, training time.
 
     ``step_time_s`` of step n is the time between step n - 1's and step n's results becoming ready
     (compilation happened in :func:`prepare`); evaluation time is not charged to any step.
+
+    Raises:
+      Diverged: a step's loss or gradient norm was not finite.
+      Interrupted: SIGINT or SIGTERM arrived (after the checkpoint of the step reached, if asked for).
     """
-    cfg, program = setup.cfg, setup.program
-    batches = train_batches(setup.dataset, cfg.run.batch_size, cfg.run.seed)
-    state = program.init()
-    losses: list[float] = []
-    clock = {"start": time.perf_counter()}
-    clock["ready"] = clock["start"]
+    cfg, program, ds = setup.cfg, setup.program, setup.dataset
+    start = setup.restored.step if setup.restored else 0
+    rows = batch_rows(ds, cfg.run.batch_size, cfg.run.seed, start)
+    state = setup.restored.state if setup.restored else program.init()
+    tracker = _Tracker(writer, on_step, cfg.run.batch_size, saver)
+    profiler = StepProfiler(setup.profile, cfg.run.profile_dir)
+    with _StopRequest() as stop:
+        try:
+            for step in range(start + 1, setup.steps + 1):
+                profiler.before(step)
+                x, y = program.put_rows(ds.x_train, ds.y_train, next(rows))
+                with jax.profiler.StepTraceAnnotation("train", step_num=step):
+                    state, metrics = program.train_step(state, x, y)
+                tracker.push(step, metrics)
+                profiler.after(step, metrics)
+                _between_steps(setup, step, state, tracker, saver, stop)
+        finally:
+            profiler.close()
+    tracker.flush()
+    return state, tracker.losses, time.perf_counter() - tracker.start
 
-    def record(loss_array) -> None:
-        loss = float(loss_array)  # blocks until that step is done
-        now = time.perf_counter()
-        step_time, clock["ready"] = now - clock["ready"], now
-        losses.append(loss)
-        writer.write({"step": len(losses), "loss": loss, "step_time_s": step_time})
-        if on_step:
-            on_step(len(losses), loss, cfg.run.batch_size / step_time)
 
-    pending = None
-    for step in range(1, setup.steps + 1):
-        x, y = next(batches)
-        state, metrics = program.train_step(state, *program.put_batch(x, y))
-        if pending is not None:  # fetch step n - 1 only after step n is dispatched
-            record(pending)
-        pending = metrics["loss"]
-        if cfg.run.eval_every and step % cfg.run.eval_every == 0 and step < setup.steps:
-            record(pending)
-            pending = None
-            eval_loss, eval_accuracy = evaluate(program, state.params, setup.dataset, cfg.run.batch_size)
-            writer.write({"step": step, "eval_loss": eval_loss, "eval_accuracy": eval_accuracy})
-            clock["ready"] = time.perf_counter()
-    if pending is not None:
-        record(pending)
-    return state, losses, time.perf_counter() - clock["start"]
+def _between_steps(setup: Setup, step: int, state, tracker: _Tracker, saver: Saver | None, stop) -> None:
+    """Evaluate, save and stop when due; each first waits for this step's metrics."""
+    cfg, last = setup.cfg, step == setup.steps
+    if cfg.run.eval_every and step % cfg.run.eval_every == 0 and not last:
+        tracker.flush()
+        eval_loss, eval_accuracy = evaluate(setup.program, state.params, setup.dataset, cfg.run.batch_size)
+        tracker.writer.write({"step": step, "eval_loss": eval_loss, "eval_accuracy": eval_accuracy})
+        tracker.restart_clock()
+    stopping = stop.requested(step, last)
+    if saver and (saver.due(step) or last or stopping):
+        tracker.flush()  # raises Diverged before a bad state can be saved
+        saver.save(step, state)
+        tracker.restart_clock()  # the save's blocking part is not charged to the next step
+    if stopping and not last:
+        tracker.flush()
+        name = signal.Signals(stop.signum).name
+        if saver:
+            message = f"{name} at step {step}: saved checkpoint {saver.directory}/{step}; continue with --resume."
+        else:
+            message = f"{name} at step {step}: nothing saved (no --checkpoint-dir given)."
+        raise Interrupted(message, stop.signum)
 
 
 def run(cfg: Config, console=None) -> Summary:
-    """Train and evaluate ``cfg``; print the sharding report, a progress bar and a summary."""
+    """Train and evaluate ``cfg``; print the sharding report, a progress bar and a summary.
+
+    Raises:
+      ConfigError: invalid input (before anything is written).
+      Diverged, Interrupted: see :func:`train`; the metrics file stays as it was, checkpoints are kept.
+    """
     from rich.console import Console
 
-    console = console or Console()
     setup = prepare(cfg)
+    main = is_main_process()
+    console = console or Console(quiet=not main)
     if cfg.run.report:
-        abstract = jax.tree.map(
-            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-            jax.eval_shape(setup.program.init).params,
-            setup.program.state_shardings.params,
-        )
-        print_sharding_report(abstract, setup.program.mesh, console)
-    writer = MetricsWriter(cfg.run.metrics_file)
+        _print_report(setup, console)
+    start = setup.restored.step if setup.restored else 0
+    metrics_file = cfg.run.metrics_file if main else None
+    writer = MetricsWriter(
+        metrics_file, carried_records(metrics_file, start), cfg.run.tensorboard_dir if main else None
+    )
+    saver = None
+    if cfg.checkpoint.checkpoint_dir:
+        saver = Saver(cfg, setup.dataset.x_train.shape[1:], setup.dataset.num_classes)
     try:
-        progress, on_step = _progress_bar(console, setup.steps)
+        progress, on_step = _progress_bar(console, setup.steps, start)
         with progress:
-            state, losses, seconds = train(setup, writer, on_step)
+            state, losses, seconds = train(setup, writer, on_step, saver)
         eval_loss, eval_accuracy = evaluate(setup.program, state.params, setup.dataset, cfg.run.batch_size)
         writer.write({"step": setup.steps, "eval_loss": eval_loss, "eval_accuracy": eval_accuracy})
         writer.commit()
     finally:
         writer.close()
+        if saver:
+            saver.close()
     summary = Summary(setup.steps, losses[-1], eval_loss, eval_accuracy, seconds, tuple(losses))
     _print_summary(console, cfg, setup.program.mesh, summary)
     return summary
 
 
-def _progress_bar(console, total: int):
+def _print_report(setup: Setup, console) -> None:
+    abstract = jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+        jax.eval_shape(setup.program.init.compiled).params,
+        setup.program.state_shardings.params,
+    )
+    print_sharding_report(abstract, setup.program.mesh, console)
+
+
+def _progress_bar(console, total: int, completed: int = 0):
     """A rich progress bar; returns the per-step callback and the Progress to close."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -155,7 +324,7 @@ def _progress_bar(console, total: int):
         console=console,
         transient=False,
     )
-    task = progress.add_task("train", total=total, loss=float("nan"), rate=0.0)
+    task = progress.add_task("train", total=total, completed=completed, loss=float("nan"), rate=0.0)
 
     def on_step(step: int, loss: float, rate: float) -> None:
         progress.update(task, completed=step, loss=loss, rate=rate)

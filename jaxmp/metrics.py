@@ -1,7 +1,9 @@
 """JSON Lines metrics that never clobber a file the user already has, even when the run fails.
 
 Records stream to ``PATH.partial`` (so ``tail -f`` works) and replace ``PATH`` only when the run
-finishes; a run that fails leaves ``PATH`` as it was and the partial file for inspection.
+finishes; a run that fails or is interrupted leaves ``PATH`` as it was and the partial file for
+inspection (and for a resumed run, which starts from the records up to its checkpoint). TensorBoard
+scalars are optional: ``--tensorboard-dir`` needs ``tensorboardX`` (the ``tensorboard`` extra).
 """
 
 from __future__ import annotations
@@ -27,16 +29,29 @@ def check_metrics_path(path: str | None) -> None:
 
 
 class MetricsWriter:
-    """Append JSON objects to ``PATH.partial``; ``commit()`` moves it onto ``PATH`` atomically."""
+    """Append JSON objects to ``PATH.partial``; ``commit()`` moves it onto ``PATH`` atomically.
 
-    def __init__(self, path: str | None):
+    Args:
+      path: the JSONL file, or None for no file.
+      carried: records of an earlier run to start with (a resumed run keeps its history).
+      tensorboard_dir: also write every numeric field as a TensorBoard scalar there.
+    """
+
+    def __init__(self, path: str | None, carried: list[dict[str, Any]] = (), tensorboard_dir: str | None = None):
         self.path = path
         self._file = open(path + ".partial", "w") if path else None  # noqa: SIM115 (closed in commit/close)
+        for record in carried:
+            self._write_line(record)
+        self._scalars = ScalarWriter(tensorboard_dir)
 
-    def write(self, record: dict[str, Any]) -> None:
+    def _write_line(self, record: dict[str, Any]) -> None:
         if self._file:
             self._file.write(json.dumps(record) + "\n")
             self._file.flush()
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._write_line(record)
+        self._scalars.write(record)
 
     def commit(self) -> None:
         if self._file:
@@ -48,3 +63,63 @@ class MetricsWriter:
         if self._file:
             self._file.close()
             self._file = None
+        self._scalars.close()
+
+
+def carried_records(path: str | None, until_step: int) -> list[dict[str, Any]]:
+    """Records of steps ``<= until_step`` from an earlier run's metrics, for a resumed run to keep.
+
+    The newer of ``PATH`` and ``PATH.partial`` is read (an interrupted run leaves only the partial
+    file); unreadable lines are skipped, and nothing is written here.
+    """
+    if path is None:
+        return []
+    candidates = [p for p in (path, path + ".partial") if os.path.isfile(p)]
+    if not candidates:
+        return []
+    records = []
+    with open(max(candidates, key=os.path.getmtime)) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= until_step:
+                records.append(record)
+    return records
+
+
+def check_tensorboard(path: str | None) -> None:
+    """Raise ``ConfigError`` if ``--tensorboard-dir`` is given but cannot be used; writes nothing."""
+    if path is None:
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboardX") is None:
+        raise ConfigError(f"--tensorboard-dir {path} needs the tensorboardX package: pip install 'jaxmp[tensorboard]'.")
+    from jaxmp.profiling import check_output_dir
+
+    check_output_dir("--tensorboard-dir", path)
+
+
+class ScalarWriter:
+    """TensorBoard scalars (every numeric field of a metrics record), through tensorboardX if asked for."""
+
+    def __init__(self, path: str | None):
+        self._writer = None
+        if path:
+            from tensorboardX import SummaryWriter
+
+            self._writer = SummaryWriter(path)
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self._writer is None:
+            return
+        for name, value in record.items():
+            if name != "step" and isinstance(value, int | float):
+                self._writer.add_scalar(name, value, record["step"])
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None

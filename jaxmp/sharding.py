@@ -13,6 +13,13 @@ Logical axes used by the models:
   stage       pipeline stages (on ``pipe``)
 A kernel whose *output* axis maps to ``tensor`` is split by column (outputs stacked / all-gathered);
 one whose *input* axis maps to ``tensor`` is split by row (partial sums added / all-reduced).
+
+FSDP (ZeRO-3) is one more rule on top of any strategy: the mesh axes that split ``batch`` (the
+data-parallel group) also split every parameter, on its largest dimension that is still whole and that
+they divide. Only a rule that sees shapes can say "where divisible", so it runs per parameter
+(:func:`fsdp_specs`); a parameter with no such dimension (a 10-class bias on 4 devices) stays as it was.
+The optimizer state follows the parameters, and XLA all-gathers each weight where it is used and
+reduce-scatters its gradient.
 """
 
 from __future__ import annotations
@@ -91,6 +98,55 @@ def param_specs(params: nnx.State, rules: Rules) -> nnx.State:
     return jax.tree.map(
         lambda v: logical_to_spec(_logical_names(v), rules),
         params,
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )
+
+
+def fsdp_axes(rules: Rules) -> tuple[str, ...]:
+    """The mesh axes FSDP shards parameters over: those that split the batch."""
+    return _as_tuple(rules.get("batch"))
+
+
+def add_fsdp(
+    spec: PartitionSpec, shape: tuple[int, ...], mesh: jax.sharding.Mesh, axes: tuple[str, ...]
+) -> PartitionSpec:
+    """``spec`` with ``axes`` added to the largest dimension of ``shape`` they still divide.
+
+    Whole dimensions come first; then a dimension already split over ``tensor`` (a Megatron bias) is
+    split further, never the stacked-layers dimension on ``pipe`` (the pipeline slices it by hand).
+    Axes the spec already uses are left out; if no dimension takes all of them, each single axis is
+    tried in turn, so a weight is sharded as far as its shape allows and never padded.
+    """
+    entries = list(spec) + [None] * (len(shape) - len(spec))
+    used = {a for e in entries if e for a in _as_tuple(e)}
+    free = tuple(a for a in axes if a not in used and mesh.shape[a] > 1)
+    groups = [free, *((a,) for a in free)] if len(free) > 1 else [free]
+    by_size = sorted(range(len(shape)), key=lambda d: -shape[d])
+    whole = [d for d in by_size if entries[d] is None]
+    split = [d for d in by_size if entries[d] is not None and "pipe" not in _as_tuple(entries[d])]
+    for dims in (whole, split):
+        for group in groups:
+            for d in dims:
+                have = _as_tuple(entries[d]) if entries[d] else ()
+                parts = axis_size(mesh, (*have, *group))
+                if group and shape[d] % parts == 0:
+                    merged = (*have, *group)
+                    entries[d] = merged[0] if len(merged) == 1 else merged
+                    return PartitionSpec(*entries)
+    return spec
+
+
+def _as_tuple(axes: MeshAxes) -> tuple[str, ...]:
+    return () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+
+
+def fsdp_specs(params: nnx.State, specs: nnx.State, mesh: jax.sharding.Mesh, rules: Rules) -> nnx.State:
+    """Every parameter's spec with the FSDP axes of ``rules`` added where its shape allows."""
+    axes = fsdp_axes(rules)
+    return jax.tree.map(
+        lambda v, spec: add_fsdp(spec, tuple(v.get_value().shape), mesh, axes),
+        params,
+        specs,
         is_leaf=lambda x: isinstance(x, nnx.Variable),
     )
 

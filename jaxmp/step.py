@@ -23,7 +23,15 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jaxmp.config import Config, ConfigError, OptimConfig
 from jaxmp.models import build_model
 from jaxmp.pipeline import check_pipeline, make_forward
-from jaxmp.sharding import axis_size, check_divisible, logical_to_spec, param_specs, rules_for, use_rules
+from jaxmp.sharding import (
+    axis_size,
+    check_divisible,
+    fsdp_specs,
+    logical_to_spec,
+    param_specs,
+    rules_for,
+    use_rules,
+)
 
 
 class TrainState(NamedTuple):
@@ -50,7 +58,38 @@ class Program(NamedTuple):
 
     def put_batch(self, x, y) -> tuple[jax.Array, jax.Array]:
         """Place a host batch on the mesh with the shardings the compiled steps expect."""
-        return jax.device_put(x, self.x_sharding), jax.device_put(y, self.y_sharding)
+        return put_global(x, self.x_sharding), put_global(y, self.y_sharding)
+
+    def put_rows(self, x_all, y_all, rows) -> tuple[jax.Array, jax.Array]:
+        """The batch made of examples ``rows`` of host arrays; each process reads only the rows it holds."""
+        return put_rows(x_all, rows, self.x_sharding), put_rows(y_all, rows, self.y_sharding)
+
+
+def put_global(a, sharding: NamedSharding) -> jax.Array:
+    """A host array (the same on every process) as a global array with ``sharding``.
+
+    One process: ``device_put``. Several: each process builds only the shards of its own devices, so
+    the result is one global array without any cross-host transfer.
+    """
+    if jax.process_count() == 1:
+        return jax.device_put(a, sharding)
+    return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
+
+
+def put_rows(source, rows, sharding: NamedSharding) -> jax.Array:
+    """``source[rows]`` as a global array, gathering on each process only the rows its devices hold.
+
+    Why: with many hosts, no process should copy the whole global batch; ``make_array_from_callback``
+    asks each process only for the slices of its addressable devices.
+    """
+    if jax.process_count() == 1:
+        return jax.device_put(source[rows], sharding)
+    shape = (len(rows), *source.shape[1:])
+
+    def shard(index: tuple[slice, ...]):
+        return source[rows[index[0]]][(slice(None), *index[1:])]
+
+    return jax.make_array_from_callback(shape, sharding, shard)
 
 
 def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
@@ -111,6 +150,8 @@ def _layout(cfg: Config, mesh, rules, tx, init_fn, input_shape, classes) -> _Lay
     parts = _check_batch(cfg.run.batch_size, y_spec, mesh)
     check_pipeline(cfg.pipeline, abstract_model, mesh, cfg.run.batch_size, parts)
     specs = param_specs(abstract_params, rules)
+    if cfg.model.fsdp:
+        specs = fsdp_specs(abstract_params, specs, mesh, rules)
     check_divisible(abstract_params, specs, mesh)
     specs = nnx.to_pure_dict(specs)
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -162,7 +203,8 @@ def build_program(
         with jax.numpy_dtype_promotion("standard"):  # optax relies on implicit promotion (b1 ** count)
             updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        return TrainState(params, opt_state, state.step + 1, state.key), {"loss": loss}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}  # finite both => params stay finite
+        return TrainState(params, opt_state, state.step + 1, state.key), metrics
 
     def eval_step(params, x, y, mask):
         logits = forward(nnx.merge(layout.graphdef, params), x, train=False)

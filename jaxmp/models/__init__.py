@@ -8,6 +8,7 @@ from flax import nnx
 
 from jaxmp.config import ConfigError, ModelConfig
 from jaxmp.models.cnn import MnistCNN, TextbookDense
+from jaxmp.models.layers import COMPUTE_DTYPES
 from jaxmp.models.mlp import MLP1024, MegatronBlock, ResidualMLP
 
 __all__ = ["MLP1024", "MegatronBlock", "MnistCNN", "ResidualMLP", "TextbookDense", "build_model"]
@@ -37,6 +38,7 @@ def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], classes: int, rn
     check_strategy(cfg)
     activation = DEFAULT_ACTIVATION[cfg.model] if cfg.activation == "default" else cfg.activation
     features = math.prod(input_shape)
+    dtype = COMPUTE_DTYPES[cfg.dtype]
     if cfg.model == "mlp":
         return ResidualMLP(
             features,
@@ -46,11 +48,12 @@ def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], classes: int, rn
             depth=cfg.depth,
             activation=activation,
             rngs=rngs,
+            dtype=dtype,
         )
     if cfg.model == "mlp-1024":
-        return MLP1024(features, classes, activation=activation, rngs=rngs)
+        return MLP1024(features, classes, activation=activation, rngs=rngs, dtype=dtype)
     if cfg.model == "mnist-cnn":
         if len(input_shape) != 3:
             raise ConfigError(f"--model mnist-cnn needs images (H, W, C), the data has shape {input_shape}.")
-        return MnistCNN(input_shape, classes, activation=activation, rngs=rngs)
-    return TextbookDense(features, classes, rngs=rngs)
+        return MnistCNN(input_shape, classes, activation=activation, rngs=rngs, dtype=dtype)
+    return TextbookDense(features, classes, rngs=rngs, dtype=dtype)

@@ -6,6 +6,7 @@ Shapes: B = batch, H/W = image height/width, C = channels, F = flattened feature
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from jaxmp.config import ConfigError
@@ -37,22 +38,25 @@ class MnistCNN(LayerSequence, nnx.Module):
     INPUT_BATCH_AXIS = "conv_batch"
     num_layers = 5
 
-    def __init__(self, image_shape: tuple[int, int, int], classes: int, *, activation: str, rngs: nnx.Rngs):
+    def __init__(
+        self, image_shape: tuple[int, int, int], classes: int, *, activation: str, rngs: nnx.Rngs, dtype=jnp.float32
+    ):
         height, width, channels = image_shape
         pooled = ((height - 4) // 2, (width - 4) // 2)
         if min(pooled) < 1:
             raise ConfigError(f"--model mnist-cnn needs images of at least 6x6, the data has {height}x{width}.")
-        self.conv1 = conv3x3(channels, 32, rngs=rngs)
-        self.conv2 = conv3x3(32, 64, rngs=rngs)
-        self.fc1 = dense(pooled[0] * pooled[1] * 64, 128, ("flat", "mlp"), rngs=rngs)
-        self.fc2 = dense(128, 20, ("mlp", None), rngs=rngs)
-        self.fc3 = dense(20, classes, (None, "classes"), rngs=rngs)
+        self.conv1 = conv3x3(channels, 32, rngs=rngs, dtype=dtype)
+        self.conv2 = conv3x3(32, 64, rngs=rngs, dtype=dtype)
+        self.fc1 = dense(pooled[0] * pooled[1] * 64, 128, ("flat", "mlp"), rngs=rngs, dtype=dtype)
+        self.fc2 = dense(128, 20, ("mlp", None), rngs=rngs, dtype=dtype)
+        self.fc3 = dense(20, classes, (None, "classes"), rngs=rngs, dtype=dtype)
         self.activation = activation
+        self.dtype = dtype
 
     def pre(self, x_BxHxWxC: jax.Array) -> jax.Array:
         if x_BxHxWxC.ndim != 4:
             raise ConfigError(f"--model mnist-cnn needs images (B, H, W, C), got shape {x_BxHxWxC.shape}.")
-        return constrain(x_BxHxWxC, ("conv_batch", None, None, None))
+        return constrain(x_BxHxWxC.astype(self.dtype), ("conv_batch", None, None, None))
 
     def apply_layer(self, k: int, h: jax.Array, ctx: LayerContext) -> jax.Array:
         act = activation_fn(self.activation)
@@ -80,12 +84,12 @@ class TextbookDense(nnx.Module):
 
     FAN_IN, FAN_OUT = 1000, 500
 
-    def __init__(self, features: int, classes: int, *, rngs: nnx.Rngs):
+    def __init__(self, features: int, classes: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
         if features > self.FAN_IN:
             raise ConfigError(f"--model dense takes at most {self.FAN_IN} input features, the data has {features}.")
         if classes > self.FAN_OUT:
             raise ConfigError(f"--model dense has {self.FAN_OUT} outputs, the data has {classes} classes.")
-        self.layer = dense(self.FAN_IN, self.FAN_OUT, ("dense_in", "dense_out"), use_bias=False, rngs=rngs)
+        self.layer = dense(self.FAN_IN, self.FAN_OUT, ("dense_in", "dense_out"), use_bias=False, rngs=rngs, dtype=dtype)
 
     def __call__(self, x: jax.Array, *, train: bool = False, key: jax.Array | None = None) -> jax.Array:
         x_BxF = pad_features(flatten_features(x), self.FAN_IN)

@@ -25,6 +25,9 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 }
 
 
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
 def activation_fn(name: str) -> Callable[[jax.Array], jax.Array]:
     """Look up an activation by its flag value."""
     try:
@@ -38,23 +41,31 @@ def partitioned(init: nnx.Initializer, axes: Axes) -> nnx.Initializer:
     return nnx.with_partitioning(init, axes, eager_sharding=False)
 
 
-def dense(fan_in: int, fan_out: int, axes: Axes, *, rngs: nnx.Rngs, use_bias: bool = True) -> nnx.Linear:
-    """A linear layer whose kernel is named ``axes = (input axis, output axis)``; bias follows output."""
+def dense(
+    fan_in: int, fan_out: int, axes: Axes, *, rngs: nnx.Rngs, use_bias: bool = True, dtype=jnp.float32
+) -> nnx.Linear:
+    """A linear layer whose kernel is named ``axes = (input axis, output axis)``; bias follows output.
+
+    Parameters are float32; ``dtype`` is the compute dtype (inputs and weights are cast to it, so a
+    bfloat16 model keeps float32 master weights and float32 gradients).
+    """
     return nnx.Linear(
         fan_in,
         fan_out,
         use_bias=use_bias,
+        dtype=dtype,
         kernel_init=partitioned(nnx.initializers.lecun_normal(), axes),
         bias_init=partitioned(nnx.initializers.zeros_init(), axes[1:]),
         rngs=rngs,
     )
 
 
-def conv3x3(in_channels: int, out_channels: int, *, rngs: nnx.Rngs) -> nnx.Conv:
+def conv3x3(in_channels: int, out_channels: int, *, rngs: nnx.Rngs, dtype=jnp.float32) -> nnx.Conv:
     """A 3x3, stride-1, unpadded convolution whose output channels are the logical axis ``channels``."""
     return nnx.Conv(
         in_channels,
         out_channels,
+        dtype=dtype,
         kernel_size=(3, 3),
         padding="VALID",
         kernel_init=partitioned(nnx.initializers.lecun_normal(), (None, None, None, "channels")),

@@ -6,6 +6,7 @@ Shapes: B = batch, F = input features, D = residual width, H = hidden width, C =
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from jaxmp.config import ConfigError
@@ -30,19 +31,22 @@ class MegatronBlock(nnx.Module):
     (Shoeybi et al. 2019, "Megatron-LM", section 3).
     """
 
-    def __init__(self, width: int, hidden: int, activation: str, *, rngs: nnx.Rngs):
+    def __init__(self, width: int, hidden: int, activation: str, *, rngs: nnx.Rngs, dtype=jnp.float32):
         self.norm = nnx.LayerNorm(
             width,
+            dtype=dtype,
             scale_init=partitioned(nnx.initializers.ones_init(), ("embed",)),
             bias_init=partitioned(nnx.initializers.zeros_init(), ("embed",)),
             rngs=rngs,
         )
-        self.up = dense(width, hidden, ("embed", "mlp"), rngs=rngs)
-        self.down = dense(hidden, width, ("mlp", "embed"), rngs=rngs)
+        self.up = dense(width, hidden, ("embed", "mlp"), rngs=rngs, dtype=dtype)
+        self.down = dense(hidden, width, ("mlp", "embed"), rngs=rngs, dtype=dtype)
         self.activation = activation
 
     def __call__(self, x_BxD: jax.Array) -> jax.Array:
-        h_BxH = activation_fn(self.activation)(self.up(self.norm(x_BxD)))
+        with jax.numpy_dtype_promotion("standard"):  # flax's LayerNorm promotes bfloat16 to float32 for its stats
+            normed_BxD = self.norm(x_BxD)
+        h_BxH = activation_fn(self.activation)(self.up(normed_BxD))
         h_BxH = constrain(h_BxH, ("batch", "mlp"))
         return constrain(x_BxD + self.down(h_BxH), ("batch", "embed"))
 
@@ -65,16 +69,17 @@ class ResidualMLP(nnx.Module):
         depth: int,
         activation: str,
         rngs: nnx.Rngs,
+        dtype=jnp.float32,
     ):
-        self.embed = dense(features, width, ("features", "embed"), rngs=rngs)
+        self.embed = dense(features, width, ("features", "embed"), rngs=rngs, dtype=dtype)
 
         @nnx.split_rngs(splits=depth)
         @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
         def stacked_blocks(rngs: nnx.Rngs) -> MegatronBlock:
-            return MegatronBlock(width, hidden, activation, rngs=rngs)
+            return MegatronBlock(width, hidden, activation, rngs=rngs, dtype=dtype)
 
         self.blocks = stacked_blocks(rngs)
-        self.head = dense(width, classes, ("embed", "classes"), rngs=rngs)
+        self.head = dense(width, classes, ("embed", "classes"), rngs=rngs, dtype=dtype)
 
     def pre(self, x: jax.Array) -> jax.Array:
         """Inputs -> residual stream ``[B, D]`` (runs before the pipelined blocks)."""
@@ -105,18 +110,20 @@ class MLP1024(LayerSequence, nnx.Module):
     WIDTHS = (1024, 512, 256, 128)
     num_layers = 4
 
-    def __init__(self, features: int, classes: int, *, activation: str, rngs: nnx.Rngs):
+    def __init__(self, features: int, classes: int, *, activation: str, rngs: nnx.Rngs, dtype=jnp.float32):
         if features > self.WIDTHS[0]:
             raise ConfigError(f"--model mlp-1024 takes at most 1024 input features, the data has {features}.")
         names = ("embed", "mlp", "embed", "mlp", "classes")
         sizes = (*self.WIDTHS, classes)
         self.layers = nnx.List(
-            dense(sizes[i], sizes[i + 1], (names[i], names[i + 1]), rngs=rngs) for i in range(len(sizes) - 1)
+            dense(sizes[i], sizes[i + 1], (names[i], names[i + 1]), rngs=rngs, dtype=dtype)
+            for i in range(len(sizes) - 1)
         )
         self.activation = activation
+        self.dtype = dtype
 
     def pre(self, x: jax.Array) -> jax.Array:
-        return pad_features(flatten_features(x), self.WIDTHS[0])
+        return pad_features(flatten_features(x), self.WIDTHS[0]).astype(self.dtype)
 
     def apply_layer(self, k: int, h: jax.Array, ctx: LayerContext) -> jax.Array:
         h = self.layers[k](h)

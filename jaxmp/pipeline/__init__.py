@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from jaxmp.config import ConfigError, PipelineConfig
@@ -61,6 +62,11 @@ def check_pipeline(
             raise ConfigError(
                 f"model {name} has layers of different shapes; its pipeline runs with tensor=1 (tensor-parallel "
                 "collectives inside per-stage branches deadlock XLA's CPU runtime); use data and pipe axes."
+            )
+        if getattr(model, "dtype", jnp.float32) != jnp.float32:
+            raise ConfigError(
+                f"model {name} has layers of different shapes; its pipeline runs in float32 only (XLA:CPU fails to "
+                "compile the bfloat16 program); use --dtype float32."
             )
         chunk_bounds(cfg.stage_split, model.num_layers, stages * cfg.repeats)
         _check_microbatches(cfg, stages, batch, batch_parts)

@@ -1,0 +1,192 @@
+"""Checkpoints: resume continues the exact trajectory, onto any mesh; failures never cost a good checkpoint.
+
+In-process runs use the test process's 8 CPU devices; the SIGKILL and SIGINT cases need a real child
+process (a signal to this one would stop pytest).
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from rich.console import Console
+from support import CLASSES, IMAGE, fixed_batches, small_config
+
+from jaxmp.checkpoint import Saver, complete_steps, restore
+from jaxmp.loop import run
+from jaxmp.mesh import MeshShape, build_mesh
+from jaxmp.step import build_program
+from jaxmp.train import main
+
+QUIET = Console(quiet=True)
+SAVE_MESH = "data=2,tensor=2,pipe=2"
+
+
+def run_cfg(**overrides):
+    """A 4-block MLP with Adam on digits, pipelined with 2 micro-batches on SAVE_MESH unless overridden."""
+    base = dict(depth=4, microbatches=2, optimizer="adam", lr=1e-3, mesh=SAVE_MESH, report=False, steps=20)
+    return small_config("mlp", "tp", **{**base, **overrides})
+
+
+def losses_in(path) -> list[float]:
+    return [r["loss"] for r in map(json.loads, open(path)) if "loss" in r]
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """An uninterrupted 20-step run (reference) and a 10-step run that saved step 10 on SAVE_MESH."""
+    root = tmp_path_factory.mktemp("saved")
+    reference = run(run_cfg(metrics_file=str(root / "reference.jsonl")), QUIET)
+    first = root / "first"
+    run(run_cfg(steps=10, checkpoint_dir=str(first), checkpoint_every=5, metrics_file=str(root / "m.jsonl")), QUIET)
+    return root, np.array(reference.losses)
+
+
+def resumed(saved, tmp_path, **overrides) -> np.ndarray:
+    """Copy the step-10 checkpoint, resume it to step 20 with ``overrides``; the losses of steps 11..20."""
+    root, _ = saved
+    folder, metrics = tmp_path / "ck", tmp_path / "m.jsonl"
+    shutil.copytree(root / "first", folder)
+    shutil.copy(root / "m.jsonl", metrics)
+    summary = run(run_cfg(checkpoint_dir=str(folder), resume=True, metrics_file=str(metrics), **overrides), QUIET)
+    assert complete_steps(str(folder)) == [5, 10, 20]
+    assert len(losses_in(metrics)) == 20  # steps 1..10 carried over from the first run's metrics
+    return np.array(summary.losses)
+
+
+def test_resume_on_the_same_mesh_is_bit_exact(saved, tmp_path):
+    _, reference = saved
+    got = resumed(saved, tmp_path)
+    assert len(got) == 10
+    np.testing.assert_array_equal(got, reference[10:])
+    np.testing.assert_array_equal(losses_in(tmp_path / "m.jsonl"), reference)
+
+
+@pytest.mark.parametrize("mesh", ["data=4,tensor=2", "data=2,pipe=4"])
+def test_resume_on_another_mesh_reshards(saved, tmp_path, mesh):
+    _, reference = saved
+    np.testing.assert_allclose(resumed(saved, tmp_path, mesh=mesh), reference[10:], rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("model", "strategy", "mesh_a", "mesh_b", "extra"),
+    [
+        ("mnist-cnn", "hybrid", MeshShape(data=4, pipe=2), MeshShape(data=2, pipe=4), {"microbatches": 2}),
+        ("mlp-1024", "tp", MeshShape(data=4, tensor=2), MeshShape(data=4, pipe=2), {}),
+    ],
+    ids=["mnist-cnn", "mlp-1024"],
+)
+def test_checkpoints_do_not_depend_on_the_mesh(tmp_path, model, strategy, mesh_a, mesh_b, extra):
+    """Every model family: 3 steps on mesh A, save, restore on mesh B, 3 more steps == 6 steps on A."""
+    cfg = small_config(model, strategy, optimizer="adam", lr=1e-3, **extra)
+    cfg = cfg.replace(checkpoint_dir=str(tmp_path / "ck"))
+    xs, ys = fixed_batches(6, cfg.run.batch_size)
+
+    def steps(program, state, batches):
+        losses = []
+        for x, y in batches:
+            state, metrics = program.train_step(state, *program.put_batch(x, y))
+            losses.append(float(metrics["loss"]))
+        return state, losses
+
+    program_a = build_program(cfg, build_mesh(mesh_a), IMAGE, CLASSES)
+    state, first = steps(program_a, program_a.init(), zip(xs[:3], ys[:3], strict=True))
+    saver = Saver(cfg, IMAGE, CLASSES)
+    saver.save(3, state)
+    saver.close()
+    _, reference = steps(program_a, state, zip(xs[3:], ys[3:], strict=True))
+    program_b = build_program(cfg, build_mesh(mesh_b), IMAGE, CLASSES)
+    restored = restore(cfg.replace(resume=True), program_b, IMAGE, CLASSES)
+    assert restored.step == 3 and int(restored.state.step) == 3
+    _, got = steps(program_b, restored.state, zip(xs[3:], ys[3:], strict=True))
+    np.testing.assert_allclose(got, reference, rtol=1e-5)
+
+
+SMALL = ["--width", "32", "--hidden", "64", "--batch-size", "16", "--no-report"]
+
+
+def test_diverged_run_stops_names_the_step_and_keeps_the_good_checkpoints(tmp_path, capsys):
+    """SGD at lr 10 blows up at step 4 (found by running it): --keep 2 leaves steps 2 and 3, 4 is never saved."""
+    metrics = tmp_path / "m.jsonl"
+    metrics.write_text("earlier run\n")
+    argv = [*SMALL, "--optimizer", "sgd", "--lr", "10", "--steps", "30", "--metrics-file", str(metrics)]
+    argv += ["--checkpoint-dir", str(tmp_path / "ck"), "--checkpoint-every", "1", "--keep", "2"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "nan at step 4" in err and f"step 3 in {tmp_path / 'ck'}" in err, err
+    assert complete_steps(str(tmp_path / "ck")) == [2, 3]
+    assert metrics.read_text() == "earlier run\n"
+    assert json.loads((tmp_path / "m.jsonl.partial").read_text().splitlines()[-1])["step"] == 4
+
+
+def _child(args, tmp_path, **kw):
+    return subprocess.Popen(
+        [sys.executable, *args], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw
+    )
+
+
+def _wait_for(predicate, timeout: float, what: str, process) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if process.poll() is not None:
+            raise AssertionError(f"child exited before {what}: {process.communicate()}")
+        if time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+HANG_IN_COMMIT = """
+import os, sys, time
+from orbax.checkpoint._src.path import atomicity
+
+def hang_before_rename(original):
+    async def finalize(self, *args, **kwargs):
+        if os.path.basename(str(self.get_final())) == "4":
+            open("saving", "w").close()  # every array of step 4 is written; the rename is not done
+            time.sleep(600)
+        return await original(self, *args, **kwargs)
+    return finalize
+
+for cls in (atomicity.AtomicRenameTemporaryPath, atomicity.CommitFileTemporaryPath):
+    cls.finalize = hang_before_rename(cls.finalize)
+from jaxmp.train import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_save_killed_midway_leaves_the_previous_checkpoint(tmp_path):
+    folder = tmp_path / "ck"
+    args = ["--checkpoint-dir", str(folder), "--checkpoint-every", "2", *SMALL]
+    child = _child(["-c", HANG_IN_COMMIT, "--cpu-devices", "8", "--steps", "8", *args], tmp_path)
+    _wait_for(lambda: (tmp_path / "saving").exists(), 120, "the save of step 4", child)
+    child.send_signal(signal.SIGKILL)
+    child.communicate(timeout=30)
+    leftovers = sorted(os.listdir(folder))
+    assert complete_steps(str(folder)) == [2]
+    assert any(name.startswith("4.orbax-checkpoint-tmp") for name in leftovers), leftovers
+    # The cut save is ignored by restore and removed by the next run, which continues from step 2.
+    assert main(["--steps", "4", "--resume", *args]) == 0
+    assert sorted(os.listdir(folder)) == ["2", "4"]
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    metrics = tmp_path / "m.jsonl"
+    args = ["-m", "jaxmp.train", "--cpu-devices", "8", "--steps", "100000", "--checkpoint-dir", "ck", *SMALL]
+    child = _child([*args, "--metrics-file", str(metrics)], tmp_path)
+    partial = tmp_path / "m.jsonl.partial"
+    _wait_for(lambda: partial.exists() and partial.read_text().count("\n") >= 3, 120, "three steps", child)
+    child.send_signal(signal.SIGINT)
+    out, err = child.communicate(timeout=120)
+    assert child.returncode == 128 + signal.SIGINT, err
+    assert err.startswith("stopped: SIGINT at step ") and err.count("\n") == 1 and "Traceback" not in err, err
+    step = int(err.split("at step ")[1].split(":")[0])
+    assert complete_steps(str(tmp_path / "ck")) == [step]
+    assert not metrics.exists()  # an interrupted run does not replace the metrics file...
+    assert main(["--steps", str(step + 2), "--checkpoint-dir", str(tmp_path / "ck"), "--resume", *SMALL]) == 0
+    assert complete_steps(str(tmp_path / "ck")) == [step, step + 2]  # ...and --resume continues it

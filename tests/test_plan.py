@@ -1,0 +1,123 @@
+"""``jaxmp.plan``: every factorisation listed, infeasible ones with their reason, the top choice fits.
+
+Why: a planner that silently drops shapes, or ranks one that cannot run first, is worse than none. The
+model is tiny and the device memory faked (``memory_bytes`` override), so a model that "does not fit one
+device" compiles in seconds.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from support import CLASSES, IMAGE, small_config
+
+from jaxmp.hardware import HARDWARE, get_hardware
+from jaxmp.mesh import MeshShape
+from jaxmp.plan import PlanRow, factorisations, main, microbatch_candidates, parse_factors, plan
+
+TRIPLES_OF_8 = {
+    (8, 1, 1), (4, 2, 1), (4, 1, 2), (2, 4, 1), (2, 2, 2), (2, 1, 4), (1, 8, 1), (1, 4, 2), (1, 2, 4), (1, 1, 8),
+}  # fmt: skip
+
+
+def test_factorisations_are_every_ordered_triple():
+    assert {tuple(s) for s in factorisations(8)} == TRIPLES_OF_8
+    assert len(factorisations(8)) == len(TRIPLES_OF_8)
+    assert [tuple(s) for s in factorisations(1)] == [(1, 1, 1)]
+    assert len(factorisations(12)) == 18  # (2+2 choose 2) * (1+2 choose 2)
+
+
+def test_microbatch_candidates_and_factors():
+    assert microbatch_candidates(1, (1, 2, 4)) == [1]
+    assert microbatch_candidates(2, (1, 2, 4)) == [2, 4, 8]
+    assert parse_factors("1, 4") == (1, 4)
+    for bad in ("0", "x", ""):
+        with pytest.raises(ValueError, match="--microbatch-factors"):
+            parse_factors(bad)
+
+
+def test_roofline_adds_communication_to_the_slower_of_compute_and_memory():
+    row = PlanRow(MeshShape(8), 1, True, "", t_compute=2.0, t_memory=3.0, t_comm=0.5)
+    assert row.t_step == 3.5
+    assert row._replace(t_compute=4.0).t_step == 4.5
+    assert PlanRow(MeshShape(8), 1, False, "x").t_step is None
+
+
+@pytest.fixture(scope="module")
+def planned():
+    """mlp, 8 devices, a hidden width tensor=8 cannot split, memory smaller than the unsharded state."""
+    cfg = small_config("mlp", "tp", hidden=60, width=32, depth=2, batch_size=16, optimizer="adam")
+    params = 144 * 32 + 32 + 2 * (32 * 60 + 60 + 60 * 32 + 32 + 2 * 32) + 32 * 10 + 10
+    memory = 3 * 4 * params  # params + adam's two moments, unsharded: the state alone fills one device
+    hw = get_hardware("cpu")._replace(memory_bytes=memory)
+    return plan(cfg, 8, hw, IMAGE, CLASSES, factors=(1,)), hw
+
+
+def test_every_factorisation_is_listed(planned):
+    rows, _ = planned
+    assert {tuple(r.mesh) for r in rows} == TRIPLES_OF_8
+
+
+def test_infeasible_shapes_say_why(planned):
+    rows, hw = planned
+    reasons = {tuple(r.mesh): r.reason for r in rows if not r.feasible}
+    assert "need at least 4 layers" in reasons[(2, 1, 4)] and "need at least 8 layers" in reasons[(1, 1, 8)]
+    assert (
+        reasons[(1, 8, 1)].startswith("does not divide: parameter blocks.")
+        and "60 is not divisible by 8" in reasons[(1, 8, 1)]
+    )
+    assert reasons[(8, 1, 1)].startswith("does not fit: needs")
+    for row in rows:
+        assert row.feasible == (row.reason == "")
+        if row.feasible:
+            assert row.peak_bytes <= hw.memory_bytes and row.t_step > 0
+
+
+def test_top_choice_fits_and_ranking_is_by_step_time(planned):
+    rows, hw = planned
+    feasible = [r for r in rows if r.feasible]
+    assert feasible and rows[0] is feasible[0] and rows[: len(feasible)] == feasible
+    assert rows[0].peak_bytes <= hw.memory_bytes and tuple(rows[0].mesh) != (8, 1, 1)
+    steps = [r.t_step for r in feasible]
+    assert steps == sorted(steps)
+    pipelined = [r for r in feasible if r.mesh.pipe == 2]
+    assert pipelined and all(r.bubble == pytest.approx(1 / 3) for r in pipelined)  # M = S = 2
+
+
+def test_hardware_table_has_sources():
+    assert set(HARDWARE) == {"cpu", "h100", "h200", "tpu-v5p"}
+    for hw in HARDWARE.values():
+        assert hw.source and hw.memory_bytes > 0 and hw.memory_bandwidth > 0 and hw.link_bandwidth > 0
+        assert hw.flops_for("float32") > 0 and hw.flops_for("bfloat16") >= hw.flops_for("float32")
+    assert "rough" in HARDWARE["cpu"].source and "datasheet" in HARDWARE["h100"].source
+    assert get_hardware("h100", 0.5).memory_bytes == 2**29
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--devices", "8", "--hardware", "a100"], "--hardware 'a100' is not one of cpu, h100"),
+        (["--devices", "8", "--model", "resnet"], "--model 'resnet' is not one of"),
+        (["--devices", "16"], "--devices 16: only 8 are available"),
+        (["--devices", "8", "--memory-gib", "0"], "--memory-gib must be positive"),
+        (["--devices", "8", "--microbatch-factors", "a"], "--microbatch-factors 'a'"),
+    ],
+)
+def test_bad_input_one_line_exit_2(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err
+
+
+def test_process_exit_code_and_json(tmp_path):
+    bad = subprocess.run(
+        [sys.executable, "-m", "jaxmp.plan", "--devices", "2", "--cpu-devices", "2", "--hardware", "gpu"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
+    assert list(tmp_path.iterdir()) == []
