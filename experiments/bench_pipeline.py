@@ -28,6 +28,7 @@ Run (defaults: a few minutes on 2 CPU cores, most of it in part a)::
     .venv/bin/python experiments/bench_pipeline.py --out experiments/results
     .venv/bin/python experiments/bench_pipeline.py --parts a --batch 256 --rounds 3   # quick look
     .venv/bin/python experiments/bench_pipeline.py --parts a --remats none,stage,full  # all remat modes
+    .venv/bin/python experiments/bench_pipeline.py --parts a --remats none,none+unroll --cpu-devices 0  # GPU
     .venv/bin/python experiments/bench_pipeline.py --parts b,c --cpu-devices 8
 
 ``--out DIR`` writes ``pipeline_overhead.md``, ``pipeline_compile.md`` and ``pipeline_memory.md``.
@@ -143,10 +144,11 @@ def overhead_variants(args: argparse.Namespace) -> tuple[list[Variant], tuple[ja
     plain = build_program(cfg, mesh, (args.features,), args.classes)
     batch = random_batch(plain, args.batch, args.features, args.classes)
     variants = [Variant("plain jaxmp (M=1)", plain.train_step.compiled, plain.init())]
-    for remat in args.remats.split(","):
-        piped_cfg = cfg.replace(microbatches=args.microbatches, remat=remat)
+    for variant in args.remats.split(","):
+        remat, _, extra = variant.partition("+")
+        piped_cfg = cfg.replace(microbatches=args.microbatches, remat=remat, unroll=extra == "unroll")
         piped = build_program(piped_cfg, mesh, (args.features,), args.classes)
-        name = f"pipelined jaxmp (M={args.microbatches}, S=1, remat {remat})"
+        name = f"pipelined jaxmp (M={args.microbatches}, S=1, remat {variant})"
         variants.append(Variant(name, piped.train_step.compiled, piped.init()))
     step, tx = make_loop_step(plain, cfg, args.microbatches)
     params = jax.tree.map(jnp.copy, plain.init().params)  # own buffers: every state is donated
@@ -316,7 +318,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.add_argument("--depth", type=int, default=8)
     a.add_argument("--batch", type=int, default=1024)
     a.add_argument("--microbatches", type=int, default=8, help="M (parts a and c)")
-    a.add_argument("--remats", default="none,stage", help="comma-separated remat modes of the pipelined variants")
+    a.add_argument(
+        "--remats",
+        default="none,stage",
+        help="comma-separated remat modes of the pipelined variants; MODE+unroll also unrolls the loops",
+    )
     a.add_argument("--features", type=int, default=784)
     a.add_argument("--classes", type=int, default=10)
     a.add_argument("--rounds", type=int, default=7)

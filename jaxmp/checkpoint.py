@@ -29,12 +29,12 @@ import jax
 import numpy as np
 
 from jaxmp.config import Config, ConfigError
+from jaxmp.metrics import check_output_dir
 from jaxmp.models import DEFAULT_ACTIVATION
 from jaxmp.sharding import path_name
 from jaxmp.step import Program, TrainState
 
 FORMAT = 1  # bump when the layout of ``state`` or ``meta`` changes
-TMP_MARK = ".orbax-checkpoint-tmp"
 
 
 def signature(cfg: Config, input_shape: tuple[int, ...], classes: int) -> dict[str, Any]:
@@ -73,12 +73,8 @@ def check_directory(cfg: Config) -> None:
     directory, resume = cfg.checkpoint.checkpoint_dir, cfg.checkpoint.resume
     if directory is None:
         return
+    check_output_dir("--checkpoint-dir", directory)
     flag = f"--checkpoint-dir {directory}"
-    if os.path.exists(directory) and not os.path.isdir(directory):
-        raise ConfigError(f"{flag} is a file; give a folder.")
-    existing = next((p for p in _parents(directory) if os.path.exists(p)), None)
-    if existing is None or not os.path.isdir(existing) or not os.access(existing, os.W_OK):
-        raise ConfigError(f"{flag}: {existing or directory} is not a writable folder.")
     steps = complete_steps(directory)
     if resume and not steps:
         raise ConfigError(f"--resume: {flag} holds no complete checkpoint to resume from.")
@@ -87,16 +83,6 @@ def check_directory(cfg: Config) -> None:
             f"{flag} already holds checkpoints up to step {steps[-1]}; add --resume to continue that run "
             "or choose an empty folder."
         )
-
-
-def _parents(path: str):
-    path = os.path.abspath(path)
-    while True:
-        yield path
-        parent = os.path.dirname(path)
-        if parent == path:
-            return
-        path = parent
 
 
 class Restored(NamedTuple):
@@ -137,14 +123,16 @@ def restore(cfg: Config, program: Program, input_shape: tuple[int, ...], classes
     _check_arrays(path, target)
     try:
         item = ocp.StandardCheckpointer().restore(os.path.join(path, "state"), target)
-    except (ValueError, KeyError, OSError, RuntimeError, TypeError) as err:
+    except Exception as err:  # noqa: BLE001 (TensorStore raises bare Exception for damaged data)
         raise ConfigError(f"checkpoint {path} cannot be read ({_first_line(err)}).") from None
     return Restored(from_item(item), step, path)
 
 
 def _first_line(err: Exception) -> str:
+    """The gist of a library error: its first line, without TensorStore's spec dump."""
     text = str(err).strip().splitlines()
-    return (text[0] if text else type(err).__name__)[:300]
+    line = text[0] if text else type(err).__name__
+    return line.split(" See full TensorStore details")[0][:300]
 
 
 def _read_meta(path: str) -> dict[str, Any]:
@@ -235,9 +223,8 @@ def from_item(item: dict[str, Any]) -> TrainState:
 
 def _abstract_item(program: Program) -> dict[str, Any]:
     """Shapes, dtypes and target shardings of the saved form of ``program``'s state."""
-    abstract = jax.eval_shape(program.init.compiled)
-    shardings = program.state_shardings
-    item, item_sh = to_item_abstract(abstract), to_item_abstract(shardings)
+    abstract = program.state_abstract or jax.eval_shape(program.init.compiled)
+    item, item_sh = to_item_abstract(abstract), to_item_abstract(program.state_shardings)
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), item, item_sh)
 
 

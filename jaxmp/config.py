@@ -112,6 +112,11 @@ class PipelineConfig:
     stage_split: str = _opt(
         "uniform", "stage boundaries: uniform, auto (balanced by FLOPs) or layer counts per stage, e.g. 1,3"
     )
+    unroll: bool = _opt(
+        False,
+        "unroll the loop over ticks and each stage's loop over layers: faster on GPUs, where every loop "
+        "iteration costs a synchronisation, but compile time then grows with micro-batches and depth",
+    )
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -96,9 +96,9 @@ def prepare(cfg: Config) -> Setup:
     start = _check_start(cfg, input_shape, dataset.num_classes, steps)
     profile = check_profile(cfg, start, steps)
     program = build_program(cfg, mesh, input_shape, dataset.num_classes)
+    restored = restore(cfg, program, input_shape, dataset.num_classes) if cfg.checkpoint.resume else None
     for function in (program.init, program.train_step, program.eval_step):
         function.compiled  # noqa: B018 (compile now, so no step time includes compilation)
-    restored = restore(cfg, program, input_shape, dataset.num_classes) if cfg.checkpoint.resume else None
     return Setup(cfg, dataset, program, steps, restored, profile)
 
 
@@ -303,12 +303,10 @@ def run(cfg: Config, console=None) -> Summary:
 
 
 def _print_report(setup: Setup, console) -> None:
-    abstract = jax.tree.map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-        jax.eval_shape(setup.program.init.compiled).params,
-        setup.program.state_shardings.params,
-    )
-    print_sharding_report(abstract, setup.program.mesh, console)
+    """Parameters (and optimizer state) per device: what ``--fsdp`` divides."""
+    program = setup.program
+    abstract = program.state_abstract
+    print_sharding_report(abstract.params, program.mesh, console, opt_state=abstract.opt_state)
 
 
 def _progress_bar(console, total: int, completed: int = 0):

@@ -28,6 +28,17 @@ def check_metrics_path(path: str | None) -> None:
         raise ConfigError(f"--metrics-file {path}: folder {folder} is not writable.")
 
 
+def check_output_dir(flag: str, path: str) -> None:
+    """Raise ``ConfigError`` unless ``path`` is a folder or could be created as one."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"{flag} {path} is a file; give a folder.")
+    parent = os.path.abspath(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise ConfigError(f"{flag} {path}: {parent} is not a writable folder.")
+
+
 class MetricsWriter:
     """Append JSON objects to ``PATH.partial``; ``commit()`` moves it onto ``PATH`` atomically.
 
@@ -97,8 +108,6 @@ def check_tensorboard(path: str | None) -> None:
 
     if importlib.util.find_spec("tensorboardX") is None:
         raise ConfigError(f"--tensorboard-dir {path} needs the tensorboardX package: pip install 'jaxmp[tensorboard]'.")
-    from jaxmp.profiling import check_output_dir
-
     check_output_dir("--tensorboard-dir", path)
 
 

@@ -15,6 +15,7 @@ import os
 import jax
 
 from jaxmp.config import Config, ConfigError, parse_profile_steps
+from jaxmp.metrics import check_output_dir
 
 
 def check_profile(cfg: Config, start_step: int, total_steps: int) -> tuple[int, int] | None:
@@ -34,17 +35,6 @@ def check_profile(cfg: Config, start_step: int, total_steps: int) -> tuple[int, 
     return first, last
 
 
-def check_output_dir(flag: str, path: str) -> None:
-    """Raise ``ConfigError`` unless ``path`` is a folder or could be created as one."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ConfigError(f"{flag} {path} is a file; give a folder.")
-    parent = os.path.abspath(path)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
-        raise ConfigError(f"{flag} {path}: {parent} is not a writable folder.")
-
-
 class StepProfiler:
     """Starts the trace before step ``first`` and stops it once step ``last`` has finished."""
 
@@ -53,7 +43,10 @@ class StepProfiler:
 
     def before(self, step: int) -> None:
         if self.window and step == self.window[0]:
-            jax.profiler.start_trace(self.directory, create_perfetto_trace=True)
+            directory = self.directory
+            if jax.process_count() > 1:  # processes on one host would write the same file names
+                directory = os.path.join(directory, f"process_{jax.process_index()}")
+            jax.profiler.start_trace(directory, create_perfetto_trace=True)
             self.active = True
 
     def after(self, step: int, outputs) -> None:

@@ -80,6 +80,11 @@ def use_rules(rules: Rules) -> Iterator[None]:
         _active_rules.reset(token)
 
 
+def active_rules() -> Rules | None:
+    """The rules table of the step being traced (``None`` outside :func:`use_rules`)."""
+    return _active_rules.get()
+
+
 def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
     """Pin an activation's sharding by logical names; a no-op outside a mesh or a rules context."""
     rules = _active_rules.get()
@@ -222,8 +227,13 @@ def _is_value_key(key) -> bool:
     return getattr(key, "name", None) == "value" or getattr(key, "key", None) == "value"
 
 
-def print_sharding_report(params, mesh: jax.sharding.Mesh, console=None) -> None:
-    """Print the sharding report as a rich table, with the mesh and the totals."""
+def print_sharding_report(params, mesh: jax.sharding.Mesh, console=None, opt_state=None) -> None:
+    """Print the sharding report as a rich table, with the mesh and the totals.
+
+    Args:
+      opt_state: the optimizer state (same kind of leaves as ``params``); adds a line with its bytes
+        per device, which is what FSDP / ZeRO divides along with the parameters.
+    """
     from rich.console import Console
     from rich.table import Table
 
@@ -237,4 +247,8 @@ def print_sharding_report(params, mesh: jax.sharding.Mesh, console=None) -> None
         table.add_row(row.name, str(row.shape), str(tuple(row.spec)), f"{row.bytes_per_device:,}")
     total = sum(r.bytes_per_device for r in rows)
     table.add_row("total", f"{sum(math.prod(r.shape) for r in rows):,} params", "", f"{total:,}", style="bold")
+    if opt_state is not None:
+        opt_bytes = sum(r.bytes_per_device for r in sharding_report(opt_state))
+        table.add_row("optimizer state", "", "", f"{opt_bytes:,}")
+        table.add_row("params + optimizer", "", "", f"{total + opt_bytes:,}", style="bold")
     console.print(table)

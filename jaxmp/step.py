@@ -55,6 +55,7 @@ class Program(NamedTuple):
     train_step: Any
     eval_step: Any
     grad_step: Any  # (state, x, y) -> (loss, grads): what a train step would apply, for checks
+    state_abstract: TrainState | None = None  # shapes, dtypes and shardings of the state, without compiling
 
     def put_batch(self, x, y) -> tuple[jax.Array, jax.Array]:
         """Place a host batch on the mesh with the shardings the compiled steps expect."""
@@ -271,7 +272,7 @@ def _compile_program(mesh, rules, layout: _Layout, steps: _Steps, batch, input_s
             y_abs,
         )
     )
-    return Program(mesh, layout.graphdef, state_sh, layout.x, layout.y, init, train, evaluate, grad)
+    return Program(mesh, layout.graphdef, state_sh, layout.x, layout.y, init, train, evaluate, grad, state_abs)
 
 
 def _compiler(mesh: jax.sharding.Mesh, rules):

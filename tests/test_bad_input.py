@@ -45,10 +45,10 @@ def garble(path):
 
 
 def truncate_array_data(folder):
-    """Cut the largest array-data file in half, as a full disk or an interrupted copy would."""
-    files = [p for p in (folder / "2" / "state").rglob("*") if p.is_file() and "ocdbt.process_0" in str(p)]
-    largest = max(files, key=lambda p: p.stat().st_size)
-    largest.write_bytes(largest.read_bytes()[: largest.stat().st_size // 2])
+    """Cut every array-data file in half, as a full disk or an interrupted copy would."""
+    for path in (folder / "2" / "state").rglob("*"):
+        if path.is_file() and "ocdbt.process_0" in str(path) and path.name != "manifest.ocdbt":
+            path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
 DAMAGE = {
@@ -96,9 +96,13 @@ CASES = [
     ([*RESUME, "--profile-steps", "1:3", "--steps", "5"], None, "1:3 lies outside the steps this run trains (3..5)"),
     # corrupt checkpoints
     ([*RESUME, "--steps", "4"], "meta-garbage", "is corrupt: {ck}/2/meta/metadata is unreadable"),
-    ([*RESUME, "--steps", "4", "--width", "64"], "meta-width-64", "params.embed.kernel has shape (64, 32), this run"),
+    (
+        [*RESUME, "--steps", "4", "--width", "64"],
+        "meta-width-64",
+        "params.blocks.down.bias has shape (2, 32), this run needs (2, 64)",
+    ),
     ([*RESUME, "--steps", "4"], "index-garbage", "is corrupt: its array index"),
-    ([*RESUME, "--steps", "4"], "arrays-truncated", "cannot be read"),
+    ([*RESUME, "--steps", "4"], "arrays-truncated", "cannot be read (Encountered error while reading array"),
 ]
 
 

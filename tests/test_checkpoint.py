@@ -19,7 +19,7 @@ from support import CLASSES, IMAGE, fixed_batches, small_config
 
 from jaxmp.checkpoint import Saver, complete_steps, restore
 from jaxmp.loop import run
-from jaxmp.mesh import MeshShape, build_mesh
+from jaxmp.mesh import MeshShape, build_mesh, mesh_from_spec
 from jaxmp.step import build_program
 from jaxmp.train import main
 
@@ -39,22 +39,23 @@ def losses_in(path) -> list[float]:
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    """An uninterrupted 20-step run (reference) and a 10-step run that saved step 10 on SAVE_MESH."""
+    """A 20-step run on SAVE_MESH (the reference trajectory) that saved steps 10 and 20."""
     root = tmp_path_factory.mktemp("saved")
-    reference = run(run_cfg(metrics_file=str(root / "reference.jsonl")), QUIET)
-    first = root / "first"
-    run(run_cfg(steps=10, checkpoint_dir=str(first), checkpoint_every=5, metrics_file=str(root / "m.jsonl")), QUIET)
+    metrics = root / "m.jsonl"
+    reference = run(run_cfg(checkpoint_dir=str(root / "ck"), checkpoint_every=10, metrics_file=str(metrics)), QUIET)
+    assert complete_steps(str(root / "ck")) == [10, 20]
     return root, np.array(reference.losses)
 
 
 def resumed(saved, tmp_path, **overrides) -> np.ndarray:
-    """Copy the step-10 checkpoint, resume it to step 20 with ``overrides``; the losses of steps 11..20."""
+    """Resume a copy of the step-10 checkpoint to step 20 with ``overrides``; the losses of steps 11..20."""
     root, _ = saved
     folder, metrics = tmp_path / "ck", tmp_path / "m.jsonl"
-    shutil.copytree(root / "first", folder)
+    shutil.copytree(root / "ck", folder)
+    shutil.rmtree(folder / "20")  # as if the run had stopped after saving step 10
     shutil.copy(root / "m.jsonl", metrics)
     summary = run(run_cfg(checkpoint_dir=str(folder), resume=True, metrics_file=str(metrics), **overrides), QUIET)
-    assert complete_steps(str(folder)) == [5, 10, 20]
+    assert complete_steps(str(folder)) == [10, 20]
     assert len(losses_in(metrics)) == 20  # steps 1..10 carried over from the first run's metrics
     return np.array(summary.losses)
 
@@ -67,24 +68,21 @@ def test_resume_on_the_same_mesh_is_bit_exact(saved, tmp_path):
     np.testing.assert_array_equal(losses_in(tmp_path / "m.jsonl"), reference)
 
 
-@pytest.mark.parametrize("mesh", ["data=4,tensor=2", "data=2,pipe=4"])
-def test_resume_on_another_mesh_reshards(saved, tmp_path, mesh):
-    _, reference = saved
-    np.testing.assert_allclose(resumed(saved, tmp_path, mesh=mesh), reference[10:], rtol=1e-5)
-
-
 @pytest.mark.parametrize(
-    ("model", "strategy", "mesh_a", "mesh_b", "extra"),
-    [
-        ("mnist-cnn", "hybrid", MeshShape(data=4, pipe=2), MeshShape(data=2, pipe=4), {"microbatches": 2}),
-        ("mlp-1024", "tp", MeshShape(data=4, tensor=2), MeshShape(data=4, pipe=2), {}),
-    ],
-    ids=["mnist-cnn", "mlp-1024"],
+    ("mesh", "fsdp"), [("data=4,tensor=2", True), ("data=2,pipe=4", False)], ids=["data4-tensor2-fsdp", "pipe4"]
 )
-def test_checkpoints_do_not_depend_on_the_mesh(tmp_path, model, strategy, mesh_a, mesh_b, extra):
-    """Every model family: 3 steps on mesh A, save, restore on mesh B, 3 more steps == 6 steps on A."""
-    cfg = small_config(model, strategy, optimizer="adam", lr=1e-3, **extra)
-    cfg = cfg.replace(checkpoint_dir=str(tmp_path / "ck"))
+def test_resume_on_another_mesh_reshards(saved, tmp_path, mesh, fsdp):
+    """Also onto FSDP shardings: params and Adam state split over data too, the same losses."""
+    _, reference = saved
+    np.testing.assert_allclose(resumed(saved, tmp_path, mesh=mesh, fsdp=fsdp), reference[10:], rtol=1e-5)
+
+
+def test_layer_sequence_checkpoint_restores_onto_a_pipeline_with_fsdp(tmp_path):
+    """Layer-sequence models run another pipeline executor (shard_map + lax.switch): 3 steps of mlp-1024
+    tensor-parallel on data=4,tensor=2, save, restore as a 2-stage pipeline with FSDP on data=4,pipe=2,
+    3 more steps == the same 3 steps without the restart. (The stacked MLP: the resume tests above.)"""
+    mesh_a, mesh_b = MeshShape(data=4, tensor=2), MeshShape(data=4, pipe=2)
+    cfg = small_config("mlp-1024", "tp", optimizer="adam", lr=1e-3, checkpoint_dir=str(tmp_path / "ck"))
     xs, ys = fixed_batches(6, cfg.run.batch_size)
 
     def steps(program, state, batches):
@@ -95,13 +93,15 @@ def test_checkpoints_do_not_depend_on_the_mesh(tmp_path, model, strategy, mesh_a
         return state, losses
 
     program_a = build_program(cfg, build_mesh(mesh_a), IMAGE, CLASSES)
-    state, first = steps(program_a, program_a.init(), zip(xs[:3], ys[:3], strict=True))
+    state, _ = steps(program_a, program_a.init(), zip(xs[:3], ys[:3], strict=True))
     saver = Saver(cfg, IMAGE, CLASSES)
     saver.save(3, state)
     saver.close()
     _, reference = steps(program_a, state, zip(xs[3:], ys[3:], strict=True))
-    program_b = build_program(cfg, build_mesh(mesh_b), IMAGE, CLASSES)
-    restored = restore(cfg.replace(resume=True), program_b, IMAGE, CLASSES)
+    cfg_b = cfg.replace(microbatches=2, fsdp=True, resume=True)
+    program_b = build_program(cfg_b, build_mesh(mesh_b), IMAGE, CLASSES)
+    assert "data" in str(program_b.state_shardings.params["layers"][0]["kernel"].spec)
+    restored = restore(cfg_b, program_b, IMAGE, CLASSES)
     assert restored.step == 3 and int(restored.state.step) == 3
     _, got = steps(program_b, restored.state, zip(xs[3:], ys[3:], strict=True))
     np.testing.assert_allclose(got, reference, rtol=1e-5)
@@ -122,6 +122,20 @@ def test_diverged_run_stops_names_the_step_and_keeps_the_good_checkpoints(tmp_pa
     assert complete_steps(str(tmp_path / "ck")) == [2, 3]
     assert metrics.read_text() == "earlier run\n"
     assert json.loads((tmp_path / "m.jsonl.partial").read_text().splitlines()[-1])["step"] == 4
+
+
+DIGITS = (8, 8, 1)
+
+
+def cli_config(folder):
+    """The config the CLI builds from SMALL (Adam by default) with ``--checkpoint-dir folder --resume``."""
+    cfg = small_config("mlp", "tp", optimizer="adam", lr=1e-3)
+    return cfg.replace(checkpoint_dir=str(folder), resume=True)
+
+
+def restore_cli_checkpoint(folder):
+    cfg = cli_config(folder)
+    return restore(cfg, build_program(cfg, mesh_from_spec(cfg.run.mesh), DIGITS, CLASSES), DIGITS, CLASSES)
 
 
 def _child(args, tmp_path, **kw):
@@ -170,9 +184,12 @@ def test_save_killed_midway_leaves_the_previous_checkpoint(tmp_path):
     leftovers = sorted(os.listdir(folder))
     assert complete_steps(str(folder)) == [2]
     assert any(name.startswith("4.orbax-checkpoint-tmp") for name in leftovers), leftovers
-    # The cut save is ignored by restore and removed by the next run, which continues from step 2.
-    assert main(["--steps", "4", "--resume", *args]) == 0
-    assert sorted(os.listdir(folder)) == ["2", "4"]
+    assert restore_cli_checkpoint(folder).step == 2  # the cut save is ignored...
+    Saver(cli_config(folder), DIGITS, CLASSES).close()  # ...and removed (in the background) by the next run
+    deadline = time.monotonic() + 20
+    while sorted(os.listdir(folder)) != ["2"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert sorted(os.listdir(folder)) == ["2"]
 
 
 def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
@@ -187,6 +204,6 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     assert err.startswith("stopped: SIGINT at step ") and err.count("\n") == 1 and "Traceback" not in err, err
     step = int(err.split("at step ")[1].split(":")[0])
     assert complete_steps(str(tmp_path / "ck")) == [step]
-    assert not metrics.exists()  # an interrupted run does not replace the metrics file...
-    assert main(["--steps", str(step + 2), "--checkpoint-dir", str(tmp_path / "ck"), "--resume", *SMALL]) == 0
-    assert complete_steps(str(tmp_path / "ck")) == [step, step + 2]  # ...and --resume continues it
+    assert not metrics.exists()  # an interrupted run does not replace the metrics file
+    restored = restore_cli_checkpoint(tmp_path / "ck")
+    assert restored.step == int(restored.state.step) == step

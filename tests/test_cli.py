@@ -144,6 +144,17 @@ def test_help_lists_every_option_with_its_default(capsys):
         "--dataset",
         "--data-dir",
         "--metrics-file",
+        "--checkpoint-dir",
+        "--checkpoint-every",
+        "--keep",
+        "--resume",
+        "--fsdp",
+        "--profile-steps",
+        "--profile-dir",
+        "--tensorboard-dir",
+        "--coordinator-address",
+        "--num-processes",
+        "--process-id",
     ):
         assert flag in out
     assert "(default: data=-1)" in out

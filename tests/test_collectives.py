@@ -34,6 +34,10 @@ def test_megatron_pair_costs_one_all_reduce_each_way(shape):
     program, mesh = program_and_mesh("mlp", "tp", shape)
     batch_per_replica = 16 // shape.data
     on_tensor = over(collectives(program.train_step.compiled.as_text(), mesh), ("tensor",))
+    # scalars: the gradient norm's sums of squares (one per group of gradient leaves), outside any loop
+    scalars = [c for c in on_tensor if c.elements == 1]
+    assert all(c.op_name.endswith("reduce_sum") and c.count == 1 for c in scalars)
+    on_tensor = [c for c in on_tensor if c.elements > 1]
     assert {c.kind for c in on_tensor} == {"all-reduce"}
     assert all(c.shape == (batch_per_replica, 32) for c in on_tensor)
     backward = [c for c in on_tensor if "transpose(" in c.op_name]

@@ -3,11 +3,12 @@ tensor axes too; bubbles are poisoned with NaN and must not reach the result."""
 
 import numpy as np
 import pytest
-from support import loss_and_grads, single_device_mesh, small_config
+from support import CLASSES, IMAGE, loss_and_grads, single_device_mesh, small_config
 
 from jaxmp.config import ConfigError
 from jaxmp.mesh import MeshShape, build_mesh
 from jaxmp.pipeline import gpipe, render
+from jaxmp.step import build_program
 
 RTOL = 1e-5
 
@@ -54,6 +55,21 @@ def test_remat_changes_nothing(remat):
     assert_same(
         loss_and_grads(piped, build_mesh(MeshShape(1, 2, 4)), poison=True), loss_and_grads(cfg, single_device_mesh())
     )
+
+
+@pytest.mark.parametrize(("repeats", "remat"), [(1, "none"), (2, "stage")])
+def test_unroll_changes_nothing_but_the_loops(repeats, remat):
+    cfg = small_config("mlp", "tp", depth=4, batch_size=48)
+    piped = cfg.replace(microbatches=3, repeats=repeats, remat=remat, unroll=True)
+    mesh = build_mesh(MeshShape(1, 2, 2))
+    assert_same(loss_and_grads(piped, mesh, poison=True), loss_and_grads(cfg, single_device_mesh()))
+    loops = {
+        unroll: build_program(piped.replace(unroll=unroll), mesh, IMAGE, CLASSES)
+        .grad_step.compiled.as_text()
+        .count(" while(")
+        for unroll in (False, True)
+    }
+    assert loops[True] < loops[False]
 
 
 def test_poison_is_really_there():
@@ -186,3 +202,33 @@ def test_bad_heterogeneous_configs(model, shape, overrides, message):
     cfg = small_config(model, "tp", batch_size=32).replace(microbatches=2, **overrides)
     with pytest.raises(ConfigError, match=message):
         build_program(cfg, build_mesh(shape), IMAGE, CLASSES)
+
+
+@pytest.mark.parametrize(
+    ("strategy", "shape"),
+    [("tp", MeshShape(2, 2, 2)), ("dp", MeshShape(2, 2, 2)), ("tp", MeshShape(2, 2, 1))],
+    ids=["tp-pipe2", "dp-pipe2", "tp-pipe1"],
+)
+def test_stacked_weight_gradients_are_reduced_over_the_batch_axes_once_per_step(strategy, shape):
+    """Each device accumulates its weight gradients through the tick loop; one all-reduce after it.
+
+    Reducing inside the loop (the weight-gradient accumulator replicated over the batch axes) moves the
+    stacked weights' gradients once per tick: ``T`` times the parameter elements instead of once.
+    """
+    import math
+
+    import jax
+
+    from jaxmp.analysis import collectives
+    from jaxmp.sharding import logical_to_spec, rules_for
+
+    cfg = small_config("mlp", strategy, depth=4, batch_size=32).replace(microbatches=4)
+    mesh = build_mesh(shape)
+    program = build_program(cfg, mesh, IMAGE, CLASSES)
+    batch = logical_to_spec(("batch",), rules_for(strategy))[0]
+    batch_axes = tuple(a for a in ((batch,) if isinstance(batch, str) else batch) if mesh.shape[a] > 1)
+    colls = collectives(program.grad_step.compiled.as_text(), mesh)
+    reduced = [c for c in colls if c.kind == "all-reduce" and c.axes == batch_axes and c.elements > 1]
+    params = jax.tree.leaves(program.init().params)
+    assert [c.op_name for c in reduced if c.count > 1] == []  # nothing reduced inside a loop
+    assert sum(c.total_elements for c in reduced) == sum(math.prod(p.sharding.shard_shape(p.shape)) for p in params)

@@ -95,7 +95,9 @@ def _check_microbatches(cfg: PipelineConfig, stages: int, batch: int, batch_part
         )
 
 
-def pipelined_forward(model, x: jax.Array, schedule: Schedule, *, remat: str = "none", poison: bool = False):
+def pipelined_forward(
+    model, x: jax.Array, schedule: Schedule, *, remat: str = "none", poison: bool = False, unroll: bool = False
+):
     """``model.post(blocks(model.pre(x)))`` with the blocks run as a pipeline over micro-batches."""
     h_Mxbx = split_microbatches(model.pre(x), schedule.microbatches)
     graphdef, stacked = nnx.split(model.blocks)
@@ -103,7 +105,7 @@ def pipelined_forward(model, x: jax.Array, schedule: Schedule, *, remat: str = "
     def layer_fn(layer_params, h):
         return nnx.merge(graphdef, layer_params)(h)
 
-    out_Mxbx = run_pipeline(layer_fn, stacked, h_Mxbx, schedule, remat=remat, poison=poison)
+    out_Mxbx = run_pipeline(layer_fn, stacked, h_Mxbx, schedule, remat=remat, poison=poison, unroll=unroll)
     return model.post(merge_microbatches(out_Mxbx))
 
 
@@ -115,7 +117,7 @@ def make_forward(cfg: PipelineConfig, stages: int, *, poison: bool = False) -> F
 
     def forward(model, x, *, train: bool = False, key=None):
         if not isinstance(model, LayerSequence):
-            return pipelined_forward(model, x, schedule, remat=cfg.remat, poison=poison)
+            return pipelined_forward(model, x, schedule, remat=cfg.remat, poison=poison, unroll=cfg.unroll)
         flops = layer_flops(model, jax.eval_shape(model.pre, x).shape) if cfg.stage_split == "auto" else None
         bounds = chunk_bounds(cfg.stage_split, model.num_layers, stages * cfg.repeats, flops)
         return run_hetero_pipeline(model, x, schedule, bounds, train=train, key=key, poison=poison)
