@@ -208,8 +208,8 @@ def _split_operands(text: str) -> list[str]:
     return items
 
 
-def _parse_instruction(line: str) -> _Instruction | None:
-    """The instruction on ``line`` if it is a collective (or an async part of one), else None."""
+def parse_instruction(line: str) -> _Instruction | None:
+    """The HLO instruction on ``line`` (name, result shape, opcode, operands, attributes), else None."""
     line = _COMMENT.sub("", line)  # long tuples carry /*index=5*/ markers
     head = _INSTRUCTION.match(line)
     if head is None:
@@ -219,12 +219,18 @@ def _parse_instruction(line: str) -> _Instruction | None:
     except (ValueError, IndexError):
         return None
     opcode = _OPCODE.match(line, pos)
-    if opcode is None or _kind(opcode["opcode"])[0] is None:
+    if opcode is None:
         return None
     open_at = opcode.end() - 1
     end = _close(line, open_at)
     operands = _split_operands(line[open_at + 1 : end - 1])
     return _Instruction(head["name"], shape, opcode["opcode"], operands, line[end:])
+
+
+def _parse_instruction(line: str) -> _Instruction | None:
+    """The instruction on ``line`` if it is a collective (or an async part of one), else None."""
+    inst = parse_instruction(line)
+    return inst if inst is not None and _kind(inst.opcode)[0] is not None else None
 
 
 def _attr(attrs: str, key: str) -> str | None:

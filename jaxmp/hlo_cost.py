@@ -26,18 +26,14 @@ from typing import NamedTuple
 
 from jaxmp.analysis import (
     _CALLEE,
-    _COMMENT,
-    _INSTRUCTION,
-    _OPCODE,
     _TRIP_COUNT,
     Shape,
     _Array,
-    _close,
+    _Instruction,
     _itemsize_bits,
     _leaves,
     _lines_by_computation,
-    _parse_shape,
-    _split_operands,
+    parse_instruction,
 )
 
 _NO_TRAFFIC = {
@@ -63,31 +59,6 @@ class HloCost(NamedTuple):
     bytes_accessed: float
 
 
-class _Line(NamedTuple):
-    name: str
-    shape: Shape
-    opcode: str
-    operands: list[str]
-    attrs: str
-
-
-def _parse(line: str) -> _Line | None:
-    line = _COMMENT.sub("", line)
-    head = _INSTRUCTION.match(line)
-    if head is None:
-        return None
-    try:
-        shape, pos = _parse_shape(line, head.end())
-    except (ValueError, IndexError):
-        return None
-    opcode = _OPCODE.match(line, pos)
-    if opcode is None:
-        return None
-    open_at = opcode.end() - 1
-    end = _close(line, open_at)
-    return _Line(head["name"], shape, opcode["opcode"], _split_operands(line[open_at + 1 : end - 1]), line[end:])
-
-
 def _elements(shape: Shape) -> int:
     return sum(math.prod(leaf.dims) for leaf in _leaves(shape))
 
@@ -101,7 +72,7 @@ def _dims(attrs: str, key: str) -> list[int]:
     return [int(d) for d in match[1].split(",") if d.strip()] if match else []
 
 
-def _dot_flops(inst: _Line, shapes: dict[str, Shape]) -> float:
+def _dot_flops(inst: _Instruction, shapes: dict[str, Shape]) -> float:
     lhs = shapes.get(inst.operands[0]) if inst.operands else None
     if not isinstance(lhs, _Array):
         return 0.0
@@ -114,7 +85,7 @@ def _dot_flops(inst: _Line, shapes: dict[str, Shape]) -> float:
     return 2.0 * _elements(inst.shape) * math.prod(lhs.dims[d] for d in contracting)
 
 
-def _conv_flops(inst: _Line, shapes: dict[str, Shape]) -> float:
+def _conv_flops(inst: _Instruction, shapes: dict[str, Shape]) -> float:
     kernel = shapes.get(inst.operands[1]) if len(inst.operands) > 1 else None
     labels = re.search(r"dim_labels=\w+_(\w+)->", inst.attrs)
     if not isinstance(kernel, _Array) or labels is None or "o" not in labels[1]:
@@ -123,16 +94,16 @@ def _conv_flops(inst: _Line, shapes: dict[str, Shape]) -> float:
     return 2.0 * _elements(inst.shape) * math.prod(kernel.dims) / max(outputs, 1)
 
 
-def _computations(hlo_text: str) -> dict[str, list[_Line]]:
-    bodies: dict[str, list[_Line]] = {}
+def _computations(hlo_text: str) -> dict[str, list[_Instruction]]:
+    bodies: dict[str, list[_Instruction]] = {}
     for computation, line in _lines_by_computation(hlo_text):
-        inst = _parse(line)
+        inst = parse_instruction(line)
         if inst:
             bodies.setdefault(computation, []).append(inst)
     return bodies
 
 
-def _callees(inst: _Line) -> list[tuple[str, str, int]]:
+def _callees(inst: _Instruction) -> list[tuple[str, str, int]]:
     """(key, computation, times per call) for every computation ``inst`` calls."""
     trip = _TRIP_COUNT.search(inst.attrs)
     found = []
