@@ -252,3 +252,24 @@ def print_sharding_report(params, mesh: jax.sharding.Mesh, console=None, opt_sta
         table.add_row("optimizer state", "", "", f"{opt_bytes:,}")
         table.add_row("params + optimizer", "", "", f"{total + opt_bytes:,}", style="bold")
     console.print(table)
+
+
+def batch_axes(activation_names: tuple[str | None, ...], mesh) -> tuple[str, ...]:
+    """The mesh axes (of more than one device) that split the activations' batch dimension."""
+    rules = active_rules()
+    if rules is None or mesh.empty or not activation_names or activation_names[0] is None:
+        return ()
+    axes = logical_to_spec(activation_names[:1], rules)[0]
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    return tuple(a for a in axes if a != "pipe" and mesh.shape.get(a, 1) > 1)
+
+
+def rules_without_axes(rules: Rules | None, axes: set[str]) -> Rules | None:
+    """``rules`` with the mesh axes ``axes`` dropped from every entry (they are manual inside a shard_map)."""
+    if rules is None:
+        return None
+    kept = {}
+    for name, entry in rules.items():
+        left = tuple(a for a in ((entry,) if isinstance(entry, str) else (entry or ())) if a not in axes)
+        kept[name] = left[0] if len(left) == 1 else (left or None)
+    return kept

@@ -37,7 +37,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from jaxmp.pipeline.schedule import Schedule
-from jaxmp.sharding import active_rules, constrain, logical_to_spec, use_rules
+from jaxmp.sharding import active_rules, batch_axes, constrain, rules_without_axes, use_rules
 
 REMAT_POLICIES = {
     "none": None,
@@ -215,7 +215,7 @@ def _stage_runner(run_chunk: Callable, stacked, schedule: Schedule, activation_n
     params_RxSxL = stage_view(stacked, schedule)
     mesh = jax.sharding.get_abstract_mesh()
     pipe = schedule.stages > 1 and not mesh.empty and mesh.shape.get("pipe", 1) > 1
-    replicas = _batch_axes(activation_names, mesh)
+    replicas = batch_axes(activation_names, mesh)
     if schedule.stages > 1 and not pipe:
         return params_RxSxL, jax.vmap(run_chunk, in_axes=(1, 0, 0, 0))
     local_stages = _local_stages(run_chunk)
@@ -224,7 +224,7 @@ def _stage_runner(run_chunk: Callable, stacked, schedule: Schedule, activation_n
     copies = int(np.prod([mesh.shape[a] for a in replicas]))
     params_DxRxSxL = jax.tree.map(lambda a: jnp.broadcast_to(a[None], (copies, *a.shape)), params_RxSxL)
     stage_axis = "pipe" if pipe else None
-    inner_rules = _without_axes(active_rules(), {*replicas, "pipe"})
+    inner_rules = rules_without_axes(active_rules(), {*replicas, "pipe"})
 
     def per_device(params_1xRxSxL, repeat_S, inputs_SxBx, busy_S):
         with use_rules(inner_rules):  # the model's constraints name only the automatic axes in here
@@ -237,24 +237,3 @@ def _stage_runner(run_chunk: Callable, stacked, schedule: Schedule, activation_n
         axis_names={*replicas, *(("pipe",) if pipe else ())},
     )
     return params_DxRxSxL, run_stages
-
-
-def _batch_axes(activation_names: tuple[str | None, ...], mesh) -> tuple[str, ...]:
-    """The mesh axes (of more than one device) that split the activations' batch dimension."""
-    rules = active_rules()
-    if rules is None or mesh.empty or not activation_names or activation_names[0] is None:
-        return ()
-    axes = logical_to_spec(activation_names[:1], rules)[0]
-    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    return tuple(a for a in axes if a != "pipe" and mesh.shape.get(a, 1) > 1)
-
-
-def _without_axes(rules, axes: set[str]):
-    """``rules`` with the mesh axes ``axes`` dropped from every entry (they are manual inside a shard_map)."""
-    if rules is None:
-        return None
-    kept = {}
-    for name, entry in rules.items():
-        left = tuple(a for a in ((entry,) if isinstance(entry, str) else (entry or ())) if a not in axes)
-        kept[name] = left[0] if len(left) == 1 else (left or None)
-    return kept
