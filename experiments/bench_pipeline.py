@@ -50,6 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from bench_step import loss_rtol  # the same loss check as the step benchmark
 from flax import nnx
 
 from jaxmp.analysis import collectives, memory_and_flops
@@ -57,13 +58,6 @@ from jaxmp.config import Config
 from jaxmp.mesh import MeshShape, build_mesh, simulate_cpu_devices
 from jaxmp.pipeline import gpipe
 from jaxmp.step import Program, build_program, cross_entropy, make_optimizer
-
-
-def loss_rtol(dtype: str) -> float:
-    """1e-5 for float32 on CPU; looser where the arithmetic itself is rounded (bfloat16, or the TF32
-    matmuls that GPUs use for float32 by default), since two correct programs then round differently."""
-    return 1e-5 if dtype == "float32" and jax.default_backend() == "cpu" else 2e-2
-
 
 HLO_OPS = ("dot", "copy", "transpose", "dynamic-slice", "dynamic-update-slice", "while", "fusion")
 MiB = 2**20

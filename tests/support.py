@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -61,3 +63,26 @@ def loss_and_grads(cfg: Config, mesh: jax.sharding.Mesh, *, poison: bool = False
     loss, grads = program.grad_step(program.init(), *program.put_batch(xs[0], ys[0]))
     flat = jax.tree_util.tree_flatten_with_path(grads)[0]
     return float(loss), {path_name(path): np.asarray(g) for path, g in flat}
+
+
+def assert_same(got, expected, rtol: float = 1e-5) -> None:
+    """Two ``loss_and_grads`` results agree: the loss, and every gradient (relative to its largest entry)."""
+    loss, grads = got
+    ref_loss, ref_grads = expected
+    np.testing.assert_allclose(loss, ref_loss, rtol=rtol)
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:
+        scale = np.abs(ref_grads[name]).max()
+        np.testing.assert_allclose(grads[name], ref_grads[name], rtol=rtol, atol=rtol * scale, err_msg=name)
+
+
+def run_module(module: str, *args: str, cwd=None, timeout: int = 120) -> subprocess.CompletedProcess:
+    """``python -m module args`` in a fresh process (exit codes and stderr as a user sees them)."""
+    command = [sys.executable, "-m", module, *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+
+
+def assert_one_line_error(stderr: str, message: str = "") -> None:
+    """The project's rule for bad input: one line, ``error: ...``, no traceback, naming ``message``."""
+    assert stderr.startswith("error: ") and stderr.count("\n") == 1 and "Traceback" not in stderr, stderr
+    assert message in stderr, stderr

@@ -6,10 +6,9 @@ two run the real ``python -m jaxmp.train`` to check the process exit code itself
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
+from support import assert_one_line_error, run_module
 
 import jaxmp.loop
 from jaxmp.train import main
@@ -111,16 +110,9 @@ def test_failed_run_keeps_the_old_metrics_file(metrics, monkeypatch):
     ("argv", "message"), [(["--lr", "x"], "--lr"), (["--cpu-devices", "4", "--mesh", "data=8"], "8")]
 )
 def test_process_exit_code_is_2(argv, message, tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "jaxmp.train", *argv],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=120,
-    )
+    result = run_module("jaxmp.train", *argv, cwd=tmp_path)
     assert result.returncode == 2
-    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
-    assert "Traceback" not in result.stderr and message in result.stderr
+    assert_one_line_error(result.stderr, message)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -163,13 +155,7 @@ def test_help_lists_every_option_with_its_default(capsys):
 def test_default_run_learns_digits(tmp_path):
     """``python -m jaxmp.train`` with defaults: >= 0.9 eval accuracy, and a complete metrics file."""
     path = tmp_path / "metrics.jsonl"
-    result = subprocess.run(
-        [sys.executable, "-m", "jaxmp.train", "--metrics-file", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,
-    )
+    result = run_module("jaxmp.train", "--metrics-file", str(path), cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in path.read_text().splitlines()]
     steps, final = records[:-1], records[-1]

@@ -1,13 +1,13 @@
 """FSDP (ZeRO-3): parameters and optimizer state also split over the batch's mesh axes; same losses.
 
 The memory claim is read off the compiled program (``memory_analysis()`` of the init function: the
-train state each device holds), not computed from formulas. That FSDP leaves the losses unchanged is
-checked where a run is restored onto FSDP shardings (``test_checkpoint.py``: the stacked MLP with Adam
-on data=4,tensor=2, and mlp-1024 as a shard_map/lax.switch pipeline on data=4,pipe=2).
+train state each device holds), not computed from formulas. Loss and every gradient equal one device,
+with and without a pipeline; runs restored onto FSDP shardings are checked in ``test_checkpoint.py``.
 """
 
+import pytest
 from jax.sharding import PartitionSpec as P
-from support import CLASSES, IMAGE, small_config
+from support import CLASSES, IMAGE, assert_same, loss_and_grads, single_device_mesh, small_config
 
 from jaxmp.mesh import MeshShape, build_mesh
 from jaxmp.sharding import sharding_report
@@ -21,6 +21,22 @@ def params_of(program):
 
 def specs(program) -> dict[str, P]:
     return {row.name: row.spec for row in sharding_report(params_of(program))}
+
+
+@pytest.mark.parametrize(
+    ("model", "strategy", "shape", "microbatches"),
+    [
+        ("mlp", "tp", MeshShape(4, 2), 1),
+        ("mlp", "dp", MeshShape(2, 2, 2), 4),
+        ("mnist-cnn", "hybrid", MeshShape(4, 2), 1),
+        ("mlp-1024", "tp", MeshShape(4, 1, 2), 2),
+    ],
+    ids=str,
+)
+def test_fsdp_loss_and_gradients_match_one_device(model, strategy, shape, microbatches):
+    cfg = small_config(model, strategy, depth=4, batch_size=32)
+    fsdp = cfg.replace(fsdp=True, microbatches=microbatches)
+    assert_same(loss_and_grads(fsdp, build_mesh(shape)), loss_and_grads(cfg, single_device_mesh()))
 
 
 def test_fsdp_adds_data_to_the_largest_whole_dimension():

@@ -3,7 +3,7 @@ tensor axes too; bubbles are poisoned with NaN and must not reach the result."""
 
 import numpy as np
 import pytest
-from support import CLASSES, IMAGE, loss_and_grads, single_device_mesh, small_config
+from support import CLASSES, IMAGE, assert_same, loss_and_grads, single_device_mesh, small_config
 
 from jaxmp.config import ConfigError
 from jaxmp.mesh import MeshShape, build_mesh
@@ -11,17 +11,6 @@ from jaxmp.pipeline import gpipe, render
 from jaxmp.step import build_program
 
 RTOL = 1e-5
-
-
-def assert_same(got, expected):
-    loss, grads = got
-    ref_loss, ref_grads = expected
-    np.testing.assert_allclose(loss, ref_loss, rtol=RTOL)
-    assert grads.keys() == ref_grads.keys()
-    for name in grads:
-        scale = np.abs(ref_grads[name]).max()
-        np.testing.assert_allclose(grads[name], ref_grads[name], rtol=RTOL, atol=RTOL * scale, err_msg=name)
-
 
 CASES = [
     # (stages, microbatches, repeats, data, tensor)

@@ -7,11 +7,8 @@ device" compiles in seconds.
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
-from support import CLASSES, IMAGE, small_config
+from support import CLASSES, IMAGE, assert_one_line_error, run_module, small_config
 
 from jaxmp.hardware import HARDWARE, get_hardware
 from jaxmp.mesh import MeshShape
@@ -107,17 +104,11 @@ def test_hardware_table_has_sources():
 )
 def test_bad_input_one_line_exit_2(argv, message, capsys):
     assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1 and message in err
+    assert_one_line_error(capsys.readouterr().err, message)
 
 
 def test_process_exit_code_and_json(tmp_path):
-    bad = subprocess.run(
-        [sys.executable, "-m", "jaxmp.plan", "--devices", "2", "--cpu-devices", "2", "--hardware", "gpu"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=tmp_path,
-    )
-    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
+    bad = run_module("jaxmp.plan", "--devices", "2", "--cpu-devices", "2", "--hardware", "gpu", cwd=tmp_path)
+    assert bad.returncode == 2
+    assert_one_line_error(bad.stderr)
     assert list(tmp_path.iterdir()) == []
