@@ -89,14 +89,16 @@ def conv_dense_contrast(batch: int = 128) -> list[str]:
     from jaxmp.analysis import collectives
     from jaxmp.config import Config
     from jaxmp.models import build_model
-    from jaxmp.pipeline.hetero import layer_flops
+    from jaxmp.models.contract import model_parts
+    from jaxmp.pipeline import layer_flops
     from jaxmp.step import build_program
 
     cfg = Config().replace(model="mnist-cnn", batch_size=batch)
-    model = build_model(cfg.model, (28, 28, 1), 10, nnx.Rngs(0))  # concrete: layer_flops runs its layers
-    flops = layer_flops(model, (batch, 28, 28, 1))
-    names = ("conv1", "conv2", "fc1", "fc2", "fc3")
-    weights = [sum(x.size for x in jax.tree.leaves(nnx.state(getattr(model, n), nnx.Param))) for n in names]
+    model = nnx.eval_shape(lambda: build_model(cfg.model, (28, 28, 1), 10, nnx.Rngs(0)))
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    flops, _ = layer_flops(model_parts(model), params, jax.ShapeDtypeStruct((batch, 28, 28, 1), "float32"))
+    names = ("conv1", "conv2", "pool+flatten", "fc1", "fc2", "fc3")
+    weights = [sum(x.size for x in jax.tree.leaves(params["layers"].get(k, {}))) for k in range(len(names))]
     lines = [
         f"## Conv vs dense: MNIST CNN (28x28), batch {batch}, 2 devices (`--mesh tensor=2`)",
         "",

@@ -8,8 +8,9 @@ state belongs to, and the data position, i.e. the number of batches consumed).
 Why restore needs only the *target* shardings: Orbax reads each device's slice of every array from
 the stored chunks (``ShapeDtypeStruct(sharding=...)`` targets), so a state saved on
 ``data=2,tensor=2,pipe=2`` lands directly on ``data=4,tensor=2`` or ``pipe=4``. That works because
-the parameter tree never depends on the mesh: stacked layers stay in layer order and pipeline stages
-only change shardings.
+the saved parameter tree never depends on the mesh: a pipelined run packs each stage's parameters into
+its own buffers, and ``Program.to_saved`` / ``from_saved`` convert them to and from the model's own
+layer order, so a run saved on ``pipe=2`` resumes on ``pipe=4``, on another split or on one device.
 
 Why nothing is ever lost: Orbax writes ``DIR/<step>.orbax-checkpoint-tmp-*`` and renames it when
 every shard is on disk, so a run killed mid-save leaves a temporary folder that restore ignores (and
@@ -125,7 +126,7 @@ def restore(cfg: Config, program: Program, input_shape: tuple[int, ...], classes
         item = ocp.StandardCheckpointer().restore(os.path.join(path, "state"), target)
     except Exception as err:  # noqa: BLE001 (TensorStore raises bare Exception for damaged data)
         raise ConfigError(f"checkpoint {path} cannot be read ({_first_line(err)}).") from None
-    return Restored(from_item(item), step, path)
+    return Restored(program.from_saved(from_item(item)), step, path)
 
 
 def _first_line(err: Exception) -> str:
@@ -222,9 +223,11 @@ def from_item(item: dict[str, Any]) -> TrainState:
 
 
 def _abstract_item(program: Program) -> dict[str, Any]:
-    """Shapes, dtypes and target shardings of the saved form of ``program``'s state."""
-    abstract = program.state_abstract or jax.eval_shape(program.init.compiled)
-    item, item_sh = to_item_abstract(abstract), to_item_abstract(program.state_shardings)
+    """Shapes, dtypes and target shardings of the saved form of ``program``'s state (parameters in the
+    model's own layer order, so any split, placement or mesh can read it)."""
+    abstract = program.saved_abstract
+    item = to_item_abstract(abstract)
+    item_sh = to_item_abstract(jax.tree.map(lambda a: a.sharding, abstract))
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), item, item_sh)
 
 
@@ -239,16 +242,19 @@ def to_item_abstract(state: TrainState) -> dict[str, Any]:
 class Saver:
     """Saves checkpoints of one run into ``--checkpoint-dir`` (asynchronously; :meth:`close` waits).
 
+    ``program`` converts its states to the saved form (layer order); without it, states are saved as given.
+
     Created only after every check passed, so a run with bad input never creates the folder.
     """
 
-    def __init__(self, cfg: Config, input_shape: tuple[int, ...], classes: int):
+    def __init__(self, cfg: Config, input_shape: tuple[int, ...], classes: int, program: Program | None = None):
         import orbax.checkpoint as ocp
 
         self._ocp = ocp
         self.directory = os.path.abspath(cfg.checkpoint.checkpoint_dir)
         self.every = cfg.checkpoint.checkpoint_every
         self._signature = signature(cfg, input_shape, classes)
+        self._to_saved = program.to_saved if program is not None else (lambda state: state)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=cfg.checkpoint.keep, create=True, cleanup_tmp_directories=True
         )
@@ -264,7 +270,9 @@ class Saver:
             return
         ocp = self._ocp
         meta = {**self._signature, "step": step, "data_position": {"batches_consumed": step}}
-        args = ocp.args.Composite(state=ocp.args.StandardSave(to_item(state)), meta=ocp.args.JsonSave(meta))
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(to_item(self._to_saved(state))), meta=ocp.args.JsonSave(meta)
+        )
         self._manager.save(step, args=args, force=True)
         self.last_saved = step
 

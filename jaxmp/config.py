@@ -110,7 +110,14 @@ class PipelineConfig:
         choices=REMATS,
     )
     stage_split: str = _opt(
-        "uniform", "stage boundaries: uniform, auto (balanced by FLOPs) or layer counts per stage, e.g. 1,3"
+        "uniform",
+        "chunk boundaries: uniform, auto (balanced by FLOPs), auto-memory (balanced by parameter bytes) or "
+        "layer counts per chunk, e.g. 1,3 (a stacked layer of depth L counts L)",
+    )
+    placement: str | None = _opt(
+        None,
+        "device along pipe of each layer (consecutive layers on one device form a chunk), e.g. 0,1,1,0, or of "
+        "each chunk of --stage-split; default: chunk c on device c % pipe",
     )
     unroll: bool = _opt(
         False,

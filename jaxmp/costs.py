@@ -2,7 +2,7 @@
 
 Shapes: B = global batch, b = rows one data replica (or one micro-batch) sees, D = residual width,
 F = flattened features, t = devices on ``tensor``, S = stages, M = micro-batches, R = repeats,
-T = ticks = ``gpipe(S, M, R).ticks`` (``M*R + S - 1`` when S divides M), L = layers.
+T = ticks = ``gpipe(S, M, R).ticks`` (``2*(M*R + S - 1)`` when S divides M), L = layers.
 
 Per device and per step, in elements (the counting conventions of :mod:`jaxmp.analysis`):
 
@@ -19,13 +19,14 @@ Per device and per step, in elements (the counting conventions of :mod:`jaxmp.an
   unless a column layer precedes it (pair) or it is first. A residual Megatron block therefore costs
   ``2*b*D``. ``hybrid`` adds the all-gather of the flattened conv features from the conv batch split
   to the dense one: ``b*F*(g-1)/g`` over the extra axes (Krizhevsky 2014).
-- pipeline (GPipe as one SPMD program, :mod:`jaxmp.pipeline.gpipe`): every tick every stage runs its
-  ``L/(S*R)`` layers on one micro-batch, bubbles included, so tensor-parallel layers inside stages run
-  T times; the activation buffer rotates one stage per tick, one collective-permute of ``b*D`` each way:
-  ``2*T*b*D``; the finished micro-batches leave the last stage by an all-reduce of ``M*b*D`` over
-  ``pipe`` and the input cotangents come back by one of ``T*b*D``. The textbook's minimum is
-  ``b*D`` per boundary per micro-batch each way; the ring's extra ticks are the bubble's share. The
-  bubble is ``(S-1)/(M*R+S-1)`` of the stage-ticks.
+- pipeline (GPipe as one SPMD program, :mod:`jaxmp.pipeline.engine`): the table's forward phase and its
+  backward phase take ``T/2`` ticks each; each of their ticks moves one micro-batch activation (or
+  cotangent) ``b*D`` one stage on, one collective-permute: ``T/2*b*D`` each way, where the textbook's
+  minimum is ``b*D`` per boundary per micro-batch each way (the extra ticks are the bubble's share).
+  The bubble is ``(S-1)/(M*R+S-1)`` of the stage-ticks. No weight or gradient crosses ``pipe``; the
+  gradients of each stage's buffers are summed over the batch axes once per step. Tensor-parallel
+  layers inside stages run in per-stage branches, whose collectives the loop counts of the compiled
+  program cannot attribute to ticks, so pipelined runs leave ``tensor`` uncovered.
 
 Where a model/strategy has no closed form here (convolutions split by channel, heterogeneous pipeline
 buffers), the axis is listed in ``Prediction.uncovered`` and only measured numbers are shown.
@@ -42,7 +43,6 @@ from flax import nnx
 from jaxmp.config import Config
 from jaxmp.models import build_model
 from jaxmp.models.cnn import MnistCNN, TextbookDense
-from jaxmp.models.layers import LayerSequence
 from jaxmp.models.mlp import MLP1024, ResidualMLP
 from jaxmp.pipeline import is_pipelined, schedule_for
 from jaxmp.sharding import axis_size, param_specs, path_name, rules_for
@@ -81,6 +81,7 @@ class _Context(NamedTuple):
     rules: dict
     model: nnx.Module
     params: dict  # path name -> (global shape, spec, logical names)
+    pipeline: object = None  # jaxmp.pipeline.Pipeline of a pipelined program
 
 
 def _axes(mesh: jax.sharding.Mesh, axes) -> tuple[str, ...]:
@@ -113,7 +114,23 @@ def _context(cfg: Config, mesh: jax.sharding.Mesh, input_shape: tuple[int, ...],
     ):
         names = tuple(var.get_metadata().get("out_sharding") or ())
         params[path_name(path)] = (tuple(var.get_value().shape), spec, names)
-    return _Context(cfg, mesh, rules, model, params)
+    pipeline = None
+    if is_pipelined(cfg.pipeline, mesh.shape["pipe"]):
+        from jaxmp.step import build_program  # builds the layout only; nothing is compiled
+
+        pipeline = build_program(cfg, mesh, input_shape, classes).pipeline
+    return _Context(cfg, mesh, rules, model, params, pipeline)
+
+
+def _stage_buffer_terms(ctx: _Context) -> list[Expected]:
+    totals: dict[tuple[str, ...], int] = {}
+    plan = ctx.pipeline.train
+    for buffer in plan.packing.buffers.values():
+        axes = tuple(a for a in plan.batch_axes if a not in buffer.tile_axes)
+        if axes:
+            totals[axes] = totals.get(axes, 0) + buffer.size
+    formula = "stage buffer elements per device (padded to the largest stage)"
+    return [Expected("gradients (data parallelism)", "all-reduce", axes, n, formula) for axes, n in totals.items()]
 
 
 def _batch_rows(ctx: _Context, logical: str = "batch") -> int:
@@ -121,7 +138,13 @@ def _batch_rows(ctx: _Context, logical: str = "batch") -> int:
 
 
 def data_parallel_terms(ctx: _Context) -> list[Expected]:
-    """Each gradient all-reduced once over its layer's batch axes minus its own axes."""
+    """Each gradient all-reduced once over its layer's batch axes minus its own axes.
+
+    Pipelined, each stage's gradient buffers (padded to the largest stage) are summed over the axes
+    that split the batch, minus those a buffer is tiled over (FSDP scatters those instead).
+    """
+    if ctx.pipeline is not None:
+        return _stage_buffer_terms(ctx)
     totals: dict[tuple[str, ...], int] = {}
     for shape, spec, names in ctx.params.values():
         batch = ctx.rules.get("conv_batch" if "channels" in names else "batch")
@@ -145,7 +168,11 @@ class _Run(NamedTuple):
 
 
 def _dense_runs(ctx: _Context) -> list[_Run] | None:
-    """The dense layers in the order data flows through them, or None if there is no closed form."""
+    """The dense layers in the order data flows through them, or None if there is no closed form.
+
+    Pipelined programs have none: their tensor-parallel layers run inside per-stage branches, which the
+    compiled program's loop counts cannot attribute to ticks (see :mod:`jaxmp.analysis`).
+    """
     model, mesh, cfg = ctx.model, ctx.mesh, ctx.cfg
 
     def layer(name: str, first: bool) -> _Dense:
@@ -155,25 +182,25 @@ def _dense_runs(ctx: _Context) -> list[_Run] | None:
         return _Dense(name, shape[-2], shape[-1], col=split[1], row=split[0], first=first)
 
     rows = _batch_rows(ctx)
+    if is_pipelined(cfg.pipeline, mesh.shape["pipe"]):
+        return None
     if isinstance(model, TextbookDense):
-        return [_Run([layer("layer", True)], rows, 1, "")]
+        return [_Run([layer("layers.0.linear", True)], rows, 1, "")]
     if isinstance(model, MLP1024):
-        return [_Run([layer(f"layers.{k}", k == 0) for k in range(model.num_layers)], rows, 1, "")]
+        return [_Run([layer(f"layers.{k}.linear", k == 0) for k in range(len(model.layers))], rows, 1, "")]
     if isinstance(model, MnistCNN):
-        if "tensor" in _spec_axes(ctx.params["conv1.kernel"][1]):
+        if "tensor" in _spec_axes(ctx.params["layers.0.conv.kernel"][1]):
             return None  # conv channels split over tensor: no closed form here
-        return [_Run([layer(name, False) for name in ("fc1", "fc2", "fc3")], rows, 1, "")]
+        return [_Run([layer(f"layers.{k}.linear", False) for k in (3, 4, 5)], rows, 1, "")]
     if isinstance(model, ResidualMLP):
-        depth = ctx.params["blocks.up.kernel"][0][0]
-        blocks = [layer("blocks.up", False), layer("blocks.down", False)]
-        ends = [_Run([layer("embed", True)], rows, 1, ""), _Run([layer("head", False)], rows, 1, "")]
-        stages = mesh.shape["pipe"]
-        if not is_pipelined(cfg.pipeline, stages):
-            return [*ends, _Run(blocks, rows, depth, "L*")]
-        schedule = schedule_for(cfg.pipeline, stages)
-        per_tick = depth // (stages * schedule.repeats)
-        return [*ends, _Run(blocks, rows // schedule.microbatches, schedule.ticks * per_tick, "T*L/(S*R)*")]
+        depth = ctx.params[f"{_BLOCKS}.up.kernel"][0][0]
+        blocks = [layer(f"{_BLOCKS}.up", False), layer(f"{_BLOCKS}.down", False)]
+        ends = [_Run([layer("pre.linear", True)], rows, 1, ""), _Run([layer("post.linear", False)], rows, 1, "")]
+        return [*ends, _Run(blocks, rows, depth, "L*")]
     return None
+
+
+_BLOCKS = "layers.0.layer"  # the stacked Megatron blocks of ResidualMLP
 
 
 def tensor_terms(ctx: _Context) -> list[Expected] | None:
@@ -188,7 +215,7 @@ def tensor_terms(ctx: _Context) -> list[Expected] | None:
             a for a in _axes(ctx.mesh, ctx.rules.get("conv_batch")) if a not in _axes(ctx.mesh, ctx.rules.get("batch"))
         ]
         if extra:
-            shape = ctx.params["fc1.kernel"][0]
+            shape = ctx.params["layers.3.linear.kernel"][0]
             g = axis_size(ctx.mesh, tuple(extra))
             elements = _batch_rows(ctx) * shape[0] * (g - 1) // g
             terms.append(Expected("conv -> dense features", "all-gather", tuple(extra), elements, "b*F*(g-1)/g"))
@@ -242,22 +269,24 @@ def _dense_terms(chain: list[_Dense], rows: int, times: int, t: int, where: str)
 
 
 def pipeline_terms(ctx: _Context) -> list[Expected] | None:
-    """Ring shifts and the pipeline's entry/exit exchanges over ``pipe``; None if unknown (heterogeneous)."""
+    """Activations and cotangents between stages over ``pipe``; None if unknown (stages of other shapes).
+
+    The GPipe table's forward phase takes ``T/2`` ticks and so does its backward; each tick of a phase
+    moves one micro-batch activation (``b*D``) one stage on, every device at once (one collective-permute).
+    No parameter or gradient crosses ``pipe``: each stage's are on its own devices.
+    """
     stages = ctx.mesh.shape["pipe"]
     if stages == 1 or not is_pipelined(ctx.cfg.pipeline, stages):
         return []
-    if isinstance(ctx.model, LayerSequence):
+    if not isinstance(ctx.model, ResidualMLP):
         return None
     schedule = schedule_for(ctx.cfg.pipeline, stages)
     b = _batch_rows(ctx) // schedule.microbatches
-    width = ctx.params["blocks.up.kernel"][0][-2]
-    ticks, m = schedule.ticks, schedule.microbatches
-    pipe = ("pipe",)
+    width = ctx.params[f"{_BLOCKS}.up.kernel"][0][-2]
+    half, pipe = schedule.ticks // 2, ("pipe",)
     return [
-        Expected("stage shift, forward", "collective-permute", pipe, ticks * b * width, "T*b*D"),
-        Expected("stage shift, backward", "collective-permute", pipe, ticks * b * width, "T*b*D"),
-        Expected("outputs leave the last stage", "all-reduce", pipe, m * b * width, "M*b*D"),
-        Expected("input cotangents of stage 0", "all-reduce", pipe, ticks * b * width, "T*b*D"),
+        Expected("activations, forward", "collective-permute", pipe, half * b * width, "T/2*b*D"),
+        Expected("cotangents, backward", "collective-permute", pipe, half * b * width, "T/2*b*D"),
     ]
 
 

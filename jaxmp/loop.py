@@ -31,6 +31,7 @@ from jaxmp.distributed import initialize, is_main_process
 from jaxmp.mesh import mesh_from_spec, simulate_cpu_devices
 from jaxmp.metrics import MetricsWriter, carried_records, check_metrics_path, check_tensorboard
 from jaxmp.models import check_strategy
+from jaxmp.pipeline.packing import print_stage_report
 from jaxmp.profiling import StepProfiler, check_profile
 from jaxmp.sharding import print_sharding_report
 from jaxmp.step import Program, TrainState, build_program, put_global
@@ -285,7 +286,7 @@ def run(cfg: Config, console=None) -> Summary:
     )
     saver = None
     if cfg.checkpoint.checkpoint_dir:
-        saver = Saver(cfg, setup.dataset.x_train.shape[1:], setup.dataset.num_classes)
+        saver = Saver(cfg, setup.dataset.x_train.shape[1:], setup.dataset.num_classes, setup.program)
     try:
         progress, on_step = _progress_bar(console, setup.steps, start)
         with progress:
@@ -307,6 +308,8 @@ def _print_report(setup: Setup, console) -> None:
     program = setup.program
     abstract = program.state_abstract
     print_sharding_report(abstract.params, program.mesh, console, opt_state=abstract.opt_state)
+    if program.pipeline is not None:
+        print_stage_report(program.pipeline.packing, console)
 
 
 def _progress_bar(console, total: int, completed: int = 0):

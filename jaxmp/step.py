@@ -21,8 +21,11 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxmp.config import Config, ConfigError, OptimConfig
-from jaxmp.models import build_model
-from jaxmp.pipeline import check_pipeline, make_forward
+from jaxmp.models import build_model, check_strategy
+from jaxmp.models.contract import ModelParts, apply_model, model_parts
+from jaxmp.models.layers import LayerContext
+from jaxmp.pipeline import Pipeline, build_pipeline, is_pipelined, split_microbatches
+from jaxmp.pipeline import run as run_pipeline
 from jaxmp.sharding import (
     axis_size,
     check_divisible,
@@ -30,6 +33,7 @@ from jaxmp.sharding import (
     logical_to_spec,
     param_specs,
     rules_for,
+    rules_without_axes,
     use_rules,
 )
 
@@ -54,8 +58,12 @@ class Program(NamedTuple):
     init: Callable[[], TrainState]
     train_step: Any
     eval_step: Any
-    grad_step: Any  # (state, x, y) -> (loss, grads): what a train step would apply, for checks
+    grad_step: Any  # (state, x, y) -> (loss, grads in the model's layer order): what a step would apply
     state_abstract: TrainState | None = None  # shapes, dtypes and shardings of the state, without compiling
+    saved_abstract: TrainState | None = None  # the same for the saved form (parameters in layer order)
+    to_saved: Any = None  # state -> saved form (pipelined: the stage buffers unpacked into layer order)
+    from_saved: Any = None  # saved form -> state
+    pipeline: Any = None  # the pipeline's plans and packing (jaxmp.pipeline.Pipeline), when pipelined
 
     def put_batch(self, x, y) -> tuple[jax.Array, jax.Array]:
         """Place a host batch on the mesh with the shardings the compiled steps expect."""
@@ -109,6 +117,17 @@ def cross_entropy(logits_BxC: jax.Array, y_B: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits_BxC.astype(jnp.float32), y_B)
 
 
+def loss_head(logits_BxC: jax.Array, y_B: jax.Array, weights_B: jax.Array) -> dict:
+    """The train loss of some examples: their cross-entropy, weighted (``1/B`` each gives the mean)."""
+    return {"loss": (cross_entropy(logits_BxC, y_B) * weights_B).sum()}
+
+
+def eval_head(logits_BxC: jax.Array, y_B: jax.Array, mask_B: jax.Array) -> dict:
+    """Summed loss and correct predictions of the examples ``mask_B`` counts."""
+    correct = (jnp.argmax(logits_BxC, -1) == y_B).astype(jnp.float32)
+    return {"loss_sum": (cross_entropy(logits_BxC, y_B) * mask_B).sum(), "correct": (correct * mask_B).sum()}
+
+
 def _batch_spec(names: tuple[str, ...], ndim: int, rules) -> PartitionSpec:
     return logical_to_spec(names + (None,) * (ndim - 1), rules)
 
@@ -135,69 +154,111 @@ class _Layout(NamedTuple):
     """Shardings of the train state and of a batch, derived from the rules table."""
 
     graphdef: nnx.GraphDef
+    parts: ModelParts
     state: TrainState
     x: NamedSharding
     y: NamedSharding
+    layer_params: Any  # NamedSharding per parameter in the model's own layer order (the saved form)
+    pipeline: Pipeline | None  # the pipeline's plans and packing, when pipelined
 
 
-def _layout(cfg: Config, mesh, rules, tx, init_fn, input_shape, classes) -> _Layout:
-    """Param shardings from logical names, optimizer shardings following them, batch shardings."""
-    abstract_model = nnx.eval_shape(lambda: build_model(cfg.model, input_shape, classes, nnx.Rngs(0)))
-    graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
+def _layout(cfg: Config, mesh, rules, tx, make_model, input_shape) -> _Layout:
+    """Param shardings from logical names (packed per stage when pipelined), optimizer shardings
+    following them, batch shardings."""
+    abstract_model = nnx.eval_shape(lambda: _construct(make_model, 0))
+    parts = model_parts(abstract_model)
+    graphdef, abstract_state = nnx.split(abstract_model, nnx.Param)
     input_axis = getattr(type(abstract_model), "INPUT_BATCH_AXIS", "batch")
     x_spec = _batch_spec((input_axis,), 1 + len(input_shape), rules)
     y_spec = _batch_spec(("batch",), 1, rules)
     _check_batch(cfg.run.batch_size, x_spec, mesh)
-    parts = _check_batch(cfg.run.batch_size, y_spec, mesh)
-    check_pipeline(cfg.pipeline, abstract_model, mesh, cfg.run.batch_size, parts)
-    specs = param_specs(abstract_params, rules)
+    _check_batch(cfg.run.batch_size, y_spec, mesh)
+    pipelined = is_pipelined(cfg.pipeline, mesh.shape["pipe"])
+    param_rules = rules_without_axes(rules, {"pipe"}) if pipelined else rules
+    specs = param_specs(abstract_state, param_rules)
     if cfg.model.fsdp:
-        specs = fsdp_specs(abstract_params, specs, mesh, rules)
-    check_divisible(abstract_params, specs, mesh)
+        specs = fsdp_specs(abstract_state, specs, mesh, rules)
+    check_divisible(abstract_state, specs, mesh)
     specs = nnx.to_pure_dict(specs)
+    layer_params_sh = _full_tree_shardings(specs, mesh)
+    pipeline = None
+    params_sh = layer_params_sh
+    if pipelined:
+        x_struct = jax.ShapeDtypeStruct((cfg.run.batch_size, *input_shape), jnp.float32)
+        axes = tuple(dict.fromkeys(a for spec in (x_spec, y_spec) for a in _spec_axes(spec[0]) if mesh.shape[a] > 1))
+        with jax.set_mesh(mesh), use_rules(rules):
+            pipeline = build_pipeline(
+                cfg.pipeline, parts, nnx.to_pure_dict(abstract_state), specs, mesh, x_struct, axes
+            )
+        params_sh = _full_tree_shardings(pipeline.packing.buffer_specs(), mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
-    params_sh = _full_tree_shardings(specs, mesh)
+    abstract_params = pipeline.packing.abstract_buffers() if pipeline else nnx.to_pure_dict(abstract_state)
     opt_sh = optax.tree_map_params(
         tx,
         lambda _, sharding: sharding,
-        jax.eval_shape(init_fn).opt_state,
+        jax.eval_shape(tx.init, abstract_params),
         params_sh,
         transform_non_params=lambda _: replicated,
     )
     state_sh = TrainState(params_sh, opt_sh, replicated, replicated)
-    return _Layout(graphdef, state_sh, NamedSharding(mesh, x_spec), NamedSharding(mesh, y_spec))
+    x_sh, y_sh = NamedSharding(mesh, x_spec), NamedSharding(mesh, y_spec)
+    return _Layout(graphdef, parts, state_sh, x_sh, y_sh, layer_params_sh, pipeline)
+
+
+def _spec_axes(entry) -> tuple[str, ...]:
+    return () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
 
 
 def build_program(
-    cfg: Config, mesh: jax.sharding.Mesh, input_shape: tuple[int, ...], classes: int, *, poison: bool = False
+    cfg: Config,
+    mesh: jax.sharding.Mesh,
+    input_shape: tuple[int, ...],
+    classes: int,
+    *,
+    model_fn: Callable[[nnx.Rngs], nnx.Module] | None = None,
+    poison: bool = False,
+    masked: bool = True,
 ) -> Program:
     """Build, shard and compile the init, train and eval functions of ``cfg`` on ``mesh``.
 
     Args:
-      poison: fill pipeline bubbles with NaN (tests prove they never reach the result).
+      model_fn: ``rngs -> model`` for a model of your own (the layer-list contract of
+        ``jaxmp.models.contract``); default: the preset ``cfg.model``.
+      poison: start the pipeline's stash and messages as NaN (tests prove they never reach the result).
+      masked: tests only: ``False`` writes every pipeline message, needed or not (the poison must show).
 
     Raises:
-      ConfigError: a parameter dimension or the batch does not divide the mesh axes it is split over,
-        or the model cannot be pipelined as asked.
+      ConfigError: the model breaks the layer-list contract, a parameter dimension or the batch does not
+        divide the mesh axes it is split over, or the model cannot be pipelined as asked.
     """
     rules = rules_for(cfg.model.strategy)
     tx = make_optimizer(cfg.optim)
-    forward = make_forward(cfg.pipeline, mesh.shape["pipe"], poison=poison)
+    if model_fn is None:
+        check_strategy(cfg.model)
+
+        def model_fn(rngs):
+            return build_model(cfg.model, input_shape, classes, rngs)
+
+    layout = _layout(cfg, mesh, rules, tx, model_fn, input_shape)
+    if layout.pipeline is not None and poison or not masked:
+        with jax.set_mesh(mesh), use_rules(rules):
+            layout = layout._replace(pipeline=_test_plans(layout.pipeline, poison, masked))
+    to_state = layout.pipeline.packing.pack if layout.pipeline else (lambda params: params)
 
     def init_fn() -> TrainState:
-        model = build_model(cfg.model, input_shape, classes, nnx.Rngs(params=cfg.run.seed))
-        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))  # plain dicts: fast pytree flattening per call
+        model = _construct(model_fn, cfg.run.seed)
+        params = to_state(nnx.to_pure_dict(nnx.state(model, nnx.Param)))  # plain dicts: fast flattening per call
         return TrainState(params, tx.init(params), jnp.zeros((), jnp.int32), jax.random.key(cfg.run.seed + 1))
 
-    layout = _layout(cfg, mesh, rules, tx, init_fn, input_shape, classes)
-
-    def loss_fn(params, x, y, key):
-        logits = forward(nnx.merge(layout.graphdef, params), x, train=True, key=key)
-        return cross_entropy(logits, y).mean()
+    loss_and_grad, evaluate = _objectives(cfg, layout)
 
     def grad_step(state: TrainState, x, y):
         key = jax.random.fold_in(state.key, state.step)
-        return jax.value_and_grad(loss_fn)(state.params, x, y, key)
+        return loss_and_grad(state.params, x, y, key)
+
+    def layer_grad_step(state: TrainState, x, y):
+        loss, grads = grad_step(state, x, y)
+        return loss, layout.pipeline.packing.unpack(grads) if layout.pipeline else grads
 
     def train_step(state: TrainState, x, y):
         loss, grads = grad_step(state, x, y)
@@ -207,13 +268,51 @@ def build_program(
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}  # finite both => params stay finite
         return TrainState(params, opt_state, state.step + 1, state.key), metrics
 
-    def eval_step(params, x, y, mask):
-        logits = forward(nnx.merge(layout.graphdef, params), x, train=False)
-        correct = (jnp.argmax(logits, -1) == y).astype(jnp.float32)
-        return {"loss_sum": (cross_entropy(logits, y) * mask).sum(), "correct": (correct * mask).sum()}
+    steps = _Steps(init_fn, train_step, layer_grad_step, evaluate)
+    return _compile_program(mesh, rules, layout, steps, cfg.run.batch_size, input_shape, tx)
 
-    steps = _Steps(init_fn, train_step, grad_step, eval_step)
-    return _compile_program(mesh, rules, layout, steps, cfg.run.batch_size, input_shape)
+
+def _construct(model_fn: Callable[[nnx.Rngs], nnx.Module], seed: int) -> nnx.Module:
+    """The model, with Flax's eager sharding off: logical names are the rules table's business, and the
+    parameters are placed by the init step's ``out_shardings`` (born sharded)."""
+    with nnx.use_eager_sharding(False):
+        return model_fn(nnx.Rngs(params=seed))
+
+
+def _test_plans(pipeline: Pipeline, poison: bool, masked: bool) -> Pipeline:
+    return pipeline._replace(
+        train=pipeline.train._replace(poison=poison, masked=masked),
+        eval=pipeline.eval._replace(poison=poison, masked=masked),
+    )
+
+
+def _objectives(cfg: Config, layout: _Layout):
+    """``(params, x, y, key) -> (loss, grads)`` and ``(params, x, y, mask) -> sums``, plain or pipelined."""
+    batch = cfg.run.batch_size
+    pipeline = layout.pipeline
+    if pipeline is None:
+
+        def loss_fn(params, x, y, key):
+            ctx = LayerContext(True, key, jnp.arange(x.shape[0]))
+            logits = apply_model(layout.parts, params, x, ctx)
+            return loss_head(logits, y, jnp.full(y.shape, 1.0 / batch))["loss"]
+
+        def evaluate(params, x, y, mask):
+            return eval_head(apply_model(layout.parts, params, x, LayerContext()), y, mask)
+
+        return jax.value_and_grad(loss_fn), evaluate
+    microbatches = pipeline.train.schedule.microbatches
+
+    def loss_and_grad(params, x, y, key):
+        data = [split_microbatches(a, microbatches) for a in (x, y, jnp.full(y.shape, 1.0 / batch))]
+        sums, grads = run_pipeline(pipeline.train, params, *data, key, loss_head, train=True)
+        return sums["loss"], grads
+
+    def evaluate(params, x, y, mask):
+        data = [split_microbatches(a, pipeline.eval.schedule.microbatches) for a in (x, y, mask)]
+        return run_pipeline(pipeline.eval, params, *data, jax.random.key(0), eval_head, train=False)
+
+    return loss_and_grad, evaluate
 
 
 class _Steps(NamedTuple):
@@ -223,7 +322,7 @@ class _Steps(NamedTuple):
     eval: Callable
 
 
-def _compile_program(mesh, rules, layout: _Layout, steps: _Steps, batch, input_shape) -> Program:
+def _compile_program(mesh, rules, layout: _Layout, steps: _Steps, batch, input_shape, tx) -> Program:
     """Every step function, lowered and compiled ahead of time on first use (``.compiled`` forces it)."""
     replicated = NamedSharding(mesh, PartitionSpec())
     state_sh = layout.state
@@ -265,14 +364,71 @@ def _compile_program(mesh, rules, layout: _Layout, steps: _Steps, batch, input_s
     grad = _LazyCompiled(
         lambda: compile_here(
             jax.jit(
-                steps.grad, in_shardings=(state_sh, layout.x, layout.y), out_shardings=(replicated, state_sh.params)
+                steps.grad,
+                in_shardings=(state_sh, layout.x, layout.y),
+                out_shardings=(replicated, layout.layer_params),
             ),
             state_abs,
             x_abs,
             y_abs,
         )
     )
-    return Program(mesh, layout.graphdef, state_sh, layout.x, layout.y, init, train, evaluate, grad, state_abs)
+    saved_abs, to_saved, from_saved = _saved_form(layout, tx, state_abs, compile_here)
+    return Program(
+        mesh,
+        layout.graphdef,
+        state_sh,
+        layout.x,
+        layout.y,
+        init,
+        train,
+        evaluate,
+        grad,
+        state_abs,
+        saved_abs,
+        to_saved,
+        from_saved,
+        layout.pipeline,
+    )
+
+
+def _saved_form(layout: _Layout, tx, state_abs: TrainState, compile_here):
+    """The state as checkpoints hold it (parameters and optimizer moments in the model's own layer
+    order, whatever the split, placement or mesh) and the two conversions."""
+    if layout.pipeline is None:
+        return state_abs, (lambda state: state), (lambda state: state)
+    packing = layout.pipeline.packing
+    packed_def = jax.tree.structure(state_abs.params)
+    layer_def = jax.tree.structure(layout.layer_params)
+    replicated = NamedSharding(layout.x.mesh, PartitionSpec())
+
+    def convert(state: TrainState, fn, tree_def) -> TrainState:
+        def is_params(node) -> bool:
+            return jax.tree.structure(node) == tree_def
+
+        opt_state = jax.tree.map(lambda node: fn(node) if is_params(node) else node, state.opt_state, is_leaf=is_params)
+        return TrainState(fn(state.params), opt_state, state.step, state.key)
+
+    def unpack(state):
+        return convert(state, packing.unpack, packed_def)
+
+    def pack(state):
+        return convert(state, packing.pack, layer_def)
+
+    saved_params = jax.eval_shape(packing.unpack, state_abs.params)
+    saved_opt = jax.eval_shape(tx.init, saved_params)
+    opt_sh = optax.tree_map_params(
+        tx, lambda _, sharding: sharding, saved_opt, layout.layer_params, transform_non_params=lambda _: replicated
+    )
+    saved_sh = TrainState(layout.layer_params, opt_sh, replicated, replicated)
+    saved_abs = jax.tree.map(
+        lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+        TrainState(saved_params, saved_opt, state_abs.step, state_abs.key),
+        saved_sh,
+    )
+    to_saved = _LazyCompiled(lambda: compile_here(jax.jit(unpack, out_shardings=saved_sh), state_abs))
+    from_saved = _LazyCompiled(lambda: compile_here(jax.jit(pack, out_shardings=layout.state), saved_abs))
+    return saved_abs, to_saved, from_saved
 
 
 def _compiler(mesh: jax.sharding.Mesh, rules):

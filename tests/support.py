@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import math
+import pathlib
 import subprocess
 import sys
 
@@ -32,9 +34,36 @@ def fixed_batches(steps: int, batch: int, seed: int = 0) -> tuple[np.ndarray, np
     return xs, ys
 
 
-def losses_on(cfg: Config, mesh: jax.sharding.Mesh, steps: int = 20) -> np.ndarray:
+OWN = "own"  # the README's example model (not a preset), in place of a preset name
+
+
+@functools.cache
+def readme_model_class():
+    """``MyModel`` from the README's "Your own model" section: the documented code is the tested code."""
+    text = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    section = text[text.index("## Your own model") :]
+    code = section[section.index("```python\n") + len("```python\n") :]
+    namespace: dict = {}
+    exec(code[: code.index("\n```")], namespace)  # noqa: S102 (our own README)
+    return namespace["MyModel"]
+
+
+def model_fn_for(model: str):
+    """``rngs -> model`` for the README's model, None for a preset."""
+    if model != OWN:
+        return None
+    cls = readme_model_class()
+    return lambda rngs: cls(math.prod(IMAGE), CLASSES, rngs)
+
+
+def build(cfg: Config, mesh, model: str = "", **kw):
+    """``build_program`` for a preset or (``model=OWN``) the README's model."""
+    return build_program(cfg, mesh, IMAGE, CLASSES, model_fn=model_fn_for(model), **kw)
+
+
+def losses_on(cfg: Config, mesh: jax.sharding.Mesh, steps: int = 20, model: str = "") -> np.ndarray:
     """The loss of each of ``steps`` train steps of ``cfg`` on ``mesh``."""
-    program = build_program(cfg, mesh, IMAGE, CLASSES)
+    program = build(cfg, mesh, model)
     xs, ys = fixed_batches(steps, cfg.run.batch_size)
     state, losses = program.init(), []
     for x, y in zip(xs, ys, strict=True):
@@ -48,17 +77,19 @@ def single_device_mesh() -> jax.sharding.Mesh:
 
 
 @functools.cache
-def reference_losses(cfg: Config, steps: int = 20) -> np.ndarray:
-    """Losses on one device; the strategy does not matter there, so it is normalised away."""
-    return losses_on(cfg, single_device_mesh(), steps)
+def reference_losses(cfg: Config, steps: int = 20, model: str = "") -> np.ndarray:
+    """Losses on one device."""
+    return losses_on(cfg, single_device_mesh(), steps, model)
 
 
 @functools.cache
-def loss_and_grads(cfg: Config, mesh: jax.sharding.Mesh, *, poison: bool = False, seed: int = 0):
+def loss_and_grads(
+    cfg: Config, mesh: jax.sharding.Mesh, *, poison: bool = False, seed: int = 0, model: str = "", masked: bool = True
+):
     """Loss and gradients of one batch at initialisation, as host numpy (grads keyed by param name)."""
     from jaxmp.sharding import path_name
 
-    program = build_program(cfg, mesh, IMAGE, CLASSES, poison=poison)
+    program = build(cfg, mesh, model, poison=poison, masked=masked)
     xs, ys = fixed_batches(1, cfg.run.batch_size, seed)
     loss, grads = program.grad_step(program.init(), *program.put_batch(xs[0], ys[0]))
     flat = jax.tree_util.tree_flatten_with_path(grads)[0]

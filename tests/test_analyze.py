@@ -188,10 +188,10 @@ def test_note_for_gradients_reduced_inside_a_loop():
 
 def test_note_for_a_moved_weight():
     cfg, program, _ = report_for(MeshShape(tensor=2))
-    moved = coll("all-gather", ("tensor",), (2, WIDTH, HIDDEN))  # shaped like blocks.up.kernel
+    moved = coll("all-gather", ("tensor",), (2, WIDTH, HIDDEN))  # shaped like layers.0.layer.up.kernel
     activation = coll("all-gather", ("tensor",), (16, WIDTH))
     notes = _weight_moves(cfg, program, [moved, activation])
-    assert len(notes) == 1 and "moves weight blocks.up.kernel" in notes[0] and "constrain" in notes[0]
+    assert len(notes) == 1 and "moves weight layers.0.layer.up.kernel" in notes[0] and "constrain" in notes[0]
 
 
 def test_compare_marks_each_status():
@@ -238,7 +238,7 @@ def test_cli_json_reports_the_textbook_numbers():
         (["--model", "resnet"], "--model 'resnet' is not one of"),
         (["--mesh", "data=16"], "needs 16 devices but 8 are available"),
         (["--model", "dense", "--strategy", "tp"], "does not apply to --model dense"),
-        (["--hidden", "100", "--mesh", "tensor=8"], "blocks.down.kernel"),
+        (["--hidden", "100", "--mesh", "tensor=8"], "layers.0.layer.down.kernel"),
     ],
 )
 def test_bad_input_one_line_exit_2(argv, message, capsys):

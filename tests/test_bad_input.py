@@ -99,7 +99,7 @@ CASES = [
     (
         [*RESUME, "--steps", "4", "--width", "64"],
         "meta-width-64",
-        "params.blocks.down.bias has shape (2, 32), this run needs (2, 64)",
+        "params.layers.0.layer.down.bias has shape (2, 32), this run needs (2, 64)",
     ),
     ([*RESUME, "--steps", "4"], "index-garbage", "is corrupt: its array index"),
     ([*RESUME, "--steps", "4"], "arrays-truncated", "cannot be read (Encountered error while reading array"),
@@ -156,7 +156,7 @@ def test_checkpoint_with_another_dtype(tmp_path, capsys):
     program = build_program(cfg, mesh_from_spec("data=8"), (8, 8, 1), 10)
     state = program.init()
     cast = state._replace(params=jax.tree.map(lambda a: a.astype(jnp.bfloat16), state.params))
-    saver = Saver(cfg, (8, 8, 1), 10)
+    saver = Saver(cfg, (8, 8, 1), 10, program)
     saver.save(2, cast)
     saver.close()
     before = snapshot(tmp_path)
@@ -164,5 +164,5 @@ def test_checkpoint_with_another_dtype(tmp_path, capsys):
         main([*SMALL, "--optimizer", "adam", "--steps", "4", "--checkpoint-dir", str(tmp_path / "ck"), "--resume"]) == 2
     )
     err = capsys.readouterr().err
-    assert "params.blocks.down.bias has dtype bfloat16, this run needs float32" in err, err
+    assert "params.layers.0.layer.down.bias has dtype bfloat16, this run needs float32" in err, err
     assert snapshot(tmp_path) == before

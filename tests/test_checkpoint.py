@@ -94,13 +94,13 @@ def test_layer_sequence_checkpoint_restores_onto_a_pipeline_with_fsdp(tmp_path):
 
     program_a = build_program(cfg, build_mesh(mesh_a), IMAGE, CLASSES)
     state, _ = steps(program_a, program_a.init(), zip(xs[:3], ys[:3], strict=True))
-    saver = Saver(cfg, IMAGE, CLASSES)
+    saver = Saver(cfg, IMAGE, CLASSES, program_a)
     saver.save(3, state)
     saver.close()
     _, reference = steps(program_a, state, zip(xs[3:], ys[3:], strict=True))
     cfg_b = cfg.replace(microbatches=2, fsdp=True, resume=True)
     program_b = build_program(cfg_b, build_mesh(mesh_b), IMAGE, CLASSES)
-    assert "data" in str(program_b.state_shardings.params["layers"][0]["kernel"].spec)
+    assert "data" in str(program_b.state_shardings.params["layers"][0]["linear"]["kernel"].spec)
     restored = restore(cfg_b, program_b, IMAGE, CLASSES)
     assert restored.step == 3 and int(restored.state.step) == 3
     _, got = steps(program_b, restored.state, zip(xs[3:], ys[3:], strict=True))

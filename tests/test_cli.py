@@ -55,7 +55,7 @@ BAD_INPUTS = [
     (["--model", "resnet"], "--model 'resnet' is not one of mlp, mlp-1024"),
     (["--dataset", "imagenet"], "--dataset 'imagenet' is not one of"),
     (["--strategy", "column"], "--strategy column does not apply to --model mlp"),
-    (["--hidden", "100", "--mesh", "tensor=8"], "blocks.down.kernel of shape (2, 100, 128)"),
+    (["--hidden", "100", "--mesh", "tensor=8"], "layers.0.layer.down.kernel of shape (2, 100, 128)"),
     (["--batch-size", "60", "--mesh", "data=8"], "--batch-size 60 is not divisible by 8"),
     (["--batch-size", "5000"], "larger than the 1437 training examples"),
     (["--batch-size", "0"], "--batch-size must be positive, got 0"),
@@ -163,4 +163,4 @@ def test_default_run_learns_digits(tmp_path):
     assert all(r["step_time_s"] > 0 and r["loss"] > 0 for r in steps)
     assert steps[-1]["loss"] < steps[0]["loss"] / 5
     assert final["eval_accuracy"] >= 0.9
-    assert "blocks.up.kernel" in result.stdout and "eval accuracy" in result.stdout
+    assert "layers.0.layer.up.kernel" in result.stdout and "eval accuracy" in result.stdout

@@ -76,7 +76,7 @@ def test_hybrid_reduces_conv_gradients_over_all_devices_and_dense_over_data():
     params = program.init().params
     colls = collectives(program.train_step.compiled.as_text(), mesh)
     everywhere = Counter(c.elements for c in over(colls, ("data", "tensor")) if c.elements > 1)
-    assert everywhere == _shard_sizes({k: params[k] for k in ("conv1", "conv2")})
+    assert everywhere == _shard_sizes({k: params["layers"][k] for k in (0, 1)})
     assert all(c.count == 1 for c in colls)
 
 

@@ -42,19 +42,19 @@ def test_fsdp_loss_and_gradients_match_one_device(model, strategy, shape, microb
 def test_fsdp_adds_data_to_the_largest_whole_dimension():
     mesh = build_mesh(MeshShape(data=4, tensor=2))
     got = specs(build_program(small_config("mlp", "tp", fsdp=True), mesh, IMAGE, CLASSES))
-    assert got["embed.kernel"] == P("data", None)  # (144, 32): 144 is the larger dim
-    assert got["blocks.up.kernel"] == P("pipe", "data", "tensor")  # (2, 32, 64): column split kept
-    assert got["blocks.down.kernel"] == P("pipe", "tensor", "data")  # (2, 64, 32): row split kept
-    assert got["head.kernel"] == P("data", None)  # (32, 10)
-    assert got["blocks.up.bias"] == P("pipe", ("tensor", "data"))  # (2, 64): no whole dim left, split further
-    assert got["head.bias"] == P(None)  # 10 classes do not divide over 4 devices: stays whole
+    assert got["pre.linear.kernel"] == P("data", None)  # (144, 32): 144 is the larger dim
+    assert got["layers.0.layer.up.kernel"] == P("pipe", "data", "tensor")  # (2, 32, 64): column split kept
+    assert got["layers.0.layer.down.kernel"] == P("pipe", "tensor", "data")  # (2, 64, 32): row split kept
+    assert got["post.linear.kernel"] == P("data", None)  # (32, 10)
+    assert got["layers.0.layer.up.bias"] == P("pipe", ("tensor", "data"))  # (2, 64): no whole dim left, split further
+    assert got["post.linear.bias"] == P(None)  # 10 classes do not divide over 4 devices: stays whole
 
 
 def test_fsdp_under_dp_uses_every_batch_axis():
     mesh = build_mesh(MeshShape(data=2, tensor=4))
     got = specs(build_program(small_config("mlp", "dp", fsdp=True), mesh, IMAGE, CLASSES))
-    assert got["embed.kernel"] == P(("data", "tensor"), None)
-    assert got["head.bias"] == P("data")  # 10 is not divisible by 8, but by data=2
+    assert got["pre.linear.kernel"] == P(("data", "tensor"), None)
+    assert got["post.linear.bias"] == P("data")  # 10 is not divisible by 8, but by data=2
 
 
 def test_fsdp_divides_the_per_device_state_by_data():

@@ -62,7 +62,7 @@ def test_infeasible_shapes_say_why(planned):
     reasons = {tuple(r.mesh): r.reason for r in rows if not r.feasible}
     assert "need at least 4 layers" in reasons[(2, 1, 4)] and "need at least 8 layers" in reasons[(1, 1, 8)]
     assert (
-        reasons[(1, 8, 1)].startswith("does not divide: parameter blocks.")
+        reasons[(1, 8, 1)].startswith("does not divide: parameter layers.0.layer.")
         and "60 is not divisible by 8" in reasons[(1, 8, 1)]
     )
     assert reasons[(8, 1, 1)].startswith("does not fit: needs")

@@ -16,41 +16,41 @@ from jaxmp.step import build_program
 P = jax.P
 T = "tensor"
 MLP_TP = {
-    "embed.kernel": P(None, None),
-    "embed.bias": P(None),
-    "head.kernel": P(None, None),
-    "head.bias": P(None),
+    "pre.linear.kernel": P(None, None),
+    "pre.linear.bias": P(None),
+    "post.linear.kernel": P(None, None),
+    "post.linear.bias": P(None),
     # stacked blocks: a leading `layers` axis, on `pipe` (size 1 here unless pipelined)
-    "blocks.norm.scale": P("pipe", None),
-    "blocks.norm.bias": P("pipe", None),
-    "blocks.up.kernel": P("pipe", None, T),
-    "blocks.up.bias": P("pipe", T),
-    "blocks.down.kernel": P("pipe", T, None),
-    "blocks.down.bias": P("pipe", None),
+    "layers.0.layer.norm.scale": P("pipe", None),
+    "layers.0.layer.norm.bias": P("pipe", None),
+    "layers.0.layer.up.kernel": P("pipe", None, T),
+    "layers.0.layer.up.bias": P("pipe", T),
+    "layers.0.layer.down.kernel": P("pipe", T, None),
+    "layers.0.layer.down.bias": P("pipe", None),
 }
 MLP1024_TP = {
-    "layers.0.kernel": P(None, T),
-    "layers.0.bias": P(T),
-    "layers.1.kernel": P(T, None),
-    "layers.1.bias": P(None),
-    "layers.2.kernel": P(None, T),
-    "layers.2.bias": P(T),
-    "layers.3.kernel": P(T, None),
-    "layers.3.bias": P(None),
+    "layers.0.linear.kernel": P(None, T),
+    "layers.0.linear.bias": P(T),
+    "layers.1.linear.kernel": P(T, None),
+    "layers.1.linear.bias": P(None),
+    "layers.2.linear.kernel": P(None, T),
+    "layers.2.linear.bias": P(T),
+    "layers.3.linear.kernel": P(T, None),
+    "layers.3.linear.bias": P(None),
 }
 CNN_TP = {
-    "conv1.kernel": P(None, None, None, T),
-    "conv1.bias": P(T),
-    "conv2.kernel": P(None, None, None, T),
-    "conv2.bias": P(T),
-    "fc1.kernel": P(None, T),
-    "fc1.bias": P(T),
-    "fc2.kernel": P(T, None),
-    "fc2.bias": P(None),
-    "fc3.kernel": P(None, None),
-    "fc3.bias": P(None),
+    "layers.0.conv.kernel": P(None, None, None, T),
+    "layers.0.conv.bias": P(T),
+    "layers.1.conv.kernel": P(None, None, None, T),
+    "layers.1.conv.bias": P(T),
+    "layers.3.linear.kernel": P(None, T),
+    "layers.3.linear.bias": P(T),
+    "layers.4.linear.kernel": P(T, None),
+    "layers.4.linear.bias": P(None),
+    "layers.5.linear.kernel": P(None, None),
+    "layers.5.linear.bias": P(None),
 }
-CNN_HYBRID = {name: spec if name.startswith("fc") else P(*[None] * len(spec)) for name, spec in CNN_TP.items()}
+CNN_HYBRID = {name: spec if ".linear." in name else P(*[None] * len(spec)) for name, spec in CNN_TP.items()}
 
 
 def replicated(table):
@@ -111,7 +111,7 @@ def test_initialised_arrays_carry_the_specs_and_adam_state_follows_params():
 def test_report_bytes_per_device_divide_by_the_split():
     state = build("mlp", "tp").init()
     rows = {row.name: row for row in sharding_report(state.params)}
-    up, norm = rows["blocks.up.kernel"], rows["blocks.norm.scale"]
+    up, norm = rows["layers.0.layer.up.kernel"], rows["layers.0.layer.norm.scale"]
     assert up.shape == (2, 32, 64) and up.bytes_per_device == 2 * 32 * 64 * 4 // 4
     assert norm.bytes_per_device == 2 * 32 * 4
 

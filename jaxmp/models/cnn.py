@@ -1,4 +1,5 @@
-"""The MNIST CNN of the classic model-parallelism tutorials, and the textbook dense layer.
+"""The MNIST CNN of the classic model-parallelism tutorials, and the textbook dense layer, as lists of
+layers (``jaxmp.models.contract``).
 
 Shapes: B = batch, H/W = image height/width, C = channels, F = flattened features, K = classes.
 """
@@ -10,33 +11,61 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxmp.config import ConfigError
-from jaxmp.models.layers import (
-    LayerContext,
-    LayerSequence,
-    activation_fn,
-    channel_dropout,
-    conv3x3,
-    dense,
-    flatten_features,
-    pad_features,
-)
+from jaxmp.models.layers import LayerContext, activation_fn, channel_dropout, conv3x3, flatten_features
+from jaxmp.models.mlp import Dense, FlatInput
 from jaxmp.sharding import constrain
 
 
-class MnistCNN(LayerSequence, nnx.Module):
-    """Conv(C->32, 3x3) - Dropout2d(0.5) - Conv(32->64, 3x3) - Dropout2d(0.75) - max-pool 2 - flatten -
-    Linear(F->128) - Linear(128->20) - Linear(20->K) - log-softmax.
+class ConvDropout(nnx.Module):
+    """Conv(3x3) - activation - Dropout2d: one layer of the tutorial CNN."""
 
-    Faithful to the tutorial: no activations unless ``activation`` says so (then after each conv and
-    the first two linear layers). Any input size of at least 6x6 works (28x28 gives F = 9216). Conv
-    activations are named ``conv_batch`` and dense ones ``batch``, so the ``hybrid`` strategy can run the
-    convolutions data-parallel and the dense layers tensor-parallel (Krizhevsky 2014), with XLA
-    resharding the flattened features in between. As a layer sequence (for heterogeneous pipelines) it
-    has five layers: conv1, conv2 (with pooling and flattening), fc1, fc2, fc3.
+    def __init__(self, c_in: int, c_out: int, rate: float, salt: int, *, activation: str, rngs: nnx.Rngs, dtype):
+        self.conv = conv3x3(c_in, c_out, rngs=rngs, dtype=dtype)
+        self.rate, self.salt, self.activation = rate, salt, activation
+
+    def __call__(self, h_BxHxWxC: jax.Array, ctx: LayerContext) -> jax.Array:
+        h = channel_dropout(activation_fn(self.activation)(self.conv(h_BxHxWxC)), self.rate, ctx, salt=self.salt)
+        return constrain(h, ("conv_batch", None, None, "channels"))
+
+
+class PoolFlatten(nnx.Module):
+    """Max-pool 2x2, then flatten channel-major (as PyTorch's NCHW flatten): no parameters."""
+
+    def __call__(self, h_BxHxWxC: jax.Array, ctx: LayerContext | None = None) -> jax.Array:
+        h = nnx.max_pool(constrain(h_BxHxWxC, ("conv_batch", None, None, "channels")), (2, 2), strides=(2, 2))
+        return constrain(flatten_features(h), ("batch", "flat"))
+
+
+class LogSoftmax(nnx.Module):
+    """The tutorial's output: log-probabilities."""
+
+    def __call__(self, h: jax.Array, ctx: LayerContext | None = None) -> jax.Array:
+        return jax.nn.log_softmax(h)
+
+
+class _ImageInput(nnx.Module):
+    def __init__(self, dtype):
+        self.dtype = dtype
+
+    def __call__(self, x_BxHxWxC: jax.Array, ctx: LayerContext | None = None) -> jax.Array:
+        if x_BxHxWxC.ndim != 4:
+            raise ConfigError(f"--model mnist-cnn needs images (B, H, W, C), got shape {x_BxHxWxC.shape}.")
+        return constrain(x_BxHxWxC.astype(self.dtype), ("conv_batch", None, None, None))
+
+
+class MnistCNN(nnx.Module):
+    """Conv(C->32, 3x3) - Dropout2d(0.5) - Conv(32->64, 3x3) - Dropout2d(0.75) | max-pool 2 - flatten |
+    Linear(F->128) - Linear(128->20) - Linear(20->K), then log-softmax.
+
+    Six layers, as the tutorial wrote it, so its three-device split (the conv block, pool+flatten, the
+    dense block) is ``--stage-split 2,1,3``. Faithful: no activations unless ``activation`` says so (then
+    after each conv and the first two linear layers). Any input size of at least 6x6 works (28x28 gives
+    F = 9216). Conv activations are named ``conv_batch`` and dense ones ``batch``, so the ``hybrid``
+    strategy can run the convolutions data-parallel and the dense layers tensor-parallel (Krizhevsky
+    2014), with XLA resharding the flattened features in between.
     """
 
     INPUT_BATCH_AXIS = "conv_batch"
-    num_layers = 5
 
     def __init__(
         self, image_shape: tuple[int, int, int], classes: int, *, activation: str, rngs: nnx.Rngs, dtype=jnp.float32
@@ -45,33 +74,19 @@ class MnistCNN(LayerSequence, nnx.Module):
         pooled = ((height - 4) // 2, (width - 4) // 2)
         if min(pooled) < 1:
             raise ConfigError(f"--model mnist-cnn needs images of at least 6x6, the data has {height}x{width}.")
-        self.conv1 = conv3x3(channels, 32, rngs=rngs, dtype=dtype)
-        self.conv2 = conv3x3(32, 64, rngs=rngs, dtype=dtype)
-        self.fc1 = dense(pooled[0] * pooled[1] * 64, 128, ("flat", "mlp"), rngs=rngs, dtype=dtype)
-        self.fc2 = dense(128, 20, ("mlp", None), rngs=rngs, dtype=dtype)
-        self.fc3 = dense(20, classes, (None, "classes"), rngs=rngs, dtype=dtype)
-        self.activation = activation
-        self.dtype = dtype
-
-    def pre(self, x_BxHxWxC: jax.Array) -> jax.Array:
-        if x_BxHxWxC.ndim != 4:
-            raise ConfigError(f"--model mnist-cnn needs images (B, H, W, C), got shape {x_BxHxWxC.shape}.")
-        return constrain(x_BxHxWxC.astype(self.dtype), ("conv_batch", None, None, None))
-
-    def apply_layer(self, k: int, h: jax.Array, ctx: LayerContext) -> jax.Array:
-        act = activation_fn(self.activation)
-        if k == 0:
-            h = channel_dropout(act(self.conv1(h)), 0.5, ctx, salt=0)
-            return constrain(h, ("conv_batch", None, None, "channels"))
-        if k == 1:
-            h = channel_dropout(act(self.conv2(h)), 0.75, ctx, salt=1)
-            h = nnx.max_pool(constrain(h, ("conv_batch", None, None, "channels")), (2, 2), strides=(2, 2))
-            return constrain(flatten_features(h), ("batch", "flat"))
-        if k == 2:
-            return constrain(act(self.fc1(h)), ("batch", "mlp"))
-        if k == 3:
-            return act(self.fc2(h))
-        return jax.nn.log_softmax(self.fc3(h))
+        act = dict(activation=activation, rngs=rngs, dtype=dtype)
+        self.pre = _ImageInput(dtype)
+        self.layers = nnx.List(
+            [
+                ConvDropout(channels, 32, 0.5, 0, **act),
+                ConvDropout(32, 64, 0.75, 1, **act),
+                PoolFlatten(),
+                Dense(pooled[0] * pooled[1] * 64, 128, ("flat", "mlp"), out_names=("batch", "mlp"), **act),
+                Dense(128, 20, ("mlp", None), **act),
+                Dense(20, classes, (None, "classes"), rngs=rngs, dtype=dtype),
+            ]
+        )
+        self.post = LogSoftmax()
 
 
 class TextbookDense(nnx.Module):
@@ -89,8 +104,7 @@ class TextbookDense(nnx.Module):
             raise ConfigError(f"--model dense takes at most {self.FAN_IN} input features, the data has {features}.")
         if classes > self.FAN_OUT:
             raise ConfigError(f"--model dense has {self.FAN_OUT} outputs, the data has {classes} classes.")
-        self.layer = dense(self.FAN_IN, self.FAN_OUT, ("dense_in", "dense_out"), use_bias=False, rngs=rngs, dtype=dtype)
-
-    def __call__(self, x: jax.Array, *, train: bool = False, key: jax.Array | None = None) -> jax.Array:
-        x_BxF = pad_features(flatten_features(x), self.FAN_IN)
-        return self.layer(constrain(x_BxF, ("batch", None)))
+        self.pre = FlatInput(pad_to=self.FAN_IN, dtype=dtype)
+        self.layers = nnx.List(
+            [Dense(self.FAN_IN, self.FAN_OUT, ("dense_in", "dense_out"), use_bias=False, rngs=rngs, dtype=dtype)]
+        )

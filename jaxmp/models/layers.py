@@ -111,23 +111,41 @@ def channel_dropout(x_BxHxWxC: jax.Array, rate: float, ctx: LayerContext, salt: 
     return jnp.where(keep_Bx1x1xC, x_BxHxWxC / (1.0 - rate), jnp.zeros_like(x_BxHxWxC))
 
 
-class LayerSequence:
-    """Mixin for models that run as a list of layers of different shapes (pipelined heterogeneously).
+class Stacked(nnx.Module):
+    """``depth`` identical layers whose parameters are stacked on a leading ``layers`` axis.
 
-    A subclass defines ``pre(x)``, ``post(h)``, ``num_layers`` and ``apply_layer(k, h, ctx)``.
+    Applied by a ``lax.scan`` over that axis, so compile time stays flat in depth; the pipeline slices
+    the stack into contiguous runs of layers, one run per chunk (haliax's ``Stacked`` has the same idea).
+
+    Args:
+      make_layer: ``rngs -> layer``; called once under ``nnx.vmap``, so every layer has its own weights.
+      depth: number of layers.
     """
 
-    num_layers: int
+    def __init__(self, make_layer: Callable[[nnx.Rngs], nnx.Module], depth: int, *, rngs: nnx.Rngs):
+        @nnx.split_rngs(splits=depth)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def build(rngs: nnx.Rngs) -> nnx.Module:
+            return make_layer(rngs)
 
-    def __call__(self, x: jax.Array, *, train: bool = False, key: jax.Array | None = None) -> jax.Array:
-        ctx = LayerContext(train, key, jnp.arange(x.shape[0]))
-        h = self.pre(x)
-        for k in range(self.num_layers):
-            h = self.apply_layer(k, h, ctx)
-        return self.post(h)
+        self.layer = build(rngs)
+        self.depth = depth
 
-    def pre(self, x: jax.Array) -> jax.Array:
-        return x
+    def __call__(self, h: jax.Array, ctx: LayerContext) -> jax.Array:
+        graphdef, stacked = nnx.split(self.layer)
+        return scan_layers(graphdef, stacked, h, ctx)
 
-    def post(self, h: jax.Array) -> jax.Array:
-        return h
+
+def scan_layers(graphdef: nnx.GraphDef, stacked, h: jax.Array, ctx: LayerContext, *, unroll: bool = False, policy=None):
+    """Apply the layers whose parameters ``stacked`` carries on a leading axis, in order, by ``lax.scan``.
+
+    Args:
+      policy: a ``jax.checkpoint`` policy for each layer (None: no re-materialisation).
+    """
+
+    def one_layer(h, layer_params):
+        return nnx.merge(graphdef, layer_params)(h, ctx), None
+
+    if policy is not None:
+        one_layer = jax.checkpoint(one_layer, policy=policy, prevent_cse=False)
+    return jax.lax.scan(one_layer, h, stacked, unroll=unroll)[0]

@@ -1,93 +1,71 @@
-"""Pipeline parallelism: schedules as data (``schedule``), the scan executor (``gpipe``), and the glue
-that runs a model's stacked layers through it.
+"""Pipeline parallelism for any model written as a list of layers: schedules as data (``schedule``),
+chunks and their placement (``partition``), per-stage parameter buffers (``packing``), the messages a
+table implies (``transfers``) and the one executor (``engine``).
 
-Two kinds of model can be pipelined:
-- homogeneous: ``pre(x)``, a stacked ``blocks`` module (leading ``layers`` axis) and ``post(h)``; the
-  blocks run as ``S`` stages (x ``R`` repeats) over ``M`` micro-batches, each device running its own
-  stage inside a ``shard_map`` over ``pipe`` (``gpipe.run_pipeline``);
-- heterogeneous: a ``LayerSequence`` (layers of different shapes, e.g. conv then dense); chunks of
-  layers run under ``lax.switch`` in a ``shard_map`` over ``pipe`` (``hetero.run_hetero_pipeline``),
-  split ``uniform``ly, by ``auto`` FLOP balance, or by explicit layer counts (``partition``).
+:func:`build_pipeline` turns a config, a model's parts and a mesh into the static plans of a train step
+(forward and backward actions) and of evaluation (forwards only) that share one parameter packing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
-from flax import nnx
 
 from jaxmp.config import ConfigError, PipelineConfig
-from jaxmp.models.layers import LayerSequence
-from jaxmp.pipeline.gpipe import merge_microbatches, run_pipeline, split_microbatches
-from jaxmp.pipeline.hetero import layer_flops, run_hetero_pipeline
-from jaxmp.pipeline.partition import chunk_bounds
-from jaxmp.pipeline.schedule import Schedule, gpipe, render
+from jaxmp.models.contract import ModelParts, apply_part, part_bytes
+from jaxmp.models.layers import LayerContext
+from jaxmp.pipeline.engine import Plan, make_plan, run, split_microbatches
+from jaxmp.pipeline.packing import Packing, Piece, piece_params
+from jaxmp.pipeline.partition import chunks_and_placement
+from jaxmp.pipeline.schedule import Schedule, gpipe, naive, render
+from jaxmp.sharding import active_rules, axis_size, rules_without_axes
 
 __all__ = [
+    "Pipeline",
     "Schedule",
-    "check_pipeline",
+    "build_pipeline",
     "gpipe",
-    "make_forward",
-    "pipelined_forward",
+    "is_pipelined",
+    "naive",
     "render",
+    "run",
     "schedule_for",
+    "split_microbatches",
 ]
 
-Forward = Callable[..., jax.Array]
+REMAT_POLICIES = {
+    "none": None,
+    # save matmul results inside a chunk's re-run, recompute the cheap element-wise work
+    "stage": jax.checkpoint_policies.dots_saveable,
+    # keep nothing inside a chunk's re-run beyond each layer's input
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
+
+
+class Pipeline(NamedTuple):
+    """The static plans of one pipelined program."""
+
+    train: Plan
+    eval: Plan
+    packing: Packing
 
 
 def is_pipelined(cfg: PipelineConfig, stages: int) -> bool:
     """Whether the run needs the pipeline executor (more than one stage, micro-batch or repeat)."""
-    return stages > 1 or cfg.microbatches > 1 or cfg.repeats > 1
+    return stages > 1 or cfg.microbatches > 1 or cfg.repeats > 1 or cfg.placement is not None
 
 
-def schedule_for(cfg: PipelineConfig, stages: int) -> Schedule:
-    """The schedule table for ``stages`` pipeline stages under ``cfg``."""
+def schedule_for(cfg: PipelineConfig, stages: int, chunk_stage=None, *, backward: bool = True) -> Schedule:
+    """The schedule table of ``cfg`` for chunks placed on ``chunk_stage`` (default: contiguous/circular)."""
+    if cfg.schedule == "naive" and backward:
+        return naive(stages, cfg.repeats, placement=chunk_stage)
     microbatches = 1 if cfg.schedule == "naive" else cfg.microbatches
-    return gpipe(stages, microbatches, cfg.repeats)
+    return gpipe(stages, microbatches, cfg.repeats, placement=chunk_stage, backward=backward)
 
 
-def check_pipeline(
-    cfg: PipelineConfig, model: nnx.Module, mesh: jax.sharding.Mesh, batch: int, batch_parts: int
-) -> None:
-    """Raise ``ConfigError`` if ``model`` cannot run as ``pipe`` stages of ``cfg`` on this batch."""
-    stages = mesh.shape["pipe"]
-    if not is_pipelined(cfg, stages):
-        return
-    name = type(model).__name__
-    if isinstance(model, LayerSequence):
-        if mesh.shape["tensor"] > 1:
-            raise ConfigError(
-                f"model {name} has layers of different shapes; its pipeline runs with tensor=1 (tensor-parallel "
-                "collectives inside per-stage branches deadlock XLA's CPU runtime); use data and pipe axes."
-            )
-        if getattr(model, "dtype", jnp.float32) != jnp.float32:
-            raise ConfigError(
-                f"model {name} has layers of different shapes; its pipeline runs in float32 only (XLA:CPU fails to "
-                "compile the bfloat16 program); use --dtype float32."
-            )
-        chunk_bounds(cfg.stage_split, model.num_layers, stages * cfg.repeats)
-        _check_microbatches(cfg, stages, batch, batch_parts)
-        return
-    if not hasattr(model, "blocks"):
-        raise ConfigError(f"model {name} has no layers to pipeline; use pipe=1.")
-    depth = jax.tree.leaves(nnx.state(model.blocks))[0].shape[0]
-    chunks = stages * cfg.repeats
-    if chunks > depth:
-        raise ConfigError(
-            f"{chunks} pipeline chunks (pipe x repeats) need at least {chunks} layers, the model has {depth}."
-        )
-    if depth % chunks:
-        raise ConfigError(f"--depth {depth} cannot be split into {chunks} equal chunks (pipe x repeats).")
-    if cfg.stage_split not in ("uniform", "auto") and set(cfg.stage_split.split(",")) != {str(depth // chunks)}:
-        raise ConfigError(f"--stage-split {cfg.stage_split}: stacked layers need equal stages of {depth // chunks}.")
-    _check_microbatches(cfg, stages, batch, batch_parts)
-
-
-def _check_microbatches(cfg: PipelineConfig, stages: int, batch: int, batch_parts: int) -> None:
-    microbatches = schedule_for(cfg, stages).microbatches
+def check_microbatches(cfg: PipelineConfig, batch: int, batch_parts: int) -> None:
+    microbatches = 1 if cfg.schedule == "naive" else cfg.microbatches
     if batch % (microbatches * batch_parts):
         raise ConfigError(
             f"--batch-size {batch} cannot be split into {microbatches} micro-batches that divide evenly over "
@@ -95,31 +73,90 @@ def _check_microbatches(cfg: PipelineConfig, stages: int, batch: int, batch_part
         )
 
 
-def pipelined_forward(
-    model, x: jax.Array, schedule: Schedule, *, remat: str = "none", poison: bool = False, unroll: bool = False
-):
-    """``model.post(blocks(model.pre(x)))`` with the blocks run as a pipeline over micro-batches."""
-    h_Mxbx = split_microbatches(model.pre(x), schedule.microbatches)
-    graphdef, stacked = nnx.split(model.blocks)
+def build_pipeline(
+    cfg: PipelineConfig, parts: ModelParts, abstract, specs, mesh, x_struct, batch_axes: tuple[str, ...]
+) -> Pipeline:
+    """Chunks, placement, packing and the train and eval plans.
 
-    def layer_fn(layer_params, h):
-        return nnx.merge(graphdef, layer_params)(h)
+    Args:
+      abstract: the model's parameters (pure dict of shape structs), layer order.
+      specs: their ``PartitionSpec`` s without ``pipe``.
+      x_struct: one global batch of inputs.
+      batch_axes: the mesh axes that split the batch (manual in the executor).
 
-    out_Mxbx = run_pipeline(layer_fn, stacked, h_Mxbx, schedule, remat=remat, poison=poison, unroll=unroll)
-    return model.post(merge_microbatches(out_Mxbx))
+    Raises:
+      ConfigError: the split, placement or micro-batches do not fit the model, mesh or batch.
+    """
+    stages = mesh.shape["pipe"]
+    costs = unit_costs(cfg.stage_split, parts, abstract, x_struct)
+    bounds, chunk_stage = chunks_and_placement(
+        cfg.stage_split, cfg.placement, len(parts.units), stages, cfg.repeats, costs
+    )
+    check_microbatches(cfg, x_struct.shape[0], axis_size(mesh, batch_axes))
+    packing = Packing(parts, abstract, specs, bounds, chunk_stage, mesh)
+    microbatches = 1 if cfg.schedule == "naive" else cfg.microbatches
+    b = x_struct.shape[0] // microbatches
+    boundaries = _boundaries(packing, abstract, jax.ShapeDtypeStruct((b, *x_struct.shape[1:]), x_struct.dtype))
+    inner = rules_without_axes(active_rules(), {"pipe", *batch_axes})
+    options = dict(policy=REMAT_POLICIES[cfg.remat], unroll=cfg.unroll, boundaries=tuple(boundaries))
+
+    def plan(schedule, **test_options):
+        return make_plan(packing, schedule, batch_axes, inner, **options, **test_options)
+
+    train = schedule_for(cfg, stages, chunk_stage)
+    evaluate = schedule_for(cfg, stages, chunk_stage, backward=False)
+    return Pipeline(plan(train, poison=False), plan(evaluate, poison=False), packing)
 
 
-def make_forward(cfg: PipelineConfig, stages: int, *, poison: bool = False) -> Forward:
-    """``forward(model, x, train=..., key=...) -> logits``, pipelined when ``cfg`` asks for it."""
-    if not is_pipelined(cfg, stages):
-        return lambda model, x, **kw: model(x, **kw)
-    schedule = schedule_for(cfg, stages)
+def _boundaries(packing: Packing, abstract, x_struct) -> list[jax.ShapeDtypeStruct]:
+    """The activation (one example's shape, dtype) after every chunk but the last."""
 
-    def forward(model, x, *, train: bool = False, key=None):
-        if not isinstance(model, LayerSequence):
-            return pipelined_forward(model, x, schedule, remat=cfg.remat, poison=poison, unroll=cfg.unroll)
-        flops = layer_flops(model, jax.eval_shape(model.pre, x).shape) if cfg.stage_split == "auto" else None
-        bounds = chunk_bounds(cfg.stage_split, model.num_layers, stages * cfg.repeats, flops)
-        return run_hetero_pipeline(model, x, schedule, bounds, train=train, key=key, poison=poison)
+    def run_all(params, x):
+        h, outs, ctx = x, [], LayerContext()
+        for chunk in packing.chunks:
+            for piece in chunk.pieces:
+                h = apply_part(piece.part, piece_params(params, piece), h, ctx)
+            outs.append(h)
+        return outs[:-1]
 
-    return forward
+    return [jax.ShapeDtypeStruct(o.shape[1:], o.dtype) for o in jax.eval_shape(run_all, abstract, x_struct)]
+
+
+def unit_costs(split: str, parts: ModelParts, abstract, x_struct) -> list[float] | None:
+    """Per unit: forward FLOPs (``auto``) or parameter bytes (``auto-memory``); ``pre``/``post`` count
+    with the first and last unit. None for the other splits."""
+    if split == "auto-memory":
+        costs = [float(part_bytes(abstract, parts.layers[i], 1)) for i, _ in parts.units]
+        ends = [part_bytes(abstract, p) if p is not None else 0 for p in (parts.pre, parts.post)]
+    elif split == "auto":
+        costs, ends = layer_flops(parts, abstract, x_struct)
+    else:
+        return None
+    costs[0] += ends[0]
+    costs[-1] += ends[1]
+    return costs
+
+
+def layer_flops(parts: ModelParts, abstract, x_struct) -> tuple[list[float], list[float]]:
+    """Forward FLOPs per unit for one example, and of ``pre`` and ``post``, from XLA's cost analysis."""
+    h = jax.ShapeDtypeStruct((1, *x_struct.shape[1:]), x_struct.dtype)
+    ctx = LayerContext()
+
+    def flops_of(part, rows, h):
+        params = piece_params(abstract, Piece(part, rows))
+        fn = jax.jit(lambda p, h: apply_part(part, p, h, ctx))
+        cost = fn.lower(params, h).cost_analysis() or {}
+        cost = cost[0] if isinstance(cost, list) else cost
+        return float(cost.get("flops", 0.0)), jax.eval_shape(fn, params, h)
+
+    pre_flops = 0.0
+    if parts.pre is not None:
+        pre_flops, h = flops_of(parts.pre, None, h)
+    costs = []
+    for i, k in parts.units:
+        part = parts.layers[i]
+        flops, h_next = flops_of(part, (k, k + 1) if part.depth else None, h)
+        costs.append(flops)
+        h = h_next
+    ends = [pre_flops, flops_of(parts.post, None, h)[0] if parts.post is not None else 0.0]
+    return costs, ends

@@ -1,0 +1,148 @@
+"""The model contract: a model is a list of layers, with optional parts before and after.
+
+What jaxmp needs from a model (presets and users' own models alike)::
+
+    class MyModel(nnx.Module):
+        def __init__(self, rngs):
+            self.pre = Flatten()                      # optional: runs first, on the raw inputs
+            self.layers = nnx.List([Block(rngs=rngs), Stacked(make_block, 8, rngs=rngs), Head(rngs=rngs)])
+            self.post = None                          # optional: runs last, gives the logits
+
+Every part is an ``nnx.Module`` called as ``part(h, ctx)`` (``ctx``: :class:`LayerContext`, the train
+flag, the dropout key and the global example ids). A :class:`Stacked` layer counts as ``depth`` layers
+when the pipeline splits the model. Every parameter lives in ``pre``, ``layers`` or ``post``.
+
+Why a list and not a ``__call__``: the pipeline must cut the model between layers, give each stage the
+parameters of its layers only, and re-run one chunk of layers at a time for the backward pass. A list
+says where the cuts may go; the layer count comes from the list, with no dispatch by index.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxmp.config import ConfigError
+from jaxmp.models.layers import LayerContext, Stacked, scan_layers
+
+
+class Part(NamedTuple):
+    """One callable piece of a model: ``pre``, ``post``, a layer, or a stack of identical layers."""
+
+    name: str  # "pre", "layers.3", "post"
+    key: tuple  # where its parameters sit in the model's pure-dict parameter tree
+    graphdef: nnx.GraphDef  # of the module applied (the single layer, for a stack)
+    depth: int | None  # layers in a stack, None for a plain part
+
+
+class ModelParts(NamedTuple):
+    """A model cut into its parts, and its layers as units (a stack of depth L is L units)."""
+
+    pre: Part | None
+    layers: list[Part]
+    post: Part | None
+
+    @property
+    def units(self) -> list[tuple[int, int]]:
+        """``(layer index, position in its stack)`` of every unit, in order."""
+        return [(i, k) for i, part in enumerate(self.layers) for k in range(part.depth or 1)]
+
+    def unit_names(self) -> list[str]:
+        return [self.layers[i].name + (f"[{k}]" if self.layers[i].depth else "") for i, k in self.units]
+
+
+def model_parts(model: nnx.Module) -> ModelParts:
+    """Check ``model`` against the contract and cut it into its parts.
+
+    Raises:
+      ConfigError: no layer list, a part that is not a module, a parameter outside the parts, or a
+        stack whose parameters do not carry the ``layers`` axis or do not stack; one line names the part.
+    """
+    name = type(model).__name__
+    layers = getattr(model, "layers", None)
+    if not isinstance(layers, list | tuple | nnx.List) or len(layers) == 0:
+        raise ConfigError(
+            f"model {name} has no layer list: give it self.layers = nnx.List([...]) of modules called as "
+            "layer(h, ctx), with optional self.pre and self.post."
+        )
+    parts = []
+    for i, layer in enumerate(layers):
+        parts.append(_part(layer, f"layers.{i}", ("layers", i), name))
+    pre, post = (getattr(model, p, None) for p in ("pre", "post"))
+    result = ModelParts(
+        _part(pre, "pre", ("pre",), name) if pre is not None else None,
+        parts,
+        _part(post, "post", ("post",), name) if post is not None else None,
+    )
+    _check_every_param_in_a_part(model, name)
+    return result
+
+
+def _part(module, part_name: str, key: tuple, model_name: str) -> Part:
+    if not isinstance(module, nnx.Module):
+        raise ConfigError(
+            f"model {model_name}: {part_name} is a {type(module).__name__}, not an nnx.Module called as part(h, ctx)."
+        )
+    if not isinstance(module, Stacked):
+        return Part(part_name, key, nnx.graphdef(module), None)
+    _check_stack(module, part_name, model_name)
+    return Part(part_name, (*key, "layer"), nnx.graphdef(module.layer), module.depth)
+
+
+def _check_stack(stack: Stacked, part_name: str, model_name: str) -> None:
+    for path, variable in nnx.to_flat_state(nnx.state(stack.layer, nnx.Param)):
+        names = tuple(variable.get_metadata().get("out_sharding") or ())
+        shape = variable.get_value().shape
+        where = f"model {model_name}: {part_name}.layer.{'.'.join(map(str, path))}"
+        if not names or names[0] != "layers":
+            raise ConfigError(f"{where} is stacked but its first axis is not named 'layers' (names {names}).")
+        if not shape or shape[0] != stack.depth:
+            raise ConfigError(
+                f"{where} has shape {tuple(shape)}; a stack of {stack.depth} layers needs a leading axis of "
+                f"{stack.depth} (its layers' shapes do not stack)."
+            )
+
+
+def _check_every_param_in_a_part(model: nnx.Module, model_name: str) -> None:
+    for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        if path[0] not in ("pre", "layers", "post"):
+            raise ConfigError(
+                f"model {model_name}: parameter {'.'.join(map(str, path))} is outside pre, layers and post; "
+                "the pipeline could not place it."
+            )
+
+
+def sub_params(params: dict, key: tuple):
+    """The parameters of the part at ``key`` in a pure-dict parameter tree (``{}`` if it has none)."""
+    for k in key:
+        if not isinstance(params, dict) or k not in params:
+            return {}
+        params = params[k]
+    return params
+
+
+def apply_part(part: Part, params, h: jax.Array, ctx: LayerContext, *, unroll: bool = False, policy=None):
+    """Run one part on ``h``; for a stack, ``params`` holds any contiguous run of its layers."""
+    if part.depth is None:
+        return nnx.merge(part.graphdef, params)(h, ctx)
+    return scan_layers(part.graphdef, params, h, ctx, unroll=unroll, policy=policy)
+
+
+def apply_model(parts: ModelParts, params: dict, x: jax.Array, ctx: LayerContext) -> jax.Array:
+    """The model as one function: ``post(layers(pre(x)))``, layer after layer."""
+    h = x
+    for part in (parts.pre, *parts.layers, parts.post):
+        if part is not None:
+            h = apply_part(part, sub_params(params, part.key), h, ctx)
+    return h
+
+
+def part_bytes(params: dict, part: Part, stack_len: int | None = None) -> int:
+    """Parameter bytes of a part (``stack_len`` layers of it, for a stack)."""
+    leaves = jax.tree.leaves(sub_params(params, part.key))
+    total = sum(math.prod(leaf.shape) * jnp.dtype(leaf.dtype).itemsize for leaf in leaves)
+    return total * (stack_len or 1) // (part.depth or 1)

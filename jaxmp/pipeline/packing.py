@@ -1,0 +1,304 @@
+"""Each stage's parameters on its own devices: the chunks' parameters packed into per-stage buffers.
+
+Shapes: S = stages, N = the largest stage's elements per device in one buffer, ``tiles`` = the sizes of
+the mesh axes that split a parameter (e.g. ``tensor``).
+
+Why buffers: stages of different layers have parameter trees of different shapes, which cannot be one
+array sharded over ``pipe``. So every stage's parameters are flattened into buffers ``[S, tiles..., N]``
+sharded ``P("pipe", *tile axes)``, padded to the largest stage: a device holds exactly its stage's
+parameters (plus padding), never the whole model's. A parameter split over mesh axes (Megatron's
+``tensor``, FSDP's batch axes) is stored tile-major: its shard for mesh position ``i`` sits at
+``[..., i, ...]``, so each device holds just its own shards, and unpacking (a reshape and a transpose)
+gives XLA the parameter with its sharding, without moving data. Circular repeats store a device's
+chunks in its own buffer, so no weight crosses devices during a step.
+
+The model's own layer order (the pure-dict tree of ``nnx.state``) stays the saved form: :meth:`pack`
+and :meth:`unpack` convert, so checkpoints do not depend on the split, the placement or the mesh.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from jaxmp.models.contract import ModelParts, Part, sub_params
+
+
+class Piece(NamedTuple):
+    """A part run by a chunk; for a stack, the rows ``[first, end)`` of its layers."""
+
+    part: Part
+    rows: tuple[int, int] | None
+
+
+class _Tile(NamedTuple):
+    """How one parameter is laid out tile-major (module docstring)."""
+
+    shape: tuple[int, ...]
+    split_shape: tuple[int, ...]
+    perm: tuple[int, ...]
+    tile_axes: tuple[str, ...]
+    tile_shape: tuple[int, ...]
+    size: int  # elements per device
+    spec: P  # the parameter's sharding
+
+    def tile(self, a: jax.Array) -> jax.Array:
+        return a.reshape(self.split_shape).transpose(self.perm).reshape(*self.tile_shape, self.size)
+
+    def untile(self, t: jax.Array) -> jax.Array:
+        rest = [self.split_shape[i] for i in self.perm[len(self.tile_axes) :]]
+        inverse = [self.perm.index(i) for i in range(len(self.perm))]
+        return t.reshape(*self.tile_shape, *rest).transpose(inverse).reshape(self.shape)
+
+
+class Slot(NamedTuple):
+    """Where one parameter of one chunk sits: piece, path inside the part, buffer and offset."""
+
+    piece: int
+    path: tuple
+    buffer: str
+    offset: int
+    tile: _Tile
+
+
+class ChunkLayout(NamedTuple):
+    stage: int
+    pieces: list[Piece]
+    slots: list[Slot]
+
+
+class Buffer(NamedTuple):
+    tile_axes: tuple[str, ...]
+    dtype: jnp.dtype
+    size: int  # N
+
+    def spec(self) -> P:
+        return P("pipe", *self.tile_axes, None)
+
+
+def chunk_pieces(parts: ModelParts, first: int, end: int, *, with_pre: bool, with_post: bool) -> list[Piece]:
+    """The parts that units ``[first, end)`` cover, with ``pre`` and ``post`` where the chunk has them."""
+    pieces = [Piece(parts.pre, None)] if with_pre and parts.pre is not None else []
+    for u, (layer, row) in enumerate(parts.units):
+        if first <= u < end:
+            part = parts.layers[layer]
+            if part.depth is None:
+                pieces.append(Piece(part, None))
+            elif pieces and pieces[-1].part is part:
+                pieces[-1] = Piece(part, (pieces[-1].rows[0], row + 1))
+            else:
+                pieces.append(Piece(part, (row, row + 1)))
+    if with_post and parts.post is not None:
+        pieces.append(Piece(parts.post, None))
+    return pieces
+
+
+class Packing:
+    """The per-stage buffers of one model, split and placement (module docstring).
+
+    Args:
+      parts: the model's parts.
+      abstract: the model's parameters (pure dict of arrays or shape structs), layer order.
+      specs: a ``PartitionSpec`` per parameter (same tree), without ``pipe``.
+      bounds: ``[(first unit, end unit)]`` per chunk.
+      chunk_stage: the device along ``pipe`` of each chunk.
+      mesh: the mesh.
+    """
+
+    def __init__(self, parts: ModelParts, abstract, specs, bounds, chunk_stage, mesh):
+        self.parts, self.stages, self.mesh = parts, mesh.shape["pipe"], mesh
+        self.chunk_stage = tuple(chunk_stage)
+        used: dict[tuple[int, str], int] = {}
+        kinds: dict[str, tuple] = {}  # buffer name -> (dtype, tile axes)
+        self.chunks: list[ChunkLayout] = []
+        for c, (first, end) in enumerate(bounds):
+            pieces = chunk_pieces(parts, first, end, with_pre=c == 0, with_post=c == len(bounds) - 1)
+            slots = []
+            for i, piece in enumerate(pieces):
+                for path, leaf, spec in _leaves(abstract, specs, piece):
+                    tile = _tile_of(leaf.shape, spec, mesh)
+                    name = _buffer_name(leaf.dtype, tile.tile_axes)
+                    offset = used.get((chunk_stage[c], name), 0)
+                    used[(chunk_stage[c], name)] = offset + tile.size
+                    slots.append(Slot(i, path, name, offset, tile))
+                    kinds[name] = (leaf.dtype, tile.tile_axes)
+            self.chunks.append(ChunkLayout(chunk_stage[c], pieces, slots))
+        self.buffers = {
+            name: Buffer(axes, dtype, max(n for (_, b), n in used.items() if b == name))
+            for name, (dtype, axes) in sorted(kinds.items())
+        }
+        self._stage_elements = used
+
+    def buffer_specs(self) -> dict[str, P]:
+        return {name: b.spec() for name, b in self.buffers.items()}
+
+    def abstract_buffers(self) -> dict[str, jax.ShapeDtypeStruct]:
+        return {
+            name: jax.ShapeDtypeStruct((self.stages, *(self.mesh.shape[a] for a in b.tile_axes), b.size), b.dtype)
+            for name, b in self.buffers.items()
+        }
+
+    def pack(self, params) -> dict[str, jax.Array]:
+        """Layer-order parameters -> per-stage buffers (under jit: out_shardings place them)."""
+        pieces: dict[tuple[int, str], list[jax.Array]] = {}
+        for chunk in self.chunks:
+            for slot in chunk.slots:
+                leaf = _leaf(params, chunk.pieces[slot.piece], slot.path)
+                pieces.setdefault((chunk.stage, slot.buffer), []).append(slot.tile.tile(leaf))
+        out = {}
+        for name, b in self.buffers.items():
+            tiles = tuple(self.mesh.shape[a] for a in b.tile_axes)
+            rows = []
+            for s in range(self.stages):
+                parts = pieces.get((s, name), [])
+                flat = jnp.concatenate(parts, axis=-1) if parts else jnp.zeros((*tiles, 0), b.dtype)
+                rows.append(jnp.pad(flat, [(0, 0)] * len(tiles) + [(0, b.size - flat.shape[-1])]))
+            out[name] = jnp.stack(rows)
+        return out
+
+    def unpack(self, buffers) -> dict:
+        """Per-stage buffers -> layer-order parameters (the inverse of :meth:`pack`)."""
+        found: dict[tuple, list[tuple[int, jax.Array]]] = {}
+        for chunk in self.chunks:
+            for slot in chunk.slots:
+                piece = chunk.pieces[slot.piece]
+                flat = buffers[slot.buffer][chunk.stage][..., slot.offset : slot.offset + slot.tile.size]
+                key = (*piece.part.key, *slot.path)
+                found.setdefault(key, []).append((piece.rows[0] if piece.rows else 0, slot.tile.untile(flat)))
+        tree: dict = {}
+        for key, runs in found.items():
+            runs.sort(key=lambda run: run[0])
+            value = runs[0][1] if len(runs) == 1 else jnp.concatenate([a for _, a in runs])
+            _set(tree, key, value)
+        return tree
+
+    def chunk_params(self, c: int, local, manual: frozenset[str]) -> list:
+        """Inside the executor: chunk ``c``'s parameters, one tree per piece, from this device's buffers
+        (``[1, tiles..., N]``, every manual tile axis already gathered)."""
+        chunk = self.chunks[c]
+        trees: list[dict] = [{} for _ in chunk.pieces]
+        for slot in chunk.slots:
+            flat = local[slot.buffer][0, ..., slot.offset : slot.offset + slot.tile.size]
+            leaf = slot.tile.untile(flat)
+            auto = P(*(_without(entry, manual) for entry in slot.tile.spec))
+            if any(entry is not None for entry in auto):
+                leaf = jax.lax.with_sharding_constraint(leaf, auto)
+            _set(trees[slot.piece], slot.path, leaf)
+        return trees
+
+    def add_chunk_grads(self, c: int, sums: dict, grads: list) -> dict:
+        """Inside the executor: add chunk ``c``'s parameter cotangents (one tree per piece, as
+        :meth:`chunk_params` gave them) into this device's running sums (``[1, tiles..., N]``), slot by slot."""
+        sums = dict(sums)
+        for slot in self.chunks[c].slots:
+            g = slot.tile.tile(_get(grads[slot.piece], slot.path)).astype(sums[slot.buffer].dtype)
+            total = sums[slot.buffer]
+            old = jax.lax.slice_in_dim(total, slot.offset, slot.offset + slot.tile.size, axis=-1)
+            sums[slot.buffer] = jax.lax.dynamic_update_slice_in_dim(total, old + g[None], slot.offset, axis=-1)
+        return sums
+
+    def stage_table(self) -> list[dict]:
+        """Per stage: its chunks' layers and parameter bytes per device (unpadded, and as stored)."""
+        rows = []
+        for s in range(self.stages):
+            chunks = [c for c, chunk in enumerate(self.chunks) if chunk.stage == s]
+            layers = [", ".join(_piece_name(p) for p in self.chunks[c].pieces) for c in chunks]
+            used = sum(self._stage_elements.get((s, n), 0) * b.dtype.itemsize for n, b in self.buffers.items())
+            stored = sum(b.size * b.dtype.itemsize for b in self.buffers.values())
+            rows.append({"stage": s, "chunks": chunks, "layers": " | ".join(layers), "bytes": used, "stored": stored})
+        return rows
+
+
+def _piece_name(piece: Piece) -> str:
+    if piece.rows is None:
+        return piece.part.name
+    first, end = piece.rows
+    return f"{piece.part.name}[{first}]" if end == first + 1 else f"{piece.part.name}[{first}:{end}]"
+
+
+def _leaves(abstract, specs, piece: Piece):
+    """``(path inside the part, leaf, spec)`` of a piece's parameters, stack rows sliced."""
+    values = sub_params(abstract, piece.part.key)
+    spec_tree = sub_params(specs, piece.part.key)
+    flat = jax.tree_util.tree_flatten_with_path(values)[0]
+    spec_flat = jax.tree.leaves(spec_tree, is_leaf=lambda x: isinstance(x, P))
+    for (path, leaf), spec in zip(flat, spec_flat, strict=True):
+        keys = tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path)
+        shape = leaf.shape
+        if piece.rows is not None:
+            shape = (piece.rows[1] - piece.rows[0], *shape[1:])
+        yield keys, jax.ShapeDtypeStruct(shape, leaf.dtype), spec
+
+
+def piece_params(params, piece: Piece):
+    """A piece's parameters out of the layer-order tree (its rows, for a stack)."""
+    values = sub_params(params, piece.part.key)
+    if piece.rows is None:
+        return values
+    return jax.tree.map(lambda a: a[piece.rows[0] : piece.rows[1]], values)
+
+
+def _leaf(params, piece: Piece, path: tuple):
+    value = sub_params(params, (*piece.part.key, *path))
+    return value[piece.rows[0] : piece.rows[1]] if piece.rows is not None else value
+
+
+def _get(tree, key: tuple):
+    for k in key:
+        tree = tree[k]
+    return tree
+
+
+def _set(tree: dict, key: tuple, value) -> None:
+    for k in key[:-1]:
+        tree = tree.setdefault(k, {})
+    tree[key[-1]] = value
+
+
+def _as_tuple(entry) -> tuple[str, ...]:
+    return () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
+
+
+def _without(entry, axes) -> str | tuple[str, ...] | None:
+    kept = tuple(a for a in _as_tuple(entry) if a not in axes)
+    return kept[0] if len(kept) == 1 else (kept or None)
+
+
+def _tile_of(shape: tuple[int, ...], spec: P, mesh) -> _Tile:
+    entries = tuple(spec) + (None,) * (len(shape) - len(spec))
+    split_shape, names = [], []
+    for dim, entry in zip(shape, entries, strict=True):
+        axes = [a for a in _as_tuple(entry) if mesh.shape[a] > 1]
+        for a in axes:
+            split_shape.append(mesh.shape[a])
+            names.append(a)
+        split_shape.append(dim // math.prod(mesh.shape[a] for a in axes))
+        names.append(None)
+    tile_axes = tuple(a for a in mesh.axis_names if a in names)
+    perm = tuple([names.index(a) for a in tile_axes] + [i for i, n in enumerate(names) if n is None])
+    tile_shape = tuple(mesh.shape[a] for a in tile_axes)
+    size = math.prod(shape) // max(1, math.prod(tile_shape))
+    return _Tile(tuple(shape), tuple(split_shape), perm, tile_axes, tile_shape, size, P(*entries))
+
+
+def _buffer_name(dtype, tile_axes: tuple[str, ...]) -> str:
+    return str(jnp.dtype(dtype)) + ("@" + ",".join(tile_axes) if tile_axes else "")
+
+
+def print_stage_report(packing: Packing, console=None) -> None:
+    """Print each stage's chunks, layers and parameter bytes per device as a rich table."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    table = Table(title="pipeline stages (parameters per device)", title_justify="left")
+    for column in ("stage", "chunks", "layers", "bytes/device", "stored (padded)"):
+        table.add_column(column, justify="right" if "bytes" in column or "stored" in column else "left")
+    for row in packing.stage_table():
+        chunks = ",".join(map(str, row["chunks"]))
+        table.add_row(str(row["stage"]), chunks, row["layers"], f"{row['bytes']:,}", f"{row['stored']:,}")
+    console.print(table)
