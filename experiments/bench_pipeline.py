@@ -1,12 +1,14 @@
 """Pipeline benchmarks: step-time overhead of the executor, compile-time flatness, memory and traffic.
 
 Shapes: B = global batch, M = micro-batches, b = B/M micro-batch, S = stages (the ``pipe`` axis),
-R = circular repeats, T = M*R + S - 1 ticks, D/H = residual/hidden width of the ``mlp`` model.
+R = circular repeats, T = 2*(M*R + S - 1) ticks (forward and backward phases), D/H = residual/hidden
+width of the ``mlp`` model.
 
 Three measurements, each a ratio (or a table) taken inside one run, so machine drift cancels:
 
 a. **Overhead** (one device, ``pipe=1``): the jaxmp train step with ``M`` micro-batches (the pipelined
-   executor with ``S=1``: a ``lax.scan`` over ``M`` ticks) against the plain jaxmp step (``M=1``) and
+   executor with ``S=1``: scans over the ``2M`` ticks of forwards, then backwards) against the plain
+   jaxmp step (``M=1``) and
    against a hand-written baseline that unrolls a Python loop over the ``M`` micro-batches inside one
    ``jit``, takes ``jax.value_and_grad`` of each (same model, via ``nnx.merge``) and sums the gradients.
    pipelined/loop is the price of our loop; loop/plain is the price of micro-batching itself. Variants
@@ -20,8 +22,8 @@ c. **Memory and pipeline traffic** (``pipe`` = 1, 2, 4, 8 of the simulated CPU d
    so per-device numbers change only with the pipeline split): per-device argument and temp bytes of
    the compiled train step (XLA's ``memory_analysis``) for ``remat`` none/stage/full, and the bytes the
    collective-permutes over ``pipe`` move per step (``total_elements`` applies loop trip counts) against
-   ``2 * T * b*D*itemsize``: one shift of every stage's micro-batch activation per tick, forward and
-   backward.
+   ``T * b*D*itemsize``: one micro-batch activation per tick of the forward phase and one cotangent per
+   tick of the backward phase.
 
 Run (defaults: a few minutes on 2 CPU cores, most of it in part a)::
 
@@ -56,6 +58,8 @@ from flax import nnx
 from jaxmp.analysis import collectives, memory_and_flops
 from jaxmp.config import Config
 from jaxmp.mesh import MeshShape, build_mesh, simulate_cpu_devices
+from jaxmp.models.contract import apply_model, model_parts
+from jaxmp.models.layers import LayerContext
 from jaxmp.pipeline import gpipe
 from jaxmp.step import Program, build_program, cross_entropy, make_optimizer
 
@@ -93,7 +97,8 @@ def make_loop_step(program: Program, cfg: Config, microbatches: int) -> Callable
     tx = make_optimizer(cfg.optim)
 
     def loss_fn(params, x_bxF, y_b):
-        return cross_entropy(nnx.merge(program.graphdef, params)(x_bxF), y_b).mean() / microbatches
+        parts = model_parts(nnx.merge(program.graphdef, params))
+        return cross_entropy(apply_model(parts, params, x_bxF, LayerContext()), y_b).mean() / microbatches
 
     def step(state, x_BxF, y_B):
         params, opt_state = state
@@ -256,7 +261,7 @@ def memory_row(args: argparse.Namespace, pipe: int, remat: str, repeats: int) ->
     moved, count, other = pipe_traffic(program)
     ticks = gpipe(pipe, args.microbatches, repeats).ticks
     act_bytes = args.mem_batch // args.microbatches * args.mem_width * 4
-    formula = 2 * ticks * act_bytes if pipe > 1 else 0
+    formula = ticks * act_bytes if pipe > 1 else 0
     ratio = f"{moved / formula:.2f}" if formula else "-"
     return [
         pipe,
@@ -283,8 +288,9 @@ def measure_memory(args: argparse.Namespace) -> str:
         "",
         f"mlp width {args.mem_width}, hidden {args.mem_hidden}, depth {args.mem_depth}, batch {args.mem_batch}, "
         f"M={args.microbatches} (b={b}), adam, f32; mesh data=1, tensor=1, pipe=P on P of the "
-        f"{jax.device_count()} simulated CPU devices. Formula: 2*(M*R+S-1)*b*D*4 bytes "
-        "(one shift per tick forward and backward). Last column: every other collective over pipe "
+        f"{jax.device_count()} simulated CPU devices. Formula: T*b*D*4 bytes with T = 2*(M*R+S-1) ticks "
+        "(one activation per tick of the forward phase, one cotangent per tick of the backward phase). "
+        "Last column: every other collective over pipe "
         "(all-reduce, all-gather, all-to-all), per step.",
         "",
         *markdown_table([*header, "measured / formula", "other pipe collectives MiB"], rows),

@@ -117,7 +117,7 @@ class PipelineConfig:
     placement: str | None = _opt(
         None,
         "device along pipe of each layer (consecutive layers on one device form a chunk), e.g. 0,1,1,0, or of "
-        "each chunk of --stage-split; default: chunk c on device c % pipe",
+        "each chunk of --stage-split; default: chunk c on device c mod pipe",
     )
     unroll: bool = _opt(
         False,

@@ -240,9 +240,10 @@ def print_sharding_report(params, mesh: jax.sharding.Mesh, console=None, opt_sta
     console = console or Console()
     mesh_text = ", ".join(f"{name}={size}" for name, size in mesh.shape.items())
     table = Table(title=f"parameters on mesh ({mesh_text})", title_justify="left")
-    for column in ("parameter", "global shape", "PartitionSpec", "bytes/device"):
-        table.add_column(column, justify="right" if column == "bytes/device" else "left")
     rows = sharding_report(params)
+    table.add_column("parameter", no_wrap=True, min_width=max([9, *(len(r.name) for r in rows)]))
+    for column in ("global shape", "PartitionSpec", "bytes/device"):
+        table.add_column(column, justify="right" if column == "bytes/device" else "left")
     for row in rows:
         table.add_row(row.name, str(row.shape), str(tuple(row.spec)), f"{row.bytes_per_device:,}")
     total = sum(r.bytes_per_device for r in rows)

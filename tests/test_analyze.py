@@ -112,12 +112,10 @@ def test_pipeline_traffic_matches_the_closed_form(microbatches: int, repeats: in
     ticks = gpipe(stages, microbatches, repeats).ticks
     b = batch // microbatches
     permute = row(report, "collective-permute", ("pipe",))
-    assert permute.status == "equal" and permute.measured == 2 * ticks * b * WIDTH
-    boundary = row(report, "all-reduce", ("pipe",))
-    assert boundary.status == "equal" and boundary.measured == (microbatches + ticks) * b * WIDTH
-    tensor = row(report, "all-reduce", ("tensor",))
-    layers_per_tick = depth // (stages * repeats)
-    assert tensor.status == "equal" and tensor.measured == 2 * ticks * layers_per_tick * b * WIDTH
+    assert permute.status == "equal" and permute.measured == ticks * b * WIDTH  # T/2 ticks each way
+    others = [r for r in report.rows if r.axes == ("pipe",) and r.kind != "collective-permute"]
+    assert [r for r in others if r.status != "scalars"] == []
+    assert "tensor" in report.prediction.uncovered  # per-stage branches: no per-tick closed form
     assert report.prediction.bubble == pytest.approx(gpipe(stages, microbatches, repeats).bubble_fraction)
 
 

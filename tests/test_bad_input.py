@@ -10,13 +10,16 @@ import importlib.util
 import json
 import os
 import pathlib
+import re
 import shutil
 
+import jax
 import pytest
-from support import small_config
+from flax import nnx
+from support import IMAGE, small_config
 
 from jaxmp.checkpoint import Saver
-from jaxmp.mesh import mesh_from_spec
+from jaxmp.mesh import MeshShape, build_mesh, mesh_from_spec
 from jaxmp.step import build_program
 from jaxmp.train import main
 
@@ -166,3 +169,67 @@ def test_checkpoint_with_another_dtype(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "params.layers.0.layer.down.bias has dtype bfloat16, this run needs float32" in err, err
     assert snapshot(tmp_path) == before
+
+
+class _NoLayers(nnx.Module):
+    def __init__(self, rngs):
+        self.linear = nnx.Linear(4, 2, rngs=rngs)
+
+
+class _OutsideParam(nnx.Module):
+    def __init__(self, rngs):
+        self.layers = nnx.List([_Layer(rngs)])
+        self.extra = nnx.Linear(4, 2, rngs=rngs)
+
+
+class _Layer(nnx.Module):
+    def __init__(self, rngs, fan_in=144, fan_out=10):
+        from jaxmp.models.layers import dense
+
+        self.linear = dense(fan_in, fan_out, (None, None), rngs=rngs)
+
+    def __call__(self, h, ctx):
+        return self.linear(h.reshape(h.shape[0], -1))
+
+
+def _stack_without_layers_name(rngs):
+    from jaxmp.models.layers import Stacked
+
+    stack = Stacked(lambda r: _Layer(r, 144, 144), 2, rngs=rngs)
+    for _, variable in nnx.to_flat_state(nnx.state(stack.layer, nnx.Param)):
+        variable.set_metadata("out_sharding", ())
+    return stack
+
+
+class _UnnamedStack(nnx.Module):
+    def __init__(self, rngs):
+        self.layers = nnx.List([_stack_without_layers_name(rngs), _Layer(rngs)])
+
+
+class _RaggedStack(nnx.Module):
+    def __init__(self, rngs):
+        from jaxmp.models.layers import Stacked
+
+        stack = Stacked(lambda r: _Layer(r, 144, 144), 2, rngs=rngs)
+        stack.depth = 3  # claims three layers, holds two
+        self.layers = nnx.List([stack, _Layer(rngs)])
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        (_NoLayers, "model _NoLayers has no layer list"),
+        (_OutsideParam, "parameter extra.bias is outside pre, layers and post"),
+        (_UnnamedStack, "layers.0.layer.linear.bias is stacked but its first axis is not named 'layers'"),
+        (_RaggedStack, "a stack of 3 layers needs a leading axis of 3 (its layers' shapes do not stack)"),
+    ],
+)
+@pytest.mark.parametrize("shape", [MeshShape(), MeshShape(pipe=2)], ids=["plain", "pipelined"])
+def test_a_model_that_breaks_the_layer_list_contract_gets_one_line(model, message, shape):
+    """From Python, the same ConfigError the CLI prints: one line naming the part, when the program is built."""
+    from jaxmp.config import ConfigError
+
+    cfg = small_config("mlp", "tp", microbatches=2 if shape.pipe > 1 else 1)
+    with pytest.raises(ConfigError, match=re.escape(message)) as error:
+        build_program(cfg, build_mesh(shape, jax.devices()[: shape.pipe]), IMAGE, 10, model_fn=model)
+    assert "\n" not in str(error.value)

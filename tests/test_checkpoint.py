@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 from rich.console import Console
@@ -77,33 +78,52 @@ def test_resume_on_another_mesh_reshards(saved, tmp_path, mesh, fsdp):
     np.testing.assert_allclose(resumed(saved, tmp_path, mesh=mesh, fsdp=fsdp), reference[10:], rtol=1e-5)
 
 
-def test_layer_sequence_checkpoint_restores_onto_a_pipeline_with_fsdp(tmp_path):
-    """Layer-sequence models run another pipeline executor (shard_map + lax.switch): 3 steps of mlp-1024
-    tensor-parallel on data=4,tensor=2, save, restore as a 2-stage pipeline with FSDP on data=4,pipe=2,
-    3 more steps == the same 3 steps without the restart. (The stacked MLP: the resume tests above.)"""
-    mesh_a, mesh_b = MeshShape(data=4, tensor=2), MeshShape(data=4, pipe=2)
-    cfg = small_config("mlp-1024", "tp", optimizer="adam", lr=1e-3, checkpoint_dir=str(tmp_path / "ck"))
-    xs, ys = fixed_batches(6, cfg.run.batch_size)
-
-    def steps(program, state, batches):
-        losses = []
-        for x, y in batches:
-            state, metrics = program.train_step(state, *program.put_batch(x, y))
-            losses.append(float(metrics["loss"]))
-        return state, losses
-
-    program_a = build_program(cfg, build_mesh(mesh_a), IMAGE, CLASSES)
-    state, _ = steps(program_a, program_a.init(), zip(xs[:3], ys[:3], strict=True))
-    saver = Saver(cfg, IMAGE, CLASSES, program_a)
+@pytest.fixture(scope="module")
+def saved_pipeline(tmp_path_factory):
+    """3 steps of mlp-1024 on pipe=2 --stage-split 1,3 (each stage's parameters packed on its own
+    devices), saved, then 10 more steps without a restart."""
+    folder = tmp_path_factory.mktemp("pipeline-ck")
+    cfg = small_config("mlp-1024", "tp", optimizer="adam", lr=1e-3, checkpoint_dir=str(folder / "ck"))
+    cfg = cfg.replace(microbatches=2, stage_split="1,3")
+    xs, ys = fixed_batches(13, cfg.run.batch_size)
+    program = build_program(cfg, build_mesh(MeshShape(pipe=2)), IMAGE, CLASSES)
+    state, _ = train_steps(program, program.init(), xs[:3], ys[:3])
+    saver = Saver(cfg, IMAGE, CLASSES, program)
     saver.save(3, state)
     saver.close()
-    _, reference = steps(program_a, state, zip(xs[3:], ys[3:], strict=True))
-    cfg_b = cfg.replace(microbatches=2, fsdp=True, resume=True)
-    program_b = build_program(cfg_b, build_mesh(mesh_b), IMAGE, CLASSES)
-    assert "data" in str(program_b.state_shardings.params["layers"][0]["linear"]["kernel"].spec)
-    restored = restore(cfg_b, program_b, IMAGE, CLASSES)
+    _, reference = train_steps(program, state, xs[3:], ys[3:])
+    return cfg, (xs[3:], ys[3:]), reference
+
+
+def train_steps(program, state, xs, ys):
+    losses = []
+    for x, y in zip(xs, ys, strict=True):
+        state, metrics = program.train_step(state, *program.put_batch(x, y))
+        losses.append(float(metrics["loss"]))
+    return state, losses
+
+
+@pytest.mark.parametrize(
+    ("shape", "overrides"),
+    [
+        (MeshShape(pipe=4), dict(stage_split="uniform")),
+        (MeshShape(tensor=2), dict(microbatches=1, stage_split="uniform")),
+        (MeshShape(), dict(microbatches=1, stage_split="uniform")),
+        (MeshShape(data=4, pipe=2), dict(fsdp=True)),
+    ],
+    ids=["pipe4", "tensor2", "one-device", "data4-pipe2-fsdp"],
+)
+def test_pipeline_checkpoint_resumes_on_any_split_and_mesh(saved_pipeline, shape, overrides):
+    """Checkpoints hold the model's own layer order, whatever the split, placement or mesh."""
+    cfg, (xs, ys), reference = saved_pipeline
+    cfg_b = cfg.replace(resume=True, **overrides)
+    mesh = build_mesh(shape, jax.devices()[: shape.data * shape.tensor * shape.pipe])
+    program = build_program(cfg_b, mesh, IMAGE, CLASSES)
+    if cfg_b.model.fsdp:
+        assert any("data" in str(s.spec) for s in jax.tree.leaves(program.state_shardings.params))
+    restored = restore(cfg_b, program, IMAGE, CLASSES)
     assert restored.step == 3 and int(restored.state.step) == 3
-    _, got = steps(program_b, restored.state, zip(xs[3:], ys[3:], strict=True))
+    _, got = train_steps(program, restored.state, xs, ys)
     np.testing.assert_allclose(got, reference, rtol=1e-5)
 
 

@@ -67,9 +67,9 @@ EXPECTED = {
     ("mnist-cnn", "tp"): CNN_TP,
     ("mnist-cnn", "hybrid"): CNN_HYBRID,
     ("mnist-cnn", "dp"): replicated(CNN_TP),
-    ("dense", "column"): {"layer.kernel": P(None, T)},
-    ("dense", "row"): {"layer.kernel": P(T, None)},
-    ("dense", "dp"): {"layer.kernel": P(None, None)},
+    ("dense", "column"): {"layers.0.linear.kernel": P(None, T)},
+    ("dense", "row"): {"layers.0.linear.kernel": P(T, None)},
+    ("dense", "dp"): {"layers.0.linear.kernel": P(None, None)},
 }
 BATCH_AXES = {"dp": ("data", "tensor"), "tp": "data", "hybrid": "data", "column": "data", "row": "data"}
 
@@ -118,7 +118,8 @@ def test_report_bytes_per_device_divide_by_the_split():
 
 def test_indivisible_parameter_is_named():
     cfg = small_config("mlp", "tp", hidden=60)
-    with pytest.raises(ConfigError, match=r"blocks\.down\.kernel of shape \(2, 60, 32\).*60 is not divisible by 8"):
+    message = r"layers\.0\.layer\.down\.kernel of shape \(2, 60, 32\).*60 is not divisible by 8"
+    with pytest.raises(ConfigError, match=message):
         build_program(cfg, build_mesh(MeshShape(1, 8)), IMAGE, CLASSES)
 
 

@@ -124,7 +124,7 @@ def run(plan: Plan, buffers: dict, x_MxB, y_MxB, w_MxB, key, head: Head, *, trai
     }
     body = _device_program(plan, head, train, manual)
     data_spec = P(None, batch)
-    out_specs = (P(), buffer_specs if train else P())
+    out_specs = (P(), buffer_specs) if train else P()
     mapped = jax.shard_map(
         body,
         in_specs=(buffer_specs, data_spec, data_spec, data_spec, P()),
