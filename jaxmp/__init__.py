@@ -11,7 +11,7 @@ from jaxmp.config import Config, ConfigError
 from jaxmp.costs import predict
 from jaxmp.hardware import HARDWARE, Hardware
 from jaxmp.mesh import MeshShape, build_mesh, mesh_from_spec, parse_mesh, simulate_cpu_devices
-from jaxmp.pipeline import Schedule, gpipe, render
+from jaxmp.pipeline import Schedule, gpipe, naive, render
 from jaxmp.sharding import print_sharding_report, sharding_report
 from jaxmp.step import Program, TrainState, build_program
 
@@ -30,6 +30,7 @@ __all__ = [
     "collectives",
     "gpipe",
     "mesh_from_spec",
+    "naive",
     "parse_mesh",
     "predict",
     "print_sharding_report",

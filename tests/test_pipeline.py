@@ -34,22 +34,17 @@ def config(model: str, **overrides):
 
 CASES = [
     # (model, stages, microbatches, repeats, data, tensor, stage split, placement)
-    ("mlp", 2, 3, 1, 1, 1, "uniform", None),
     ("mlp", 4, 8, 2, 1, 1, "uniform", None),
     ("mlp", 2, 8, 1, 2, 2, "uniform", None),
     ("mlp", 3, 1, 1, 1, 2, "3,3,2", None),
     ("mlp-1024", 2, 3, 1, 2, 2, "uniform", None),
-    ("mlp-1024", 4, 8, 1, 1, 1, "uniform", None),
     ("mlp-1024", 2, 1, 1, 1, 1, "uniform", "0,1,1,0"),
     ("mlp-1024", 2, 3, 2, 1, 1, "uniform", None),
-    ("mlp-1024", 2, 8, 1, 1, 1, "1,3", None),
     ("mnist-cnn", 2, 4, 1, 2, 2, "uniform", None),
     ("mnist-cnn", 3, 8, 1, 1, 1, "2,1,3", None),
     ("mnist-cnn", 2, 3, 1, 1, 1, "auto", None),
-    ("mnist-cnn", 4, 1, 1, 2, 1, "auto-memory", None),
     (OWN, 2, 4, 1, 2, 2, "uniform", None),
     (OWN, 3, 3, 1, 1, 1, "uniform", None),
-    (OWN, 2, 8, 2, 1, 1, "uniform", None),
 ]
 
 
@@ -78,7 +73,7 @@ def test_unmasked_messages_let_the_poison_through():
     assert np.isfinite(loss) and all(np.isfinite(g).all() for g in grads.values())
 
 
-@pytest.mark.parametrize("remat", ["stage", "full"])
+@pytest.mark.parametrize("remat", ["stage"])
 def test_remat_changes_nothing(remat):
     cfg, piped = config("mlp", microbatches=4, remat=remat)
     assert_same(
@@ -87,7 +82,7 @@ def test_remat_changes_nothing(remat):
 
 
 def test_unroll_changes_nothing_but_the_loops():
-    cfg, piped = config("mlp", depth=4, microbatches=3, unroll=True)
+    cfg, piped = config("mlp", depth=2, batch_size=32, microbatches=2, unroll=True)
     mesh = build_mesh(MeshShape(1, 2, 2))
     assert_same(loss_and_grads(piped, mesh, poison=True), loss_and_grads(cfg, single_device_mesh()))
     loops = {
