@@ -109,7 +109,7 @@ def param_specs(params: nnx.State, rules: Rules) -> nnx.State:
 
 def fsdp_axes(rules: Rules) -> tuple[str, ...]:
     """The mesh axes FSDP shards parameters over: those that split the batch."""
-    return _as_tuple(rules.get("batch"))
+    return as_axes(rules.get("batch"))
 
 
 def add_fsdp(
@@ -123,16 +123,16 @@ def add_fsdp(
     tried in turn, so a weight is sharded as far as its shape allows and never padded.
     """
     entries = list(spec) + [None] * (len(shape) - len(spec))
-    used = {a for e in entries if e for a in _as_tuple(e)}
+    used = {a for e in entries if e for a in as_axes(e)}
     free = tuple(a for a in axes if a not in used and mesh.shape[a] > 1)
     groups = [free, *((a,) for a in free)] if len(free) > 1 else [free]
     by_size = sorted(range(len(shape)), key=lambda d: -shape[d])
     whole = [d for d in by_size if entries[d] is None]
-    split = [d for d in by_size if entries[d] is not None and "pipe" not in _as_tuple(entries[d])]
+    split = [d for d in by_size if entries[d] is not None and "pipe" not in as_axes(entries[d])]
     for dims in (whole, split):
         for group in groups:
             for d in dims:
-                have = _as_tuple(entries[d]) if entries[d] else ()
+                have = as_axes(entries[d]) if entries[d] else ()
                 parts = axis_size(mesh, (*have, *group))
                 if group and shape[d] % parts == 0:
                     merged = (*have, *group)
@@ -141,7 +141,8 @@ def add_fsdp(
     return spec
 
 
-def _as_tuple(axes: MeshAxes) -> tuple[str, ...]:
+def as_axes(axes: MeshAxes) -> tuple[str, ...]:
+    """A rules-table or PartitionSpec entry (a name, a tuple of names or None) as a tuple of names."""
     return () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
 
 

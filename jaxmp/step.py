@@ -27,6 +27,7 @@ from jaxmp.models.layers import LayerContext
 from jaxmp.pipeline import Pipeline, build_pipeline, is_pipelined, split_microbatches
 from jaxmp.pipeline import run as run_pipeline
 from jaxmp.sharding import (
+    as_axes,
     axis_size,
     check_divisible,
     fsdp_specs,
@@ -185,7 +186,7 @@ def _layout(cfg: Config, mesh, rules, tx, make_model, input_shape) -> _Layout:
     params_sh = layer_params_sh
     if pipelined:
         x_struct = jax.ShapeDtypeStruct((cfg.run.batch_size, *input_shape), jnp.float32)
-        axes = tuple(dict.fromkeys(a for spec in (x_spec, y_spec) for a in _spec_axes(spec[0]) if mesh.shape[a] > 1))
+        axes = tuple(dict.fromkeys(a for spec in (x_spec, y_spec) for a in as_axes(spec[0]) if mesh.shape[a] > 1))
         with jax.set_mesh(mesh), use_rules(rules):
             pipeline = build_pipeline(
                 cfg.pipeline, parts, nnx.to_pure_dict(abstract_state), specs, mesh, x_struct, axes
@@ -203,10 +204,6 @@ def _layout(cfg: Config, mesh, rules, tx, make_model, input_shape) -> _Layout:
     state_sh = TrainState(params_sh, opt_sh, replicated, replicated)
     x_sh, y_sh = NamedSharding(mesh, x_spec), NamedSharding(mesh, y_spec)
     return _Layout(graphdef, parts, state_sh, x_sh, y_sh, layer_params_sh, pipeline)
-
-
-def _spec_axes(entry) -> tuple[str, ...]:
-    return () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
 
 
 def build_program(

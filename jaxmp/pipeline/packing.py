@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from jaxmp.models.contract import ModelParts, Part, sub_params
+from jaxmp.sharding import as_axes
 
 
 class Piece(NamedTuple):
@@ -259,12 +260,8 @@ def _set(tree: dict, key: tuple, value) -> None:
     tree[key[-1]] = value
 
 
-def _as_tuple(entry) -> tuple[str, ...]:
-    return () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
-
-
 def _without(entry, axes) -> str | tuple[str, ...] | None:
-    kept = tuple(a for a in _as_tuple(entry) if a not in axes)
+    kept = tuple(a for a in as_axes(entry) if a not in axes)
     return kept[0] if len(kept) == 1 else (kept or None)
 
 
@@ -272,7 +269,7 @@ def _tile_of(shape: tuple[int, ...], spec: P, mesh) -> _Tile:
     entries = tuple(spec) + (None,) * (len(shape) - len(spec))
     split_shape, names = [], []
     for dim, entry in zip(shape, entries, strict=True):
-        axes = [a for a in _as_tuple(entry) if mesh.shape[a] > 1]
+        axes = [a for a in as_axes(entry) if mesh.shape[a] > 1]
         for a in axes:
             split_shape.append(mesh.shape[a])
             names.append(a)
