@@ -324,10 +324,13 @@ def diagnose(cfg: Config, program, colls: list[Collective], rows: list[Row], pre
 
 def analyze(cfg: Config) -> StepReport:
     """Validate ``cfg``, compile its train step ahead of time (no training) and report its costs."""
+    from jaxmp.pipeline.plot import check_plot_path, save_schedule_plot
     from jaxmp.step import build_program
 
+    check_plot_path(cfg.run.schedule_plot)
     mesh, input_shape, classes = setup(cfg)
     program = build_program(cfg, mesh, input_shape, classes)
+    save_schedule_plot(program.pipeline, cfg.run.schedule_plot)
     return analyze_program(cfg, program, input_shape, classes)
 
 

@@ -34,7 +34,7 @@ STRATEGIES = ("dp", "tp", "hybrid", "column", "row")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 DATASETS = ("digits", "fashion-mnist", "mnist", "synthetic")
 ACTIVATIONS = ("none", "relu", "gelu")
-SCHEDULES = ("gpipe", "naive")
+SCHEDULES = ("1f1b", "gpipe", "interleaved-1f1b", "zb-h1", "naive")  # jaxmp.pipeline.schedule.SCHEDULES
 REMATS = ("none", "stage", "full")
 DTYPES = ("float32", "bfloat16")
 
@@ -99,8 +99,10 @@ class PipelineConfig:
 
     microbatches: int = _opt(1, "split the global batch into this many micro-batches")
     schedule: str = _opt(
-        "gpipe",
-        "gpipe: micro-batches flow through the stages; naive: one micro-batch (F1..FS, BS..B1)",
+        "1f1b",
+        "1f1b: a backward as soon as it can, at most S micro-batches stashed; gpipe: all forwards, then all "
+        "backwards; interleaved-1f1b: 1f1b over --repeats chunks per device; zb-h1: zero-bubble, weight "
+        "gradients fill the bubble; naive: one micro-batch (F1..FS, BS..B1)",
         choices=SCHEDULES,
     )
     repeats: int = _opt(1, "circular pipeline: each device holds this many non-adjacent chunks of layers")
@@ -143,6 +145,7 @@ class RunConfig:
         None, "trace train steps A:B (1-based, inclusive) with jax.profiler, for Perfetto or TensorBoard"
     )
     profile_dir: str = _opt("jaxmp-profile", "folder for the --profile-steps trace")
+    schedule_plot: str | None = _opt(None, "write a PNG picture of the run's pipeline schedule to this path")
     report: bool = _opt(True, "print the sharding report at start-up")
 
 

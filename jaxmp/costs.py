@@ -2,7 +2,7 @@
 
 Shapes: B = global batch, b = rows one data replica (or one micro-batch) sees, D = residual width,
 F = flattened features, t = devices on ``tensor``, S = stages, M = micro-batches, R = repeats,
-T = ticks = ``gpipe(S, M, R).ticks`` (``2*(M*R + S - 1)`` when S divides M), L = layers.
+T = the schedule's ticks (GPipe and 1F1B: ``2*(M*R + S - 1)`` when S divides M), L = layers.
 
 Per device and per step, in elements (the counting conventions of :mod:`jaxmp.analysis`):
 
@@ -19,11 +19,13 @@ Per device and per step, in elements (the counting conventions of :mod:`jaxmp.an
   unless a column layer precedes it (pair) or it is first. A residual Megatron block therefore costs
   ``2*b*D``. ``hybrid`` adds the all-gather of the flattened conv features from the conv batch split
   to the dense one: ``b*F*(g-1)/g`` over the extra axes (Krizhevsky 2014).
-- pipeline (GPipe as one SPMD program, :mod:`jaxmp.pipeline.engine`): the table's forward phase and its
-  backward phase take ``T/2`` ticks each; each of their ticks moves one micro-batch activation (or
-  cotangent) ``b*D`` one stage on, one collective-permute: ``T/2*b*D`` each way, where the textbook's
-  minimum is ``b*D`` per boundary per micro-batch each way (the extra ticks are the bubble's share).
-  The bubble is ``(S-1)/(M*R+S-1)`` of the stage-ticks. No weight or gradient crosses ``pipe``; the
+- pipeline (any schedule table as one SPMD program, :mod:`jaxmp.pipeline.engine`): each tick of the
+  table's loops is one collective-permute that moves one micro-batch activation or cotangent ``b*D``
+  per device (an activation one stage on, or a cotangent one stage back, whichever the device's action
+  sends): ``T*b*D`` for GPipe, 1F1B and ZB-H1 (``T`` their ticks), more where a table has a stage
+  hear from two others in one tick (a second round). The textbook's minimum is ``b*D`` per boundary
+  per micro-batch each way (the extra ticks are the bubble's share). The bubble is
+  ``(S-1)/(M*R+S-1)`` of the stage-ticks (ZB-H1: ``(S-1)/(3M+S-1)``). No weight or gradient crosses ``pipe``; the
   gradients of each stage's buffers are summed over the batch axes once per step. Tensor-parallel
   layers inside stages run in per-stage branches, whose collectives the loop counts of the compiled
   program cannot attribute to ticks, so pipelined runs leave ``tensor`` uncovered.
@@ -45,6 +47,7 @@ from jaxmp.models import build_model
 from jaxmp.models.cnn import MnistCNN, TextbookDense
 from jaxmp.models.mlp import MLP1024, ResidualMLP
 from jaxmp.pipeline import is_pipelined, schedule_for
+from jaxmp.pipeline.engine import plan_exchange
 from jaxmp.sharding import axis_size, param_specs, path_name, rules_for
 
 
@@ -271,9 +274,9 @@ def _dense_terms(chain: list[_Dense], rows: int, times: int, t: int, where: str)
 def pipeline_terms(ctx: _Context) -> list[Expected] | None:
     """Activations and cotangents between stages over ``pipe``; None if unknown (stages of other shapes).
 
-    The GPipe table's forward phase takes ``T/2`` ticks and so does its backward; each tick of a phase
-    moves one micro-batch activation (``b*D``) one stage on, every device at once (one collective-permute).
-    No parameter or gradient crosses ``pipe``: each stage's are on its own devices.
+    One collective-permute of one micro-batch message (``b*D``) per tick of the executor's loops (see
+    :attr:`jaxmp.pipeline.transfers.Transfers.permutes`). No parameter or gradient crosses ``pipe``:
+    each stage's are on its own devices.
     """
     stages = ctx.mesh.shape["pipe"]
     if stages == 1 or not is_pipelined(ctx.cfg.pipeline, stages):
@@ -283,11 +286,8 @@ def pipeline_terms(ctx: _Context) -> list[Expected] | None:
     schedule = schedule_for(ctx.cfg.pipeline, stages)
     b = _batch_rows(ctx) // schedule.microbatches
     width = ctx.params[f"{_BLOCKS}.up.kernel"][0][-2]
-    half, pipe = schedule.ticks // 2, ("pipe",)
-    return [
-        Expected("activations, forward", "collective-permute", pipe, half * b * width, "T/2*b*D"),
-        Expected("cotangents, backward", "collective-permute", pipe, half * b * width, "T/2*b*D"),
-    ]
+    permutes = plan_exchange(schedule).permutes
+    return [Expected("activations and cotangents", "collective-permute", ("pipe",), permutes * b * width, "T*b*D")]
 
 
 def predict(cfg: Config, mesh: jax.sharding.Mesh, input_shape: tuple[int, ...], classes: int) -> Prediction:

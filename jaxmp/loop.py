@@ -32,6 +32,7 @@ from jaxmp.mesh import mesh_from_spec, simulate_cpu_devices
 from jaxmp.metrics import MetricsWriter, carried_records, check_metrics_path, check_tensorboard
 from jaxmp.models import check_strategy
 from jaxmp.pipeline.packing import print_stage_report
+from jaxmp.pipeline.plot import check_plot_path, save_schedule_plot
 from jaxmp.profiling import StepProfiler, check_profile
 from jaxmp.sharding import print_sharding_report
 from jaxmp.step import Program, TrainState, build_program, put_global
@@ -85,6 +86,7 @@ def prepare(cfg: Config) -> Setup:
     check_strategy(cfg.model)
     check_metrics_path(cfg.run.metrics_file)
     check_tensorboard(cfg.run.tensorboard_dir)
+    check_plot_path(cfg.run.schedule_plot)
     check_directory(cfg)
     if cfg.run.cpu_devices:
         simulate_cpu_devices(cfg.run.cpu_devices)
@@ -97,6 +99,7 @@ def prepare(cfg: Config) -> Setup:
     start = _check_start(cfg, input_shape, dataset.num_classes, steps)
     profile = check_profile(cfg, start, steps)
     program = build_program(cfg, mesh, input_shape, dataset.num_classes)
+    save_schedule_plot(program.pipeline, cfg.run.schedule_plot)
     restored = restore(cfg, program, input_shape, dataset.num_classes) if cfg.checkpoint.resume else None
     for function in (program.init, program.train_step, program.eval_step):
         function.compiled  # noqa: B018 (compile now, so no step time includes compilation)

@@ -19,38 +19,46 @@ RTOL = 1e-5
 def config(model: str, **overrides):
     """A small config of ``model``: GELU for mlp-1024 (a ReLU kink at 0 can flip a unit within
     float32 rounding when a micro-batch sums in another order), a strategy every model takes."""
-    base = dict(batch_size=48 if overrides.get("microbatches") == 3 else 32)
+    microbatches = overrides.get("microbatches", 1)
+    base = dict(batch_size=32 if 32 % (2 * microbatches) == 0 else 8 * microbatches)
     if model == "mlp-1024":
         base["activation"] = "gelu"
     if model == "mlp":
         base["depth"] = 8
     base.update({k: overrides.pop(k) for k in list(overrides) if k in base})
     piped = {
-        k: overrides.pop(k) for k in list(overrides) if k in ("microbatches", "repeats", "stage_split", "placement")
+        k: overrides.pop(k)
+        for k in list(overrides)
+        if k in ("microbatches", "repeats", "stage_split", "placement", "schedule")
     }
     cfg = small_config("mlp" if model == OWN else model, overrides.pop("strategy", "tp"), **base, **overrides)
     return cfg, cfg.replace(**piped)
 
 
 CASES = [
-    # (model, stages, microbatches, repeats, data, tensor, stage split, placement)
-    ("mlp", 4, 8, 2, 1, 1, "uniform", None),
-    ("mlp", 2, 8, 1, 2, 2, "uniform", None),
-    ("mlp", 3, 1, 1, 1, 2, "3,3,2", None),
-    ("mlp-1024", 2, 3, 1, 2, 2, "uniform", None),
-    ("mlp-1024", 2, 1, 1, 1, 1, "uniform", "0,1,1,0"),
-    ("mlp-1024", 2, 3, 2, 1, 1, "uniform", None),
-    ("mnist-cnn", 2, 4, 1, 2, 2, "uniform", None),
-    ("mnist-cnn", 3, 8, 1, 1, 1, "2,1,3", None),
-    ("mnist-cnn", 2, 3, 1, 1, 1, "auto", None),
-    (OWN, 2, 4, 1, 2, 2, "uniform", None),
-    (OWN, 3, 3, 1, 1, 1, "uniform", None),
+    # (model, schedule, stages, microbatches, repeats, data, tensor, stage split, placement)
+    ("mlp", "1f1b", 4, 8, 2, 1, 1, "uniform", None),  # interleaved: some ticks need two rounds
+    ("mlp", "zb-h1", 2, 8, 1, 2, 2, "uniform", None),
+    ("mlp", "gpipe", 3, 1, 1, 1, 2, "3,3,2", None),
+    ("mlp-1024", "1f1b", 2, 3, 1, 2, 2, "uniform", None),
+    ("mlp-1024", "gpipe", 2, 1, 1, 1, 1, "uniform", "0,1,1,0"),
+    ("mlp-1024", "interleaved-1f1b", 2, 3, 2, 1, 1, "uniform", None),  # M not a multiple of S
+    ("mnist-cnn", "gpipe", 2, 4, 1, 2, 2, "uniform", None),
+    ("mnist-cnn", "1f1b", 3, 8, 1, 1, 1, "2,1,3", None),
+    ("mnist-cnn", "zb-h1", 2, 3, 1, 1, 1, "auto", None),
+    ("mnist-cnn", "1f1b", 4, 9, 1, 1, 1, "uniform", None),  # M = 2S + 1
+    (OWN, "1f1b", 2, 4, 1, 2, 2, "uniform", None),
+    (OWN, "zb-h1", 3, 5, 1, 1, 1, "uniform", None),
 ]
 
 
-@pytest.mark.parametrize(("model", "stages", "microbatches", "repeats", "data", "tensor", "split", "place"), CASES)
-def test_pipeline_matches_one_device(model, stages, microbatches, repeats, data, tensor, split, place):
-    cfg, piped = config(model, microbatches=microbatches, repeats=repeats, stage_split=split, placement=place)
+@pytest.mark.parametrize(
+    ("model", "schedule", "stages", "microbatches", "repeats", "data", "tensor", "split", "place"), CASES
+)
+def test_pipeline_matches_one_device(model, schedule, stages, microbatches, repeats, data, tensor, split, place):
+    cfg, piped = config(
+        model, microbatches=microbatches, repeats=repeats, stage_split=split, placement=place, schedule=schedule
+    )
     mesh = build_mesh(MeshShape(data, tensor, stages))
     got = loss_and_grads(piped, mesh, poison=True, model=model)
     assert_same(got, loss_and_grads(cfg, single_device_mesh(), model=model))
@@ -128,21 +136,26 @@ def test_each_stage_holds_only_its_own_parameters():
     ]
 
 
-@pytest.mark.parametrize(("stages", "microbatches", "repeats"), [(4, 4, 1), (2, 4, 2), (2, 3, 2)])
-def test_only_activations_and_cotangents_cross_pipe(stages, microbatches, repeats):
-    """Traffic over pipe: one micro-batch activation per tick of the forward phase, one cotangent per
-    tick of the backward phase, each a single collective-permute; no weight and no all-to-all."""
-    from jaxmp.pipeline import gpipe
+@pytest.mark.parametrize(
+    ("schedule", "stages", "microbatches", "repeats"),
+    [("gpipe", 4, 4, 1), ("1f1b", 4, 4, 1), ("interleaved-1f1b", 2, 4, 2), ("gpipe", 2, 3, 2)],
+)
+def test_only_activations_and_cotangents_cross_pipe(schedule, stages, microbatches, repeats):
+    """Traffic over pipe: one micro-batch message per device per tick (an activation on or a cotangent
+    back, whichever its action sends; 1F1B sends both kinds in one tick), a single collective-permute
+    each; no weight and no all-to-all."""
+    from jaxmp.pipeline import build_schedule
 
-    _, piped = config("mlp", batch_size=48, microbatches=microbatches, repeats=repeats)
+    _, piped = config("mlp", batch_size=48, microbatches=microbatches, repeats=repeats, schedule=schedule)
     mesh = build_mesh(MeshShape(1, 1, stages))
     program = build(piped, mesh)
     every = collectives(program.train_step.compiled.as_text(), mesh)
     on_pipe = [c for c in every if "pipe" in c.axes]
     permutes = [c for c in on_pipe if c.kind == "collective-permute"]
     b_by_d = (48 // microbatches) * 32
+    ticks = build_schedule(schedule, stages, microbatches, repeats).ticks
     assert {c.elements for c in permutes} == {b_by_d}
-    assert sum(c.total_elements for c in permutes) == gpipe(stages, microbatches, repeats).ticks * b_by_d
+    assert sum(c.total_elements for c in permutes) == ticks * b_by_d
     assert [c for c in on_pipe if c.kind != "collective-permute" and c.elements > 1] == []
 
 
@@ -164,7 +177,8 @@ def test_weight_gradients_are_reduced_over_the_batch_axes_once_per_step(model, s
 
 def test_megatron_collectives_inside_a_stage_are_those_of_the_layer():
     """mlp-1024 on tensor=2, pipe=2: each stage's column/row pair keeps its one all-reduce per direction;
-    the pipelined program has the one-stage program's all-reduces plus the forward's, re-run in the backward."""
+    the pipelined program has the one-stage program's all-reduces plus the first stage's forward one,
+    re-run in its backward (1F1B: the last stage's backward runs inside its forward, no re-run)."""
     cfg, piped = config("mlp-1024", microbatches=2)
 
     def tensor_all_reduces(text, mesh):
@@ -178,7 +192,7 @@ def test_megatron_collectives_inside_a_stage_are_those_of_the_layer():
     both = len(tensor_all_reduces(flat.grad_step.compiled.as_text(), flat_mesh))
     mesh = build_mesh(MeshShape(1, 2, 2))
     piped_count = len(tensor_all_reduces(build(piped, mesh).grad_step.compiled.as_text(), mesh))
-    assert forward == 2 and piped_count == both + forward
+    assert forward == 2 and piped_count == both + 1
 
 
 @pytest.mark.parametrize(

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from jaxmp.config import ConfigError
-from jaxmp.pipeline import gpipe, naive, render
-from jaxmp.pipeline.schedule import BACKWARD, FORWARD, IDLE, validate
+from jaxmp.pipeline import build_schedule, gpipe, naive, one_f_one_b, plot, render, zb_h1
+from jaxmp.pipeline.schedule import BACKWARD, FORWARD, IDLE, WEIGHT, validate
 from jaxmp.pipeline.transfers import plan_transfers
 
 
@@ -26,6 +26,69 @@ def test_circular_bubble(stages, microbatches, repeats):
         assert schedule.bubble_fraction == pytest.approx((stages - 1) / (repeats * microbatches + stages - 1))
     else:  # a last group smaller than S idles on every extra round
         assert schedule.bubble_fraction > (stages - 1) / (repeats * microbatches + stages - 1)
+
+
+@pytest.mark.parametrize(("stages", "microbatches"), [(2, 2), (2, 5), (4, 4), (4, 9), (4, 16)])
+def test_1f1b_has_gpipes_bubble_and_stashes_at_most_s(stages, microbatches):
+    schedule = one_f_one_b(stages, microbatches)
+    assert schedule.ticks == gpipe(stages, microbatches).ticks
+    assert schedule.bubble_fraction == pytest.approx((stages - 1) / (microbatches + stages - 1))
+    # stage s holds at most S - s inputs (GPipe: M on every stage)
+    assert schedule.stashed().tolist() == [min(stages - s, microbatches) for s in range(stages)]
+    # the last stage runs each backward right after its forward
+    last = stages - 1
+    assert all(schedule.when(BACKWARD, m, last) == schedule.when(FORWARD, m, last) + 1 for m in range(microbatches))
+
+
+@pytest.mark.parametrize(
+    ("stages", "microbatches", "repeats"), [(2, 4, 2), (4, 8, 2), (4, 16, 2), (2, 6, 3), (2, 5, 2)]
+)
+def test_interleaved_1f1b_bubble_shrinks_with_repeats(stages, microbatches, repeats):
+    schedule = one_f_one_b(stages, microbatches, repeats)
+    assert schedule.name == "interleaved-1f1b"
+    closed = (stages - 1) / (repeats * microbatches + stages - 1)
+    if microbatches % stages == 0:
+        assert schedule.bubble_fraction == pytest.approx(closed)
+        # Megatron's warm-up: 2(S - s - 1) + (R - 1)S forwards, then one in flight more
+        assert schedule.stashed().tolist() == [2 * (stages - s - 1) + (repeats - 1) * stages + 1 for s in range(stages)]
+    else:
+        assert closed < schedule.bubble_fraction < one_f_one_b(stages, microbatches).bubble_fraction
+    assert schedule.stashed().max() < gpipe(stages, microbatches, repeats).stashed().max()
+
+
+@pytest.mark.parametrize(("stages", "microbatches"), [(2, 2), (2, 5), (4, 8), (4, 9), (3, 7)])
+def test_zb_h1_fills_the_bubble_with_weight_gradients(stages, microbatches):
+    schedule = zb_h1(stages, microbatches)
+    assert schedule.split_backward
+    assert schedule.ticks == 3 * microbatches + stages - 1
+    assert schedule.bubble_fraction == pytest.approx((stages - 1) / (3 * microbatches + stages - 1))
+    # in time units (F = B = W), 1F1B idles 3(S-1) per stage and ZB-H1 S-1: a third
+    idle = (~schedule.busy).sum(axis=0)
+    assert idle.tolist() == [stages - 1] * stages
+    assert schedule.stashed().max() <= 2 * stages - 1
+    for m in range(microbatches):  # every W after its own B
+        for c in range(stages):
+            assert schedule.when(WEIGHT, m, c) > schedule.when(BACKWARD, m, c) >= 0
+
+
+def test_unknown_or_unfit_schedules_are_refused():
+    with pytest.raises(ConfigError, match="unknown pipeline schedule 'pipedream'"):
+        build_schedule("pipedream", 2, 2)
+    with pytest.raises(ConfigError, match="zb-h1 runs one chunk per stage"):
+        build_schedule("zb-h1", 2, 4, 2)
+    with pytest.raises(ConfigError, match="cannot run this chunk placement"):
+        build_schedule("1f1b", 2, 2, placement=(0, 1, 1, 0))
+
+
+def test_plot_draws_every_action_and_leaves_idle_blank(tmp_path):
+    schedule = zb_h1(3, 4)
+    figure = plot(schedule, tmp_path / "zb.png")
+    boxes = [p for p in figure.axes[0].patches]
+    assert len(boxes) == int(schedule.busy.sum())
+    colours = {tuple(p.get_facecolor()) for p in boxes}
+    assert len(colours) == 3  # F, B and W
+    assert f"bubble {2 / 14:.1%}" in figure.axes[0].get_title()  # (S-1)/(3M+S-1)
+    assert (tmp_path / "zb.png").stat().st_size > 1000
 
 
 def test_vanilla_model_parallelism_idles_in_all_but_two_slots():
@@ -60,6 +123,7 @@ def broken(schedule, t, s, kind, m, c):
         ((2, 0, FORWARD, 0, 0), r"tick 2, stage 0: F\(m=0, chunk=0\) runs twice"),
         ((0, 0, FORWARD, 0, 1), r"runs on the wrong stage"),
         ((4, 0, IDLE, -1, -1), r"never runs B\(m=0, chunk=0\)"),
+        ((0, 0, 7, 0, 0), r"is not an action this executor knows"),
     ],
 )
 def test_an_invalid_table_names_its_first_bad_slot(edit, message):
@@ -67,14 +131,53 @@ def test_an_invalid_table_names_its_first_bad_slot(edit, message):
         validate(broken(gpipe(2, 2), *edit))
 
 
-def test_messages_land_in_slots_and_phases_send_one_way():
-    schedule = gpipe(2, 3)
+def test_messages_land_in_slots_and_loops_send_one_way():
+    schedule = gpipe(3, 3)
     transfers = plan_transfers(schedule)
-    assert transfers.forward_shifts == (1,) and transfers.backward_shifts == (1,)
-    assert transfers.input_slots == 3  # stage 1 keeps all three inputs until their backward
-    # the forward phase sends activations only, the backward phase cotangents only
-    assert [(p[1] - p[0], p[2], p[3]) for p in transfers.phases] == [(4, (True,), (False,)), (4, (False,), (True,))]
+    assert transfers.input_slots == 3  # stages 1 and 2 keep all three inputs until their backward
+    # the forward loop sends activations only, the backward loop cotangents only
+    assert [(loop.ticks.shape, loop.rounds) for loop in transfers.loops] == [
+        ((5, 1), ((((0, 1), (1, 2)),),)),  # one position, one round, its pairs
+        ((5, 1), ((((1, 0), (2, 1)),),)),
+    ]
     # every forward input of stage 1 is read from the slot it landed in
     for t in np.flatnonzero(schedule.kind[:, 1] == FORWARD):
         arrived = int(np.flatnonzero(transfers.recv_input[:, 1, 1] == transfers.read_input[t, 1])[0])
         assert arrived <= t
+
+
+def test_1f1b_sends_both_ways_in_one_permute_per_tick():
+    """1F1B's steady state alternates two patterns (stage s sends on when t + s is even, back otherwise):
+    one loop of period 2, one collective-permute per tick, so the traffic is T messages, not 2T."""
+    schedule = one_f_one_b(4, 8)
+    transfers = plan_transfers(schedule)
+    assert transfers.permutes == schedule.ticks and transfers.rounds == 1
+    assert 2 in [loop.ticks.shape[1] for loop in transfers.loops]
+    assert len(transfers.loops) <= 5
+    for loop in transfers.loops:
+        for rounds in loop.rounds:
+            for pairs in rounds:  # each a partial permutation
+                assert len({s for s, _ in pairs}) == len(pairs) == len({d for _, d in pairs})
+    covered = np.sort(np.concatenate([loop.ticks.ravel() for loop in transfers.loops]))
+    assert covered.tolist() == list(range(schedule.ticks))
+
+
+def test_a_weight_gradient_before_its_backward_is_refused():
+    schedule = zb_h1(2, 2)
+    t = schedule.when(WEIGHT, 0, 0)
+    b = schedule.when(BACKWARD, 0, 0)
+    swapped = broken(broken(schedule, t, 0, BACKWARD, 0, 0), b, 0, WEIGHT, 0, 0)
+    with pytest.raises(ConfigError, match=rf"tick {b}, stage 0: W\(m=0, chunk=0\) comes before its own B"):
+        validate(swapped)
+
+
+def test_zb_h1_messages_keep_cotangents_until_their_weight_gradient():
+    schedule = zb_h1(2, 3)
+    transfers = plan_transfers(schedule)
+    for t in np.flatnonzero(schedule.kind[:, 0] == WEIGHT):
+        m = int(schedule.microbatch[t, 0])
+        slot = transfers.read_grad[t, 0]
+        assert slot >= 0 and slot == transfers.read_grad[schedule.when(BACKWARD, m, 0), 0]
+        # no other cotangent lands in that slot between this micro-batch's B and W
+        later = transfers.recv_grad[schedule.when(BACKWARD, m, 0) + 1 : t + 1, 0, 1]
+        assert slot not in later.tolist()

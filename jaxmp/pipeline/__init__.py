@@ -18,20 +18,37 @@ from jaxmp.models.layers import LayerContext
 from jaxmp.pipeline.engine import Plan, make_plan, run, split_microbatches
 from jaxmp.pipeline.packing import Packing, Piece, piece_params
 from jaxmp.pipeline.partition import chunks_and_placement
-from jaxmp.pipeline.schedule import Schedule, gpipe, naive, render
+from jaxmp.pipeline.plot import plot
+from jaxmp.pipeline.schedule import (
+    SCHEDULES,
+    Schedule,
+    build_schedule,
+    gpipe,
+    naive,
+    one_f_one_b,
+    render,
+    validate,
+    zb_h1,
+)
 from jaxmp.sharding import active_rules, axis_size, rules_without_axes
 
 __all__ = [
+    "SCHEDULES",
     "Pipeline",
     "Schedule",
     "build_pipeline",
+    "build_schedule",
     "gpipe",
     "is_pipelined",
     "naive",
+    "one_f_one_b",
+    "plot",
     "render",
     "run",
     "schedule_for",
     "split_microbatches",
+    "validate",
+    "zb_h1",
 ]
 
 REMAT_POLICIES = {
@@ -58,10 +75,7 @@ def is_pipelined(cfg: PipelineConfig, stages: int) -> bool:
 
 def schedule_for(cfg: PipelineConfig, stages: int, chunk_stage=None, *, backward: bool = True) -> Schedule:
     """The schedule table of ``cfg`` for chunks placed on ``chunk_stage`` (default: contiguous/circular)."""
-    if cfg.schedule == "naive" and backward:
-        return naive(stages, cfg.repeats, placement=chunk_stage)
-    microbatches = 1 if cfg.schedule == "naive" else cfg.microbatches
-    return gpipe(stages, microbatches, cfg.repeats, placement=chunk_stage, backward=backward)
+    return build_schedule(cfg.schedule, stages, cfg.microbatches, cfg.repeats, placement=chunk_stage, backward=backward)
 
 
 def check_microbatches(cfg: PipelineConfig, batch: int, batch_parts: int) -> None:

@@ -40,7 +40,7 @@ from jax.sharding import PartitionSpec as P
 from jaxmp.models.contract import apply_part
 from jaxmp.models.layers import LayerContext
 from jaxmp.pipeline.packing import Packing
-from jaxmp.pipeline.schedule import BACKWARD, FORWARD, Schedule
+from jaxmp.pipeline.schedule import BACKWARD, FORWARD, IDLE, WEIGHT, Schedule
 from jaxmp.pipeline.transfers import Transfers, plan_transfers
 from jaxmp.sharding import use_rules
 
@@ -62,6 +62,7 @@ class Plan(NamedTuple):
     unroll: bool
     poison: bool  # tests: stash and messages start as NaN
     masked: bool = True  # tests: False writes every message, needed or not (the poison must then show)
+    fuse_last: bool = False  # the last chunk's forward runs its whole backward too (see fuses_last_chunk)
 
 
 def split_microbatches(x_Bx: jax.Array, microbatches: int) -> jax.Array:
@@ -80,17 +81,52 @@ def make_plan(
     """A :class:`Plan`; ``boundaries`` are the activations (one example) between consecutive chunks."""
     width = max([1, *(math.prod(s.shape) for s in boundaries)])
     dtype = boundaries[0].dtype if boundaries else jnp.float32
-    transfers = plan_transfers(schedule)
+    fuse = fuses_last_chunk(schedule)
+    transfers = plan_exchange(schedule)
     return Plan(
-        packing, schedule, transfers, boundaries, width, dtype, batch_axes, inner_rules, policy, unroll, poison, masked
+        packing,
+        schedule,
+        transfers,
+        boundaries,
+        width,
+        dtype,
+        batch_axes,
+        inner_rules,
+        policy,
+        unroll,
+        poison,
+        masked,
+        fuse,
     )
+
+
+def plan_exchange(schedule: Schedule) -> Transfers:
+    """The messages, slots and loops the executor runs ``schedule`` with."""
+    return plan_transfers(schedule, _no_ops(schedule, fuses_last_chunk(schedule)))
+
+
+def fuses_last_chunk(schedule: Schedule) -> bool:
+    """Whether the last chunk's forward also runs its backward (loss, weight gradient and input cotangent
+    in one ``jax.vjp``, no re-run), the cotangent kept in the input's stash slot until the table's ``B``
+    sends it.
+
+    Only where that costs no time: on one stage, or where every ``B`` of the last chunk comes right after
+    its ``F`` (the 1F1B family). Under GPipe with several stages it would lengthen every forward tick
+    of the last stage, which all stages wait for.
+    """
+    if not (schedule.kind == BACKWARD).any():
+        return False
+    last = schedule.chunks - 1
+    follows = all(
+        schedule.when(BACKWARD, m, last) == schedule.when(FORWARD, m, last) + 1 for m in range(schedule.microbatches)
+    )
+    return schedule.stages == 1 or follows
 
 
 class _Carry(NamedTuple):
     inputs: jax.Array  # [slots, b, A] stashed activations
     grads: jax.Array  # [slots, b, A] cotangents waiting for their backward
-    sent_f: tuple  # per forward shift: [b, A] the last activation sent
-    sent_b: tuple  # per backward shift: [b, A]
+    arrived: tuple  # per round: [b, A] the message the last permute delivered
     g_params: dict  # running sum of this stage's buffer cotangents
     sums: dict  # running sums of the head's outputs (loss, ...)
 
@@ -141,35 +177,79 @@ def _device_program(plan: Plan, head: Head, train: bool, manual: frozenset[str])
 
     def body(buffers, x_MxB, y_MxB, w_MxB, key_data):
         with use_rules(plan.inner_rules):
-            local = _gather_manual_tiles(plan, buffers, manual)
+            access = _Params.of(plan, _gather_manual_tiles(plan, buffers, manual), manual, train)
             stage = jax.lax.axis_index("pipe")
             b = x_MxB.shape[1]
-            branches = _branches(plan, local, head, train, jax.random.wrap_key_data(key_data), manual)
+            branches = _branches(plan, access, head, train, jax.random.wrap_key_data(key_data))
             fill = jnp.nan if plan.poison else 0.0
             message = jnp.full((b, plan.width), fill, plan.message_dtype)
             carry = _Carry(
                 jnp.full((transfers.input_slots, b, plan.width), fill, plan.message_dtype),
                 jnp.full((transfers.grad_slots, b, plan.width), fill, plan.message_dtype),
-                tuple(message for _ in transfers.forward_shifts),
-                tuple(message for _ in transfers.backward_shifts),
-                jax.tree.map(jnp.zeros_like, local) if train else {},
+                tuple(message for _ in range(transfers.rounds)),
+                access.zeros() if train else {},
                 _zero_sums(head, plan, x_MxB, y_MxB, w_MxB),
             )
             tables = _tables(plan, schedule, transfers, stage)
             data = (x_MxB, y_MxB, w_MxB)
-            for start, stop, fwd_on, bwd_on in transfers.phases:
-                # only the branches this phase's ticks use are compiled into its loop
-                used = sorted({0, *np.unique(tables.branch_np[start:stop]).tolist()})
-                remap = jnp.asarray(np.searchsorted(used, np.arange(len(branches))).astype(np.int32))
-                phase_branches = [branches[i] for i in used]
-                tick = _tick_fn(plan, phase_branches, remap, tables, data, stage, fwd_on, bwd_on)
-                carry, _ = jax.lax.scan(tick, carry, jnp.arange(start, stop), unroll=plan.unroll)
+            for loop in transfers.loops:
+                carry, _ = jax.lax.scan(
+                    _loop_body(plan, loop, branches, tables, data, stage), carry, loop.ticks, unroll=plan.unroll
+                )
             sums = jax.lax.psum(carry.sums, ("pipe", *plan.batch_axes))
             if not train:
                 return sums
-            return sums, _reduce_gradients(plan, carry.g_params, manual)
+            return sums, _reduce_gradients(plan, access.packed(carry.g_params), manual)
 
     return body
+
+
+class _Params(NamedTuple):
+    """How the actions read a chunk's parameters and add up its gradients.
+
+    Stages whose chunks all share one layout (one device, or a stack split evenly) unpack their
+    parameters once per step and sum gradients in the layer tree, packed once after the loop. Otherwise
+    every action unpacks its chunk from the stage buffers and adds into them slot by slot: the only
+    form with one shape on every stage. The packed sums cost a read-modify-write of each slot per
+    action, which XLA:CPU does not do in place; the tree form runs as fast as a plain scan.
+    """
+
+    packing: Packing
+    local: dict  # this device's buffers, manual tiles gathered
+    manual: frozenset
+    tree: list | None  # the one layout's unpacked parameters, or None
+
+    @staticmethod
+    def of(plan: Plan, local: dict, manual: frozenset, train: bool) -> _Params:
+        single = len(set(_branch_keys(plan))) == 1
+        tree = plan.packing.chunk_params(0, local, manual) if single else None
+        return _Params(plan.packing, local, manual, tree)
+
+    def params(self, c: int) -> list:
+        return self.tree if self.tree is not None else self.packing.chunk_params(c, self.local, self.manual)
+
+    def zeros(self):
+        return jax.tree.map(jnp.zeros_like, self.tree if self.tree is not None else self.local)
+
+    def add(self, c: int, sums, grads: list):
+        if self.tree is not None:
+            return jax.tree.map(jnp.add, sums, grads)
+        return self.packing.add_chunk_grads(c, sums, grads)
+
+    def packed(self, sums) -> dict:
+        if self.tree is None:
+            return sums
+        return self.packing.add_chunk_grads(0, jax.tree.map(jnp.zeros_like, self.local), sums)
+
+
+def _no_ops(schedule: Schedule, fuse_last: bool) -> np.ndarray:
+    """``[T, S]`` bool: the action does nothing (idle; ``B`` and ``W`` of a fused last chunk that has
+    nothing to send; ``B`` of chunk 0 when ``W`` computes its weight gradient)."""
+    kind, chunk = schedule.kind, schedule.chunk
+    last = schedule.chunks - 1
+    fused = fuse_last & (chunk == last)
+    no_op = (kind == IDLE) | (fused & ((kind == WEIGHT) | ((kind == BACKWARD) & (last == 0))))
+    return no_op | (schedule.split_backward & (kind == BACKWARD) & (chunk == 0))
 
 
 def _zero_sums(head: Head, plan: Plan, x_MxB, y_MxB, w_MxB) -> dict:
@@ -205,7 +285,7 @@ def _reduce_gradients(plan: Plan, g_params: dict, manual: frozenset[str]) -> dic
 
 
 class _Tables(NamedTuple):
-    branch_np: np.ndarray  # [T, S] branch index per tick and stage (numpy: the phases pick their branches)
+    branch_np: np.ndarray  # [T, S] branch index per tick and stage (numpy: each tick of a loop picks its branches)
     branch: jax.Array  # [T] this stage's branch index per tick
     microbatch: jax.Array  # [T]
     recv_input: jax.Array  # [T, 2]
@@ -242,38 +322,57 @@ def _branch_keys(plan: Plan) -> list:
     return keys
 
 
+ACTIONS = (FORWARD, BACKWARD, WEIGHT)
+
+
 def _branch_table(plan: Plan, schedule: Schedule) -> np.ndarray:
-    """``[T, S]`` index into the branch list: 0 idle, then a forward and a backward per distinct chunk."""
+    """``[T, S]`` index into the branch list: 0 idle, then F, B and W per distinct chunk."""
     keys = _branch_keys(plan)
     distinct = list(dict.fromkeys(keys))
     table = np.zeros(schedule.kind.shape, np.int32)
     for (t, s), kind in np.ndenumerate(schedule.kind):
-        if kind in (FORWARD, BACKWARD):
+        if kind != IDLE:
             k = distinct.index(keys[schedule.chunk[t, s]])
-            table[t, s] = 1 + 2 * k + (kind == BACKWARD)
+            table[t, s] = 1 + len(ACTIONS) * k + ACTIONS.index(kind)
     return table
 
 
-def _branches(plan: Plan, local: dict, head: Head, train: bool, key, manual):
-    """``[idle, F(chunk), B(chunk), ...]``, each ``(g_params, sums, tick) -> (g_params, sums, send_f, send_b)``."""
+class _Out(NamedTuple):
+    """What an action gives back to its tick."""
+
+    g_params: dict
+    sums: dict
+    send: jax.Array  # [b, A] the activation sent on or the input cotangent sent back (blank if none)
+    keep: jax.Array  # [b, A] written back into the input's stash slot (fused last chunk: its cotangent)
+
+
+def _branches(plan: Plan, access: _Params, head: Head, train: bool, key):
+    """``[idle, F, B, W (chunk), ...]``, each ``(g_params, sums, tick) -> _Out``."""
     keys = _branch_keys(plan)
     first_chunk = {k: keys.index(k) for k in dict.fromkeys(keys)}
     fill = jnp.nan if plan.poison else 0.0
 
     def idle(g_params, sums, tick):
         blank = jnp.full(tick.h.shape, fill, tick.h.dtype)
-        return g_params, sums, blank, blank
+        return _Out(g_params, sums, blank, tick.h)
 
     branches = [idle]
     for c in first_chunk.values():
-        forward, backward = _chunk_actions(plan, c, local, head, train, key, manual)
-        branches += [forward, backward]
+        branches += _chunk_actions(plan, c, access, head, train, key)
     return branches
 
 
-def _chunk_actions(plan: Plan, c: int, local: dict, head: Head, train: bool, key, manual):
-    """The forward and backward actions of chunk ``c``."""
+def _chunk_actions(plan: Plan, c: int, access: _Params, head: Head, train: bool, key):
+    """The F, B and W actions of chunk ``c``.
+
+    ``B`` alone (no ``W`` in the table) is the chunk's whole backward. With ``W`` in the table, ``B``
+    gives the input cotangent and ``W`` the weight gradient, each from a re-run of the chunk (XLA drops
+    the half of the backward an action does not return). The fused last chunk (:func:`fuses_last_chunk`)
+    does all of it in its forward; its ``B`` only sends the kept cotangent, its ``W`` nothing.
+    """
     last = c == len(plan.packing.chunks) - 1
+    fused = last and plan.fuse_last and train
+    split = plan.schedule.split_backward
     fill = jnp.nan if plan.poison else 0.0
 
     def chunk_fn(params, h, tick: _Tick):
@@ -290,43 +389,88 @@ def _chunk_actions(plan: Plan, c: int, local: dict, head: Head, train: bool, key
             return head(h, tick.y, tick.weights)
         return _flatten_pad(h, plan)
 
-    def chunk_input(tick: _Tick):
-        return tick.x if c == 0 else tick.h
+    def params():
+        return access.params(c)
+
+    def blank(tick):
+        return jnp.full(tick.h.shape, fill, tick.h.dtype)
+
+    def seed(out, tick):
+        """The output cotangent: the loss's for the last chunk, the one that arrived otherwise."""
+        return jax.tree.map(jnp.zeros_like, out) | {"loss": jnp.ones_like(out["loss"])} if last else tick.g
+
+    def pull(tick, *, wrt_params: bool, wrt_input: bool):
+        """``(outputs, parameter cotangents or None, input cotangent or blank)`` of one re-run."""
+        p, h = params(), tick.x if c == 0 else tick.h
+        wrt_input = wrt_input and c > 0
+        if wrt_params and wrt_input:
+            out, vjp = jax.vjp(lambda p, h: chunk_fn(p, h, tick), p, h)
+            g_p, g_h = vjp(seed(out, tick))
+        elif wrt_params:
+            out, vjp = jax.vjp(lambda p: chunk_fn(p, h, tick), p)
+            (g_p,), g_h = vjp(seed(out, tick)), blank(tick)
+        elif wrt_input:
+            out, vjp = jax.vjp(lambda h: chunk_fn(p, h, tick), h)
+            g_p, (g_h,) = None, vjp(seed(out, tick))
+        else:
+            return None, None, blank(tick)
+        return out, g_p, g_h.astype(tick.h.dtype)
+
+    def add(g_params, g_p):
+        return g_params if g_p is None else access.add(c, g_params, g_p)
 
     def forward(g_params, sums, tick: _Tick):
-        out = chunk_fn(plan.packing.chunk_params(c, local, manual), chunk_input(tick), tick)
-        blank = jnp.full(tick.h.shape, fill, tick.h.dtype)
+        if fused:
+            out, g_p, g_h = pull(tick, wrt_params=True, wrt_input=True)
+            keep = g_h if c > 0 else tick.h
+            return _Out(add(g_params, g_p), jax.tree.map(jnp.add, sums, out), blank(tick), keep)
+        out = chunk_fn(params(), tick.x if c == 0 else tick.h, tick)
         if last:
-            return g_params, jax.tree.map(jnp.add, sums, out), blank, blank
-        return g_params, sums, out, blank
+            return _Out(g_params, jax.tree.map(jnp.add, sums, out), blank(tick), tick.h)
+        return _Out(g_params, sums, out, tick.h)
 
     def backward(g_params, sums, tick: _Tick):
-        blank = jnp.full(tick.h.shape, fill, tick.h.dtype)
-        if not train:
-            return g_params, sums, blank, blank
-        params = plan.packing.chunk_params(c, local, manual)
-        if c == 0:  # the micro-batch itself needs no cotangent
-            out, pull = jax.vjp(lambda p: chunk_fn(p, tick.x, tick), params)
-        else:
-            out, pull = jax.vjp(lambda p, h: chunk_fn(p, h, tick), params, tick.h)
-        seed = jax.tree.map(jnp.zeros_like, out) | {"loss": jnp.ones_like(out["loss"])} if last else tick.g
-        g_pieces, *g_h = pull(seed)
-        g_params = plan.packing.add_chunk_grads(c, g_params, g_pieces)
-        send_b = g_h[0].astype(tick.h.dtype) if c > 0 else blank
-        return g_params, sums, blank, send_b
+        if fused or not train:  # fused: the forward left the cotangent in the input's slot
+            return _Out(g_params, sums, tick.h if fused else blank(tick), tick.h)
+        _, g_p, g_h = pull(tick, wrt_params=not split, wrt_input=True)
+        return _Out(add(g_params, g_p), sums, g_h, tick.h)
 
-    return forward, backward
+    def weight(g_params, sums, tick: _Tick):
+        if fused or not train:
+            return _Out(g_params, sums, blank(tick), tick.h)
+        _, g_p, _ = pull(tick, wrt_params=True, wrt_input=False)
+        return _Out(add(g_params, g_p), sums, blank(tick), tick.h)
+
+    return [forward, backward, weight]
 
 
-def _tick_fn(plan: Plan, branches, remap, tables: _Tables, data, stage, fwd_on, bwd_on):
-    """One tick of one phase: receive, act, send (module docstring)."""
+def _loop_body(plan: Plan, loop, branches, tables: _Tables, data, stage):
+    """One iteration of a loop: its ``period`` ticks, each with its own pairs and its own branches
+    (only those its ticks use are compiled in)."""
+    ticks = [
+        _tick_fn(plan, branches, tables, data, stage, loop.ticks[:, k], loop.rounds[k]) for k in range(len(loop.rounds))
+    ]
+
+    def body(carry: _Carry, row):
+        for k, tick in enumerate(ticks):
+            carry = tick(carry, row[k])
+        return carry, None
+
+    return body
+
+
+def _tick_fn(plan: Plan, branches, tables: _Tables, data, stage, tick_ids: np.ndarray, rounds):
+    """One tick: receive, act, send (module docstring)."""
     x_MxB, y_MxB, w_MxB = data
-    transfers, stages, m_count = plan.transfers, plan.schedule.stages, plan.schedule.microbatches
+    m_count = plan.schedule.microbatches
     ids_of = _example_ids(plan, x_MxB.shape[1])
+    used = np.unique(tables.branch_np[tick_ids]).tolist()
+    remap = jnp.asarray(np.searchsorted(used, np.arange(len(branches))).astype(np.int32))
+    mine = [branches[i] for i in used]
 
     def tick(carry: _Carry, t):
-        inputs = _receive(carry.inputs, carry.sent_f, tables.recv_input[t], plan.masked)
-        grads = _receive(carry.grads, carry.sent_b, tables.recv_grad[t], plan.masked)
+        inputs = _receive(carry.inputs, carry.arrived, tables.recv_input[t], plan.masked)
+        grads = _receive(carry.grads, carry.arrived, tables.recv_grad[t], plan.masked)
         m = jnp.clip(tables.microbatch[t], 0, m_count - 1)
         step = _Tick(
             x_MxB[m],
@@ -336,39 +480,29 @@ def _tick_fn(plan: Plan, branches, remap, tables: _Tables, data, stage, fwd_on, 
             grads[jnp.maximum(tables.read_grad[t], 0)],
             ids_of(m),
         )
-        g_params, sums, send_f, send_b = jax.lax.switch(
-            remap[tables.branch[t]], branches, carry.g_params, carry.sums, step
-        )
-        sent_f = _send(carry.sent_f, send_f, transfers.forward_shifts, fwd_on, stages)
-        sent_b = _send(carry.sent_b, send_b, transfers.backward_shifts, bwd_on, stages)
-        return _Carry(inputs, grads, sent_f, sent_b, g_params, sums), None
+        if len(mine) == 1:
+            out = mine[0](carry.g_params, carry.sums, step)
+        else:
+            out = jax.lax.switch(remap[tables.branch[t]], mine, carry.g_params, carry.sums, step)
+        if plan.fuse_last:
+            inputs = inputs.at[jnp.maximum(tables.read_input[t], 0)].set(out.keep)
+        sent = tuple(jax.lax.ppermute(out.send, "pipe", list(pairs)) for pairs in rounds)
+        arrived = sent + carry.arrived[len(sent) :]
+        return _Carry(inputs, grads, arrived, out.g_params, out.sums)
 
     return tick
 
 
-def _receive(stash, sent: tuple, recv, masked: bool):
-    """Write the message that arrived on shift ``recv[0]`` into slot ``recv[1]`` (none if ``-1``)."""
-    if not sent:
-        return stash
-    shift, slot = recv[0], recv[1]
-    message = sent[0]
-    for i in range(1, len(sent)):
-        message = jnp.where(shift == i, sent[i], message)
+def _receive(stash, arrived: tuple, recv, masked: bool):
+    """Write the message of round ``recv[0]`` into slot ``recv[1]`` (none if ``-1``)."""
+    round_, slot = recv[0], recv[1]
+    message = arrived[0]
+    for i in range(1, len(arrived)):
+        message = jnp.where(round_ == i, arrived[i], message)
     index = jnp.maximum(slot, 0)
     if masked:
         message = jnp.where(slot >= 0, message, stash[index])
     return stash.at[index].set(message)
-
-
-def _send(previous: tuple, payload, shifts: tuple[int, ...], active: tuple[bool, ...], stages: int) -> tuple:
-    """``payload`` moved by every active ring shift (one collective-permute each); others keep theirs."""
-    out = []
-    for d, on, old in zip(shifts, active, previous, strict=True):
-        if on:
-            out.append(jax.lax.ppermute(payload, "pipe", [(s, (s + d) % stages) for s in range(stages)]))
-        else:
-            out.append(old)
-    return tuple(out)
 
 
 def _example_ids(plan: Plan, b: int):

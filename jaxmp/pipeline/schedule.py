@@ -1,9 +1,10 @@
-"""Pipeline schedules as data: for every tick and stage, one action (forward or backward of micro-batch
-``m`` on chunk ``c``) or idle.
+"""Pipeline schedules as data: for every tick and stage, one action (forward ``F``, backward ``B`` or
+weight-gradient ``W`` of micro-batch ``m`` on chunk ``c``) or idle.
 
 Why a table: the executor (:mod:`jaxmp.pipeline.engine`) only reads it, so the bubble, the stash and the
-messages can be counted, drawn and tested without running anything, and a new schedule (1F1B,
-interleaved, zero-bubble) is a new table on the same executor.
+messages can be counted, drawn and tested without running anything, and a new schedule is a new table
+on the same executor. A user can write one: fill :class:`Schedule`'s three ``[ticks, stages]`` arrays
+and call :func:`validate`.
 
 A model is cut into chunks ``0..C-1`` of consecutive layers; ``chunk_stage[c]`` is the device along
 ``pipe`` that runs chunk ``c`` (contiguous: ``c``; circular repeats: ``c % S``; any placement). The
@@ -11,29 +12,42 @@ forward of micro-batch ``m`` visits the chunks in order, its backward in reverse
 end of tick ``t`` (an activation to the next chunk's stage, or an input cotangent to the previous one)
 is there at the start of tick ``t + 1``, so every action comes strictly after the ones it needs.
 
-GPipe (Huang et al. 2019) is built by list scheduling: each tick every stage takes the ready forward of
-the lowest micro-batch, and starts backwards only once all its forwards are done (all forwards, then
-all backwards). With one chunk per stage the forward phase takes ``M + S - 1`` ticks and so does the
-backward: bubble ``(S-1)/(M+S-1)``. With ``R`` chunks per stage (circular), taking the lowest
-micro-batch first sends groups of ``S`` micro-batches round the ring: ``R*M + S - 1`` ticks each way
-when ``S`` divides ``M``, bubble ``(S-1)/(R*M+S-1)``.
+``B`` is the whole backward of a chunk, unless the table also has ``W`` actions: then ``B`` computes
+only the input cotangent (on the critical path) and ``W`` the weight gradient, which can wait.
+
+Every table is built by list scheduling: each tick, every stage takes the first ready action its
+schedule prefers.
+
+- ``gpipe`` (Huang et al. 2019): all forwards (lowest micro-batch first), then all backwards. Bubble
+  ``(S-1)/(M+S-1)``; every stage stashes all ``M`` micro-batches (``R*M`` with ``R`` chunks each).
+- ``1f1b`` (PipeDream-Flush, Narayanan et al. 2021): a ready backward first; a forward only while stage
+  ``s`` holds fewer than ``S - s`` micro-batches. Same bubble as GPipe, at most ``S`` stashed.
+- ``interleaved-1f1b`` (Megatron, Narayanan et al. 2021), ``R`` chunks per stage placed circularly:
+  forwards in groups of ``S`` micro-batches per chunk, a backward first when ready, at most
+  ``2(S - s - 1) + (R - 1)S + 1`` in flight. Bubble ``(S-1)/(R*M+S-1)`` when ``S`` divides ``M``.
+- ``zb-h1`` (Qi et al. 2024, "Zero Bubble Pipeline Parallelism"): 1F1B's order and stash limit (a
+  micro-batch's input is freed by its ``W``), with ``W`` taken only when no ``B`` or ``F`` can run, so
+  the weight gradients fill the warm-up and cool-down bubbles. In ticks (one action each, ``3M`` per
+  stage) the bubble is ``(S-1)/(3M+S-1)``: a third of 1F1B's ``3(S-1)`` idle action-slots when
+  ``F``, ``B`` and ``W`` cost the same.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import numpy as np
 
 from jaxmp.config import ConfigError
 
-IDLE, FORWARD, BACKWARD = 0, 1, 2
-KIND_NAMES = {IDLE: "idle", FORWARD: "F", BACKWARD: "B"}
+IDLE, FORWARD, BACKWARD, WEIGHT = 0, 1, 2, 3
+KIND_NAMES = {IDLE: "idle", FORWARD: "F", BACKWARD: "B", WEIGHT: "W"}
 
 
 class Schedule(NamedTuple):
-    """Which action each stage runs at each tick: ``kind`` (IDLE/FORWARD/BACKWARD), micro-batch, chunk."""
+    """Which action each stage runs at each tick: ``kind`` (IDLE/FORWARD/BACKWARD/WEIGHT), micro-batch,
+    chunk."""
 
     stages: int
     microbatches: int
@@ -57,6 +71,11 @@ class Schedule(NamedTuple):
         return max(self.chunk_stage.count(s) for s in range(self.stages))
 
     @property
+    def split_backward(self) -> bool:
+        """Whether the backward is split into ``B`` (input cotangent) and ``W`` (weight gradient)."""
+        return bool((self.kind == WEIGHT).any())
+
+    @property
     def busy(self) -> np.ndarray:
         """``[ticks, stages]`` bool: the stage does real work."""
         return self.kind != IDLE
@@ -74,13 +93,17 @@ class Schedule(NamedTuple):
         )
         return int(hits[0]) if len(hits) else -1
 
+    def last_use(self, microbatch: int, chunk: int) -> int:
+        """The tick of the last action that reads this micro-batch's stashed input of ``chunk``."""
+        return max(self.when(kind, microbatch, chunk) for kind in (FORWARD, BACKWARD, WEIGHT))
+
     def stashed(self) -> np.ndarray:
-        """``[stages]``: the most micro-batch inputs any stage keeps at once (forward done, backward not)."""
+        """``[stages]``: the most micro-batch inputs any stage keeps at once (forward done, last use not)."""
         live = np.zeros((self.ticks, self.stages), int)
         for m in range(self.microbatches):
             for c in range(self.chunks):
-                f, b = self.when(FORWARD, m, c), self.when(BACKWARD, m, c)
-                live[f : (b if b >= 0 else f + 1), self.chunk_stage[c]] += 1
+                f = self.when(FORWARD, m, c)
+                live[f : max(self.last_use(m, c), f + 1), self.chunk_stage[c]] += 1
         return live.max(axis=0)
 
 
@@ -89,73 +112,193 @@ def contiguous_placement(stages: int, repeats: int = 1) -> tuple[int, ...]:
     return tuple(c % stages for c in range(stages * repeats))
 
 
-def gpipe(
-    stages: int, microbatches: int, repeats: int = 1, *, placement: Sequence[int] | None = None, backward: bool = True
+def build_schedule(
+    name: str,
+    stages: int,
+    microbatches: int,
+    repeats: int = 1,
+    *,
+    placement: Sequence[int] | None = None,
+    backward: bool = True,
 ) -> Schedule:
-    """The GPipe table (module docstring); ``backward=False`` gives the forward-only table of evaluation."""
-    for name, value in (("stages", stages), ("microbatches", microbatches), ("repeats", repeats)):
+    """The table ``name`` (one of :data:`SCHEDULES`); ``backward=False`` gives the forward-only table
+    of evaluation (the same forwards for every schedule)."""
+    if name not in SCHEDULES:
+        raise ConfigError(f"unknown pipeline schedule {name!r}; choose from {', '.join(SCHEDULES)}.")
+    for label, value in (("stages", stages), ("microbatches", microbatches), ("repeats", repeats)):
         if value < 1:
-            raise ConfigError(f"pipeline {name} must be positive, got {value}.")
+            raise ConfigError(f"pipeline {label} must be positive, got {value}.")
     chunk_stage = tuple(placement) if placement is not None else contiguous_placement(stages, repeats)
-    schedule = _list_schedule(stages, microbatches, chunk_stage, backward)
+    if name == "zb-h1" and len(chunk_stage) != stages:
+        raise ConfigError(
+            "--schedule zb-h1 runs one chunk per stage; drop --repeats/--placement or use interleaved-1f1b."
+        )
+    microbatches = 1 if name == "naive" else microbatches
+    state = _State(stages, chunk_stage, {k: np.full((microbatches, len(chunk_stage)), -1) for k in KIND_NAMES})
+    if not backward:
+        kinds, pick = (FORWARD,), _gpipe_picker(state, backward=False)
+    else:
+        kinds = (FORWARD, BACKWARD, WEIGHT) if name == "zb-h1" else (FORWARD, BACKWARD)
+        pick = SCHEDULES[name](state)
+    schedule = _list_schedule(state, pick, kinds)._replace(name=name)
     validate(schedule, backward=backward)
     return schedule
 
 
-def naive(stages: int, repeats: int = 1, *, placement: Sequence[int] | None = None) -> Schedule:
+def gpipe(stages: int, microbatches: int, repeats: int = 1, **options) -> Schedule:
+    """All forwards, then all backwards (module docstring)."""
+    return build_schedule("gpipe", stages, microbatches, repeats, **options)
+
+
+def one_f_one_b(stages: int, microbatches: int, repeats: int = 1, **options) -> Schedule:
+    """1F1B, interleaved when a stage holds several chunks (module docstring)."""
+    name = "interleaved-1f1b" if repeats > 1 else "1f1b"
+    return build_schedule(name, stages, microbatches, repeats, **options)
+
+
+def zb_h1(stages: int, microbatches: int, **options) -> Schedule:
+    """Zero-bubble ZB-H1 (module docstring)."""
+    return build_schedule("zb-h1", stages, microbatches, **options)
+
+
+def naive(stages: int, repeats: int = 1, **options) -> Schedule:
     """Vanilla model parallelism: one micro-batch, F1..FS then BS..B1; each stage busy 2 of 2S ticks."""
-    return gpipe(stages, 1, repeats, placement=placement)._replace(name="naive")
+    return build_schedule("naive", stages, 1, repeats, **options)
 
 
-def _list_schedule(stages: int, microbatches: int, chunk_stage: tuple[int, ...], backward: bool) -> Schedule:
-    """Simulate tick by tick: every stage takes its best ready action (forwards first, lowest m first)."""
-    chunks = len(chunk_stage)
-    done_f = np.full((microbatches, chunks), -1)
-    done_b = np.full((microbatches, chunks), -1)
-    left_f = [microbatches * chunk_stage.count(s) for s in range(stages)]
+class _State(NamedTuple):
+    """What list scheduling knows at a tick: when each action ran (-1: not yet)."""
+
+    stages: int
+    chunk_stage: tuple[int, ...]
+    done: dict  # kind -> [M, C] tick
+
+    @property
+    def microbatches(self) -> int:
+        return self.done[FORWARD].shape[0]
+
+    def mine(self, s: int) -> list[int]:
+        return [c for c, where in enumerate(self.chunk_stage) if where == s]
+
+    def ready(self, kind: int, m: int, c: int, t: int) -> bool:
+        if self.done[kind][m, c] >= 0:
+            return False
+        if kind == FORWARD:
+            return c == 0 or 0 <= self.done[FORWARD][m, c - 1] < t
+        if kind == BACKWARD:
+            after = c == len(self.chunk_stage) - 1 or 0 <= self.done[BACKWARD][m, c + 1] < t
+            return 0 <= self.done[FORWARD][m, c] < t and after
+        return 0 <= self.done[BACKWARD][m, c] < t
+
+    def waiting(self, s: int, since: int, until: int) -> int:
+        """Micro-batches of stage ``s`` whose action ``since`` ran and whose action ``until`` did not."""
+        mine = self.mine(s)
+        return int(((self.done[since][:, mine] >= 0) & (self.done[until][:, mine] < 0)).sum())
+
+    def first_ready(self, kind: int, order, t: int):
+        return next(((kind, m, c) for m, c in order if self.ready(kind, m, c, t)), None)
+
+    def by_microbatch(self, s: int, reverse: bool) -> list[tuple[int, int]]:
+        """Lowest micro-batch first; a stage's chunks in order (reversed for the backward)."""
+        mine = self.mine(s)[::-1] if reverse else self.mine(s)
+        return [(m, c) for m in range(self.microbatches) for c in mine]
+
+    def by_groups(self, s: int, reverse: bool) -> list[tuple[int, int]]:
+        """Megatron's interleaved order: groups of ``S`` micro-batches through one chunk, then the next."""
+        mine = self.mine(s)[::-1] if reverse else self.mine(s)
+        count, size = self.microbatches, self.stages
+        return [(m, c) for g in range(0, count, size) for c in mine for m in range(g, min(g + size, count))]
+
+
+IDLE_ACTION = (IDLE, -1, -1)
+Picker = Callable[[int, int], tuple[int, int, int]]  # (stage, tick) -> action
+
+
+def _list_schedule(state: _State, pick: Picker, kinds: tuple[int, ...]) -> Schedule:
+    """Simulate tick by tick: every stage takes the action ``pick`` chooses."""
     rows: list[list[tuple[int, int, int]]] = []
-    total = microbatches * chunks * (2 if backward else 1)
-    finished = 0
+    total, finished = state.microbatches * len(state.chunk_stage) * len(kinds), 0
     while finished < total:
         t = len(rows)
-        row = []
-        for s in range(stages):
-            action = _pick(s, t, chunk_stage, done_f, done_b, left_f[s] > 0, backward)
-            row.append(action)
-        for s, (kind, m, c) in enumerate(row):
-            if kind == FORWARD:
-                done_f[m, c], left_f[s], finished = t, left_f[s] - 1, finished + 1
-            elif kind == BACKWARD:
-                done_b[m, c], finished = t, finished + 1
+        row = [pick(s, t) for s in range(state.stages)]
+        for kind, m, c in row:
+            if kind != IDLE:
+                state.done[kind][m, c] = t
+                finished += 1
         rows.append(row)
-        if t > 4 * total + 4 * stages:
-            raise ConfigError("the pipeline placement leaves a chunk that can never run.")
-    table = np.array(rows, dtype=np.int32).reshape(len(rows), stages, 3)
-    return Schedule(stages, microbatches, chunk_stage, table[..., 0], table[..., 1], table[..., 2])
+        if t > 4 * total + 4 * state.stages:
+            raise ConfigError("this schedule cannot run this chunk placement (a chunk never becomes ready); try gpipe.")
+    table = np.array(rows, dtype=np.int32).reshape(len(rows), state.stages, 3)
+    return Schedule(state.stages, state.microbatches, state.chunk_stage, table[..., 0], table[..., 1], table[..., 2])
 
 
-def _pick(s, t, chunk_stage, done_f, done_b, forwards_left: bool, backward: bool) -> tuple[int, int, int]:
-    microbatches, chunks = done_f.shape
-    mine = [c for c in range(chunks) if chunk_stage[c] == s]
-    if forwards_left:
-        for m in range(microbatches):
-            for c in mine:
-                if done_f[m, c] < 0 and (c == 0 or 0 <= done_f[m, c - 1] < t):
-                    return (FORWARD, m, c)
-        return (IDLE, -1, -1)
-    if backward:
-        for m in range(microbatches):
-            for c in reversed(mine):
-                ready = 0 <= done_f[m, c] < t and (c == chunks - 1 or 0 <= done_b[m, c + 1] < t)
-                if done_b[m, c] < 0 and ready:
-                    return (BACKWARD, m, c)
-    return (IDLE, -1, -1)
+def _gpipe_picker(state: _State, backward: bool = True) -> Picker:
+    def pick(s, t):
+        order = state.by_microbatch(s, False)
+        if any(state.done[FORWARD][m, c] < 0 for m, c in order):
+            return state.first_ready(FORWARD, order, t) or IDLE_ACTION
+        if backward:
+            return state.first_ready(BACKWARD, state.by_microbatch(s, True), t) or IDLE_ACTION
+        return IDLE_ACTION
+
+    return pick
+
+
+def _one_f_one_b_picker(state: _State) -> Picker:
+    """Megatron's order, run in order: warm-up forwards, then one forward and one backward, then the
+    remaining backwards; a stage waits (idle) until its next action is ready."""
+    sequences = []
+    for s in range(state.stages):
+        forwards, backwards = state.by_groups(s, False), state.by_groups(s, True)
+        repeats = len(state.mine(s))
+        warmup = (state.stages - s - 1) * (2 if repeats > 1 else 1) + (repeats - 1) * state.stages
+        warmup = min(warmup, len(forwards))
+        sequence = [(FORWARD, *a) for a in forwards[:warmup]]
+        for i, b in enumerate(backwards):
+            if warmup + i < len(forwards):
+                sequence.append((FORWARD, *forwards[warmup + i]))
+            sequence.append((BACKWARD, *b))
+        sequences.append(sequence)
+
+    def pick(s, t):
+        for kind, m, c in sequences[s]:
+            if state.done[kind][m, c] < 0:
+                return (kind, m, c) if state.ready(kind, m, c, t) else IDLE_ACTION
+        return IDLE_ACTION
+
+    return pick
+
+
+def _zb_h1_picker(state: _State) -> Picker:
+    """A ready ``B`` first; then a forward while fewer than ``S - s`` wait for their ``B`` and fewer
+    than ``2S - s - 1`` for their ``W``; otherwise the oldest ``W``."""
+
+    def pick(s, t):
+        action = state.first_ready(BACKWARD, state.by_microbatch(s, True), t)
+        room = state.waiting(s, FORWARD, BACKWARD) < state.stages - s
+        room = room and state.waiting(s, FORWARD, WEIGHT) < 2 * state.stages - s - 1
+        if action is None and room:
+            action = state.first_ready(FORWARD, state.by_microbatch(s, False), t)
+        if action is None:
+            action = state.first_ready(WEIGHT, state.by_microbatch(s, False), t)
+        return action or IDLE_ACTION
+
+    return pick
+
+
+SCHEDULES: dict[str, Callable[[_State], Picker]] = {
+    "gpipe": _gpipe_picker,
+    "1f1b": _one_f_one_b_picker,
+    "interleaved-1f1b": _one_f_one_b_picker,
+    "zb-h1": _zb_h1_picker,
+    "naive": _gpipe_picker,
+}
 
 
 def validate(schedule: Schedule, *, backward: bool = True) -> None:
     """Raise ``ConfigError`` naming the first bad slot: every action once, on its chunk's stage, after
     the actions it needs (forward after the previous chunk's forward; backward after its own forward
-    and the next chunk's backward)."""
+    and the next chunk's backward; ``W`` after its own ``B``)."""
     seen: dict[tuple[int, int, int], int] = {}
     for t in range(schedule.ticks):
         for s in range(schedule.stages):
@@ -168,6 +311,8 @@ def validate(schedule: Schedule, *, backward: bool = True) -> None:
                 raise ConfigError(f"{where} {problem}.")
             seen[(kind, m, c)] = t
     kinds = (FORWARD, BACKWARD) if backward else (FORWARD,)
+    if schedule.split_backward:
+        kinds = (*kinds, WEIGHT)
     for kind in kinds:
         for m in range(schedule.microbatches):
             for c in range(schedule.chunks):
@@ -176,8 +321,8 @@ def validate(schedule: Schedule, *, backward: bool = True) -> None:
 
 
 def _slot_problem(schedule: Schedule, seen, t, s, kind, m, c) -> str:
-    if kind not in (FORWARD, BACKWARD):
-        return "is not an action this executor knows (idle, F, B)"
+    if kind not in (FORWARD, BACKWARD, WEIGHT):
+        return "is not an action this executor knows (idle, F, B, W)"
     if not (0 <= m < schedule.microbatches and 0 <= c < schedule.chunks):
         return "names a micro-batch or chunk that does not exist"
     if schedule.chunk_stage[c] != s:
@@ -190,11 +335,13 @@ def _slot_problem(schedule: Schedule, seen, t, s, kind, m, c) -> str:
         return "comes before its own forward"
     if kind == BACKWARD and c + 1 < schedule.chunks and seen.get((BACKWARD, m, c + 1), t) >= t:
         return f"comes before B(m={m}, chunk={c + 1}) has finished"
+    if kind == WEIGHT and seen.get((BACKWARD, m, c), t) >= t:
+        return "comes before its own B"
     return ""
 
 
 def render(schedule: Schedule) -> str:
-    """A text picture: one row per stage, one column per tick: ``F0`` / ``B0`` (``F0.1``: chunk 1's
+    """A text picture: one row per stage, one column per tick: ``F0`` / ``B0`` / ``W0`` (``F0.1``: chunk 1's
     forward of micro-batch 0, when a stage holds several chunks) or ``.`` for idle."""
     several = schedule.repeats > 1
     cells = np.full(schedule.kind.shape, ".", dtype=object)

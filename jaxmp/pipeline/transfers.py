@@ -1,16 +1,22 @@
 """What a schedule table implies for the executor: the messages that cross ``pipe``, the stash slot each
-one lands in, and the phases of ticks that share one pattern of collective-permutes.
+one lands in, and the loops of ticks that share one pattern of collective-permutes.
 
 Why worked out ahead, in numpy: the executor then only reads small integer tables per tick, each stage
 keeps exactly as many stashed activations as the schedule has in flight (GPipe: M per chunk; 1F1B: at
-most S), and a tick sends only in the directions some stage needs, so the traffic over ``pipe`` is the
-schedule's and not twice it.
+most S), and every device sends at most one message per tick in one collective-permute, so the traffic
+over ``pipe`` is the schedule's, whatever the mix of forwards and backwards in a tick (1F1B's steady
+state sends activations one way and cotangents the other in the same tick).
 
 Conventions: a forward message carries chunk ``c``'s output from ``chunk_stage[c]`` to
 ``chunk_stage[c+1]``; a backward message carries chunk ``c``'s input cotangent to ``chunk_stage[c-1]``.
-Each travels by a ring shift ``d`` (``(to - from) % S``): one ``ppermute`` per distinct shift.
 A message sent at the end of tick ``t`` is written into its slot at the start of tick ``t + 1``, before
 that tick's action; a slot is free again after the tick whose action last reads it.
+
+A tick's messages form one *round* (a ``ppermute`` whose pairs send from and to each device at most
+once), or two when a stage hears from two others at once (e.g. some interleaved tables). Ticks are
+grouped into loops (:class:`Loop`) of period 1 or 2: ticks at the same position of the period share
+the union of their pairs, which must still be a partial permutation; 1F1B's steady state alternates
+two patterns, so it runs as one loop of period 2.
 """
 
 from __future__ import annotations
@@ -20,94 +26,165 @@ from typing import NamedTuple
 import numpy as np
 
 from jaxmp.config import ConfigError
-from jaxmp.pipeline.schedule import BACKWARD, FORWARD, Schedule
+from jaxmp.pipeline.schedule import BACKWARD, FORWARD, WEIGHT, Schedule
+
+Pairs = tuple[tuple[int, int], ...]  # (source stage, destination stage) of one ppermute
+
+
+class Loop(NamedTuple):
+    """One ``lax.scan`` of the executor: ``ticks[i, k]`` runs at position ``k`` of iteration ``i``."""
+
+    ticks: np.ndarray  # [iterations, period]
+    rounds: tuple[tuple[Pairs, ...], ...]  # per position: the pairs of each round
 
 
 class Transfers(NamedTuple):
-    """Integer tables ``[ticks, stages]`` (``-1``: none) and the static shape of the exchange."""
+    """Integer tables ``[ticks, stages]`` (``-1``: none) and the loops of the exchange."""
 
-    forward_shifts: tuple[int, ...]  # ring shifts activations travel by
-    backward_shifts: tuple[int, ...]  # ring shifts cotangents travel by (towards lower stages: S - d)
     input_slots: int  # activation stash slots per stage (at least 1)
     grad_slots: int  # cotangent slots per stage (at least 1)
-    recv_input: np.ndarray  # [T, S, 2]: (index into forward_shifts, slot) of the activation arriving
-    recv_grad: np.ndarray  # [T, S, 2]: (index into backward_shifts, slot) of the cotangent arriving
+    rounds: int  # the most rounds any tick has (1 or 2)
+    recv_input: np.ndarray  # [T, S, 2]: (round, slot) of the activation arriving
+    recv_grad: np.ndarray  # [T, S, 2]: (round, slot) of the cotangent arriving
     read_input: np.ndarray  # [T, S]: slot the action reads its input from (-1: the micro-batch itself)
-    read_grad: np.ndarray  # [T, S]: slot the backward reads its output cotangent from (-1: the loss)
-    phases: tuple[tuple[int, int, tuple[bool, ...], tuple[bool, ...]], ...]  # (start, stop, fwd on, bwd on)
+    read_grad: np.ndarray  # [T, S]: slot B or W reads its output cotangent from (-1: the loss)
+    loops: tuple[Loop, ...]
+
+    @property
+    def permutes(self) -> int:
+        """``ppermute`` s per step (each moves one ``[b, A]`` message per device that sends)."""
+        return sum(len(loop.ticks) * sum(len(r) for r in loop.rounds) for loop in self.loops)
 
 
-def plan_transfers(schedule: Schedule) -> Transfers:
-    """The messages, slots and phases of ``schedule`` (module docstring)."""
-    s_count, c_count, t_count = schedule.stages, schedule.chunks, schedule.ticks
-    place = schedule.chunk_stage
-    fwd = sorted({(place[c + 1] - place[c]) % s_count for c in range(c_count - 1)})
-    bwd = sorted({(place[c - 1] - place[c]) % s_count for c in range(1, c_count)})
-    inputs, grads = [], []  # (stage, arrival tick, last use tick, kind index, key)
-    send_f = np.zeros((t_count, len(fwd)), bool)
-    send_b = np.zeros((t_count, len(bwd)), bool)
-    for m in range(schedule.microbatches):
-        for c in range(c_count):
-            f_tick, b_tick = schedule.when(FORWARD, m, c), schedule.when(BACKWARD, m, c)
-            if c + 1 < c_count:
-                use = schedule.when(BACKWARD, m, c + 1)
-                use = use if use >= 0 else schedule.when(FORWARD, m, c + 1)
-                shift = fwd.index((place[c + 1] - place[c]) % s_count)
-                inputs.append((place[c + 1], f_tick + 1, use, shift, (m, c + 1)))
-                send_f[f_tick, shift] = True
-            if c > 0 and b_tick >= 0:
-                shift = bwd.index((place[c - 1] - place[c]) % s_count)
-                grads.append((place[c - 1], b_tick + 1, schedule.when(BACKWARD, m, c - 1), shift, (m, c - 1)))
-                send_b[b_tick, shift] = True
-    recv_input, input_slot, n_in = _assign_slots(inputs, t_count, s_count)
-    recv_grad, grad_slot, n_grad = _assign_slots(grads, t_count, s_count)
+class _Message(NamedTuple):
+    source: int
+    dest: int
+    sent: int  # tick
+    use: int  # the last tick that reads it
+    key: tuple[int, int]  # (micro-batch, chunk that reads it)
+    grad: bool  # a cotangent (else an activation)
+
+
+def plan_transfers(schedule: Schedule, no_op: np.ndarray | None = None) -> Transfers:
+    """The messages, slots and loops of ``schedule``. ``no_op[t, s]``: the action does nothing (idle, or
+    a ``B``/``W`` whose work the executor did elsewhere); a tick where every stage does nothing and none
+    receives anything is left out of the loops."""
+    messages = _messages(schedule)
+    t_count, s_count = schedule.ticks, schedule.stages
+    rounds_of = [_rounds([m for m in messages if m.sent == t]) for t in range(t_count)]
+    recv_input, input_slot, n_in = _assign_slots([m for m in messages if not m.grad], rounds_of, t_count, s_count)
+    recv_grad, grad_slot, n_grad = _assign_slots([m for m in messages if m.grad], rounds_of, t_count, s_count)
     read_input = np.full((t_count, s_count), -1, np.int32)
     read_grad = np.full((t_count, s_count), -1, np.int32)
     for (t, s), kind in np.ndenumerate(schedule.kind):
         key = (int(schedule.microbatch[t, s]), int(schedule.chunk[t, s]))
-        if kind in (FORWARD, BACKWARD):
+        if kind in (FORWARD, BACKWARD, WEIGHT):
             read_input[t, s] = input_slot.get(key, -1)
-        if kind == BACKWARD:
+        if kind in (BACKWARD, WEIGHT):
             read_grad[t, s] = grad_slot.get(key, -1)
-    phases = _phases(send_f, send_b)
-    return Transfers(tuple(fwd), tuple(bwd), n_in, n_grad, recv_input, recv_grad, read_input, read_grad, phases)
+    arrives = (recv_input[..., 1] >= 0).any(axis=1) | (recv_grad[..., 1] >= 0).any(axis=1)
+    idle = (schedule.kind == 0) if no_op is None else no_op
+    kept = np.flatnonzero(~idle.all(axis=1) | arrives)
+    loops = _loops([(int(t), rounds_of[t]) for t in kept])
+    rounds = max([1, *(len(r) for r in rounds_of)])
+    return Transfers(n_in, n_grad, rounds, recv_input, recv_grad, read_input, read_grad, loops)
 
 
-def _assign_slots(messages, ticks: int, stages: int):
+def _messages(schedule: Schedule) -> list[_Message]:
+    place, last = schedule.chunk_stage, schedule.chunks - 1
+    out = []
+    for m in range(schedule.microbatches):
+        for c in range(schedule.chunks):
+            f_tick, b_tick = schedule.when(FORWARD, m, c), schedule.when(BACKWARD, m, c)
+            if c < last:
+                use = schedule.last_use(m, c + 1)
+                out.append(_Message(place[c], place[c + 1], f_tick, use, (m, c + 1), False))
+            if c > 0 and b_tick >= 0:
+                use = max(schedule.when(BACKWARD, m, c - 1), schedule.when(WEIGHT, m, c - 1))
+                out.append(_Message(place[c], place[c - 1], b_tick, use, (m, c - 1), True))
+    return out
+
+
+def _rounds(sent: list[_Message]) -> tuple[Pairs, ...]:
+    """One tick's messages as rounds: activations first, cotangents joining while no device hears twice."""
+    first, second, heard = [], [], set()
+    for message in sorted(sent, key=lambda m: m.grad):
+        pair = (message.source, message.dest)
+        (second if message.dest in heard else first).append(pair)
+        heard.add(message.dest)
+    if len({d for _, d in second}) < len(second):
+        raise ConfigError(
+            f"this placement makes three messages reach one stage at tick {sent[0].sent + 1}; place chunks so "
+            "that each stage hears from at most two others at a time."
+        )
+    return tuple(tuple(sorted(r)) for r in (first, second) if r)
+
+
+def _round_of(message: _Message, rounds_of) -> int:
+    return next(i for i, pairs in enumerate(rounds_of[message.sent]) if (message.source, message.dest) in pairs)
+
+
+def _assign_slots(messages: list[_Message], rounds_of, ticks: int, stages: int):
     """Interval colouring per stage: each message gets the lowest slot free since before it arrives."""
     recv = np.full((ticks + 1, stages, 2), -1, np.int32)
     slot_of: dict[tuple[int, int], int] = {}
     free_after: dict[int, list[int]] = {s: [] for s in range(stages)}  # per slot: last tick it is read
-    for stage, arrive, use, shift, key in sorted(messages, key=lambda msg: (msg[1], msg[0])):
+    for message in sorted(messages, key=lambda msg: (msg.sent, msg.dest)):
+        arrive, stage = message.sent + 1, message.dest
         ends = free_after[stage]
         slot = next((k for k, end in enumerate(ends) if end < arrive), len(ends))
         if slot == len(ends):
-            ends.append(use)
-        ends[slot] = use
-        slot_of[key] = slot
+            ends.append(message.use)
+        ends[slot] = message.use
+        slot_of[message.key] = slot
         if recv[arrive, stage, 0] >= 0:
             raise ConfigError(
                 f"this placement makes two messages reach stage {stage} at tick {arrive}; place chunks so that "
                 "each stage hears from one neighbour at a time."
             )
-        recv[arrive, stage] = (shift, slot)
+        recv[arrive, stage] = (_round_of(message, rounds_of), slot)
     slots = max([1, *(len(v) for v in free_after.values())])
     return recv[:ticks], slot_of, slots
 
 
-def _phases(send_f: np.ndarray, send_b: np.ndarray):
-    """Maximal runs of ticks that send in the same directions (one compiled loop each).
+def _merge(a: tuple[Pairs, ...], b: tuple[Pairs, ...]) -> tuple[Pairs, ...] | None:
+    """Round-by-round union of two ticks' rounds, or None if some round would send or hear twice."""
+    out = []
+    for i in range(max(len(a), len(b))):
+        pairs = set(a[i] if i < len(a) else ()) | set(b[i] if i < len(b) else ())
+        if len({s for s, _ in pairs}) < len(pairs) or len({d for _, d in pairs}) < len(pairs):
+            return None
+        out.append(tuple(sorted(pairs)))
+    return tuple(out)
 
-    A tick that sends nothing joins the phase before it (its permutes then carry nothing anyone reads):
-    one loop fewer to compile, for one message per direction at the end of the forward and backward
-    phases.
-    """
-    phases: list[list] = []
-    for t in range(len(send_f)):
-        signature = (tuple(bool(v) for v in send_f[t]), tuple(bool(v) for v in send_b[t]))
-        silent = not any(signature[0]) and not any(signature[1])
-        if phases and (signature == (phases[-1][2], phases[-1][3]) or silent):
-            phases[-1][1] = t + 1
+
+def _run(ticks, start: int, period: int):
+    """The longest loop of ``period`` from ``ticks[start]``: (length, rounds per position)."""
+    positions: list[tuple[Pairs, ...]] = []
+    length = 0
+    for i in range(start, len(ticks)):
+        k = (i - start) % period
+        merged = ticks[i][1] if k >= len(positions) else _merge(positions[k], ticks[i][1])
+        if merged is None:
+            break
+        if k < len(positions):
+            positions[k] = merged
         else:
-            phases.append([t, t + 1, *signature])
-    return tuple(tuple(p) for p in phases)
+            positions.append(merged)
+        length += 1
+    if period > 1:
+        length -= length % period
+    return length, positions
+
+
+def _loops(ticks: list[tuple[int, tuple[Pairs, ...]]]) -> tuple[Loop, ...]:
+    """Greedy: from each tick, the longer of the loops of period 1 and 2 (ties: period 1)."""
+    loops, i = [], 0
+    while i < len(ticks):
+        one, two = _run(ticks, i, 1), _run(ticks, i, 2)
+        period, (length, _) = (2, two) if two[0] > one[0] else (1, one)
+        _, positions = _run(ticks[: i + length], i, period)  # the unions of exactly the chosen ticks
+        grid = np.array([t for t, _ in ticks[i : i + length]], np.int32).reshape(-1, period)
+        loops.append(Loop(grid, tuple(positions)))
+        i += length
+    return tuple(loops)

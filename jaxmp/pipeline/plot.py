@@ -1,0 +1,82 @@
+"""A schedule table drawn as a timeline: one row per device along ``pipe``, one box per tick.
+
+Why a picture: the bubble, the warm-up and cool-down, and the stash a schedule needs are easier to see
+than to count; the classic figure of vanilla model parallelism (``naive(3)``: F1 F2 F3, then B3 B2 B1)
+and the 1F1B and zero-bubble papers' figures come out of the same table the executor runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from jaxmp.config import ConfigError
+from jaxmp.pipeline.schedule import BACKWARD, FORWARD, IDLE, KIND_NAMES, WEIGHT, Schedule
+
+COLOURS = {FORWARD: "#4C72B0", BACKWARD: "#DD8452", WEIGHT: "#55A868"}
+
+
+def plot(schedule: Schedule, path: str | Path | None = None, *, ax=None, title: str | None = None):
+    """Draw ``schedule`` (forward, backward and weight-gradient slots in distinct colours, idle blank,
+    the bubble fraction in the title); write a PNG to ``path`` if given. Returns the figure."""
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    ticks, stages = schedule.kind.shape
+    if ax is None:
+        _, ax = plt.subplots(figsize=(min(2 + 0.32 * ticks, 24), 0.9 + 0.45 * stages))
+    several = schedule.repeats > 1
+    for (t, s), kind in np.ndenumerate(schedule.kind):
+        if kind == IDLE:
+            continue
+        ax.add_patch(plt.Rectangle((t, s), 1, 1, facecolor=COLOURS[kind], edgecolor="white", linewidth=1))
+        label = str(schedule.microbatch[t, s]) + (f".{schedule.chunk[t, s]}" if several else "")
+        ax.text(t + 0.5, s + 0.5, label, ha="center", va="center", fontsize=7 if several else 8, color="white")
+    ax.set_xlim(0, ticks)
+    ax.set_ylim(stages, 0)
+    ax.set_yticks(np.arange(stages) + 0.5, [f"device {s}" for s in range(stages)])
+    ax.set_xlabel("tick")
+    ax.set_aspect("auto")
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    kinds = [k for k in (FORWARD, BACKWARD, WEIGHT) if (schedule.kind == k).any()]
+    ax.legend(
+        handles=[Patch(color=COLOURS[k], label=KIND_NAMES[k]) for k in kinds],
+        loc="upper left",
+        bbox_to_anchor=(1.0, 1.0),
+        frameon=False,
+    )
+    heading = title or f"{schedule.name}: S={stages}, M={schedule.microbatches}"
+    if several:
+        heading += f", {schedule.repeats} chunks per device"
+    ax.set_title(f"{heading}; bubble {schedule.bubble_fraction:.1%}, stash {schedule.stashed().max()}")
+    figure = ax.figure
+    figure.tight_layout()
+    if path is not None:
+        figure.savefig(path, dpi=120)
+    return figure
+
+
+def check_plot_path(path: str | None) -> None:
+    """``--schedule-plot``: a PNG path in an existing folder (checked before anything runs)."""
+    if path is None:
+        return
+    target = Path(path)
+    if target.suffix.lower() != ".png":
+        raise ConfigError(f"--schedule-plot {path} must end in .png.")
+    if not target.parent.resolve().is_dir():
+        raise ConfigError(f"--schedule-plot {path}: folder {target.parent} does not exist.")
+    if target.is_dir():
+        raise ConfigError(f"--schedule-plot {path} is a folder.")
+
+
+def save_schedule_plot(pipeline, path: str | None) -> None:
+    """Write the picture of a program's train schedule (``pipeline``: ``Program.pipeline``)."""
+    if path is None:
+        return
+    if pipeline is None:
+        raise ConfigError("--schedule-plot needs a pipelined run (--mesh with pipe > 1, or --microbatches > 1).")
+    import matplotlib.pyplot as plt
+
+    plt.close(plot(pipeline.train.schedule, path))
