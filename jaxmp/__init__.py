@@ -11,7 +11,7 @@ from jaxmp.config import Config, ConfigError
 from jaxmp.costs import predict
 from jaxmp.hardware import HARDWARE, Hardware
 from jaxmp.mesh import MeshShape, build_mesh, mesh_from_spec, parse_mesh, simulate_cpu_devices
-from jaxmp.pipeline import Schedule, gpipe, naive, render
+from jaxmp.pipeline import Schedule, build_schedule, gpipe, naive, one_f_one_b, plot, render, validate, zb_h1
 from jaxmp.sharding import print_sharding_report, sharding_report
 from jaxmp.step import Program, TrainState, build_program
 
@@ -27,15 +27,20 @@ __all__ = [
     "TrainState",
     "build_mesh",
     "build_program",
+    "build_schedule",
     "collectives",
     "gpipe",
     "mesh_from_spec",
     "naive",
+    "one_f_one_b",
     "parse_mesh",
+    "plot",
     "predict",
     "print_sharding_report",
     "render",
     "sharding_report",
     "simulate_cpu_devices",
     "textbook_layer_exchange",
+    "validate",
+    "zb_h1",
 ]

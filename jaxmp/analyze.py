@@ -316,8 +316,9 @@ def diagnose(cfg: Config, program, colls: list[Collective], rows: list[Row], pre
         )
     if prediction.bubble:
         notes.append(
-            f"pipeline bubble: {prediction.bubble:.1%} of stage-ticks idle ((S-1)/(M*R+S-1) when S divides M); "
-            "every stage still computes in them, so FLOPs and tensor collectives include the bubble."
+            f"pipeline bubble ({cfg.pipeline.schedule}): {prediction.bubble:.1%} of stage-ticks idle; idle "
+            "ticks do no work, but the HLO walk charges each tick its costliest branch, so FLOPs and tensor "
+            "collectives include the bubble."
         )
     return notes
 

@@ -12,9 +12,10 @@ time (nothing runs) and timed by a roofline whose every input is read off the co
     t_step    = max(t_compute, t_memory) + t_comm
 
 Communication is assumed not to overlap computation (XLA may hide some of it, so t_comm is the
-pessimistic side). The pipeline bubble needs no extra term: in jaxmp's one-program GPipe every stage
-computes in every tick, bubble ticks included, so the FLOPs already hold ``1 / (1 - bubble)`` times
-the useful work; the bubble fraction ``(S-1)/(M*R+S-1)`` is printed next to each shape. Hardware
+pessimistic side). The pipeline bubble needs no extra term: the HLO walk charges every tick of the
+executor's loops its costliest branch (idle ticks included), so the FLOPs already hold about
+``1 / (1 - bubble)`` times the useful work; the schedule's bubble fraction (GPipe and 1F1B
+``(S-1)/(M*R+S-1)``) is printed next to each shape. Hardware
 numbers come from :mod:`jaxmp.hardware` (one table, with sources).
 
 A shape is infeasible when the configuration does not build (a parameter or the batch does not divide
@@ -85,7 +86,7 @@ def evaluate(
 ) -> PlanRow:
     """Compile ``cfg`` on ``shape`` with ``microbatches`` and apply the roofline; never raises ConfigError."""
     from jaxmp.mesh import build_mesh
-    from jaxmp.pipeline import gpipe
+    from jaxmp.pipeline import is_pipelined, schedule_for
     from jaxmp.step import build_program
 
     cfg = cfg.replace(mesh=str(shape), microbatches=microbatches)
@@ -99,7 +100,8 @@ def evaluate(
     cost = hlo_cost(text)
     peak = memory_and_flops(compiled).peak_bytes
     comm = sum(wire_bytes(c) * c.count for c in collectives(text, mesh))
-    bubble = gpipe(shape.pipe, microbatches, cfg.pipeline.repeats).bubble_fraction if shape.pipe > 1 else 0.0
+    piped = shape.pipe > 1 and is_pipelined(cfg.pipeline, shape.pipe)
+    bubble = schedule_for(cfg.pipeline, shape.pipe).bubble_fraction if piped else 0.0
     dtype = cfg.model.dtype  # the matmuls' dtype (parameters stay float32)
     row = PlanRow(
         shape,

@@ -22,7 +22,7 @@ from jaxmp.analyze import Row, _row_note, _weight_moves, analyze_program, compar
 from jaxmp.costs import predict
 from jaxmp.hlo_cost import hlo_cost
 from jaxmp.mesh import MeshShape, build_mesh
-from jaxmp.pipeline import gpipe
+from jaxmp.pipeline import one_f_one_b
 from jaxmp.step import build_program
 
 WIDTH, HIDDEN = 32, 64  # small_config's
@@ -109,14 +109,15 @@ def test_pipeline_traffic_matches_the_closed_form(microbatches: int, repeats: in
     _, _, report = report_for(
         MeshShape(1, 2, stages), depth=depth, batch_size=batch, microbatches=microbatches, repeats=repeats
     )
-    ticks = gpipe(stages, microbatches, repeats).ticks
+    schedule = one_f_one_b(stages, microbatches, repeats)  # the default schedule
+    ticks = schedule.ticks
     b = batch // microbatches
     permute = row(report, "collective-permute", ("pipe",))
-    assert permute.status == "equal" and permute.measured == ticks * b * WIDTH  # T/2 ticks each way
+    assert permute.status == "equal" and permute.measured == ticks * b * WIDTH  # one message per tick
     others = [r for r in report.rows if r.axes == ("pipe",) and r.kind != "collective-permute"]
     assert [r for r in others if r.status != "scalars"] == []
     assert "tensor" in report.prediction.uncovered  # per-stage branches: no per-tick closed form
-    assert report.prediction.bubble == pytest.approx(gpipe(stages, microbatches, repeats).bubble_fraction)
+    assert report.prediction.bubble == pytest.approx(schedule.bubble_fraction)
 
 
 def test_uncovered_axes_are_measured_only():

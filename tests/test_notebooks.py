@@ -9,6 +9,9 @@ notebook sets up its own devices (``simulate_cpu_devices``) before JAX starts. T
 interpreter (``sys.executable``, i.e. the venv's Python): its kernelspec is written to a temporary folder for
 the session, so no ``ipykernel install`` step is needed and no user- or system-wide ``python3`` kernelspec
 can substitute another Python.
+
+The notebooks are committed with their outputs, so figures and tables show when the repository is
+browsed; ``python tests/test_notebooks.py [NAME ...]`` re-executes them and writes the outputs back.
 """
 
 from __future__ import annotations
@@ -30,16 +33,37 @@ KERNEL = "python3"
 @pytest.fixture(scope="session")
 def kernel_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder holding one kernelspec, ``python3``, that starts ``sys.executable`` with JAX on CPU."""
-    kernels = tmp_path_factory.mktemp("kernels")
-    write_kernel_spec(kernels / KERNEL, overrides={"env": {"JAX_PLATFORMS": "cpu"}})
-    return kernels
+    return write_kernel(tmp_path_factory.mktemp("kernels"))
+
+
+def write_kernel(folder: Path) -> Path:
+    write_kernel_spec(folder / KERNEL, overrides={"env": {"JAX_PLATFORMS": "cpu"}})
+    return folder
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.name)
 def test_notebook_executes(path: Path, kernel_dir: Path):
+    execute(path, kernel_dir)
+
+
+def execute(path: Path, kernel_dir: Path):
+    """Run ``path`` top to bottom in a fresh kernel; returns the notebook with its outputs."""
     notebook = nbformat.read(path, as_version=4)
     manager = AsyncKernelManager(
         kernel_name=KERNEL, kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(kernel_dir)])
     )
     client = NotebookClient(notebook, km=manager, timeout=600, resources={"metadata": {"path": str(path.parent)}})
     client.execute()  # raises CellExecutionError (with the cell and traceback) on the first failing cell
+    return notebook
+
+
+if __name__ == "__main__":
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        kernels = write_kernel(Path(folder))
+        for path in NOTEBOOKS:
+            if len(sys.argv) == 1 or path.name in sys.argv[1:]:
+                nbformat.write(execute(path, kernels), path)
+                print("wrote", path.name)

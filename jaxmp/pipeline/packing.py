@@ -193,13 +193,23 @@ class Packing:
 
     def add_chunk_grads(self, c: int, sums: dict, grads: list) -> dict:
         """Inside the executor: add chunk ``c``'s parameter cotangents (one tree per piece, as
-        :meth:`chunk_params` gave them) into this device's running sums (``[1, tiles..., N]``), slot by slot."""
+        :meth:`chunk_params` gave them) into this device's running sums (``[1, tiles..., N]``).
+
+        A chunk's slots in one buffer are contiguous, so each buffer gets one read-add-write of the
+        chunk's segment (per-slot updates each cost XLA:CPU a copy of the whole buffer).
+        """
         sums = dict(sums)
+        by_buffer: dict[str, list[Slot]] = {}
         for slot in self.chunks[c].slots:
-            g = slot.tile.tile(_get(grads[slot.piece], slot.path)).astype(sums[slot.buffer].dtype)
-            total = sums[slot.buffer]
-            old = jax.lax.slice_in_dim(total, slot.offset, slot.offset + slot.tile.size, axis=-1)
-            sums[slot.buffer] = jax.lax.dynamic_update_slice_in_dim(total, old + g[None], slot.offset, axis=-1)
+            by_buffer.setdefault(slot.buffer, []).append(slot)
+        for name, slots in by_buffer.items():
+            total = sums[name]
+            parts = [slot.tile.tile(_get(grads[slot.piece], slot.path)).astype(total.dtype) for slot in slots]
+            first = slots[0].offset
+            assert all(a.offset + a.tile.size == b.offset for a, b in zip(slots, slots[1:], strict=False))
+            segment = jnp.concatenate(parts, axis=-1)[None] if len(parts) > 1 else parts[0][None]
+            old = jax.lax.slice_in_dim(total, first, first + segment.shape[-1], axis=-1)
+            sums[name] = jax.lax.dynamic_update_slice_in_dim(total, old + segment, first, axis=-1)
         return sums
 
     def stage_table(self) -> list[dict]:

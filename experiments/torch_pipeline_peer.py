@@ -1,0 +1,164 @@
+"""The peer of ``bench_schedules.py``: torch.distributed.pipelining on the same model and machine.
+
+The model is jaxmp's ``mlp`` written in PyTorch: ``Linear(F, D)``, ``depth`` pre-norm residual blocks
+``x + down(gelu(up(LayerNorm(x))))``, ``Linear(D, classes)``, mean cross-entropy, Adam. Ranks are CPU
+processes on gloo, one pipeline stage each (two for the interleaved and zero-bubble schedules); each
+rank uses ``threads // ranks`` intra-op threads, the one-process plain step all ``threads``.
+
+Prints one JSON object: the median step seconds of the plain step and of each schedule.
+
+Needs PyTorch (an optional benchmark dependency, never one of jaxmp's)::
+
+    python3 -m venv /tmp/torchenv && /tmp/torchenv/bin/pip install torch numpy
+    /tmp/torchenv/bin/python experiments/torch_pipeline_peer.py --ranks 4 --microbatches 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+SCHEDULES = {  # name in the table -> (torch class, stages per rank)
+    "ScheduleGPipe": ("ScheduleGPipe", 1),
+    "Schedule1F1B": ("Schedule1F1B", 1),
+    "ScheduleInterleaved1F1B": ("ScheduleInterleaved1F1B", 2),
+    "ScheduleInterleavedZeroBubble": ("ScheduleInterleavedZeroBubble", 2),
+}
+
+
+class Block(nn.Module):
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.norm, self.up, self.down = nn.LayerNorm(width), nn.Linear(width, hidden), nn.Linear(hidden, width)
+
+    def forward(self, x):
+        return x + self.down(torch.nn.functional.gelu(self.up(self.norm(x))))
+
+
+def layers(args) -> list[nn.Module]:
+    torch.manual_seed(0)
+    blocks = [Block(args.width, args.hidden) for _ in range(args.depth)]
+    return [nn.Linear(args.features, args.width), *blocks, nn.Linear(args.width, args.classes)]
+
+
+def loss_fn(logits, labels):
+    return nn.functional.cross_entropy(logits, labels)
+
+
+def batch(args):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(args.batch, args.features, generator=g)
+    return x, torch.randint(0, args.classes, (args.batch,), generator=g)
+
+
+def timed(step, args) -> float:
+    for _ in range(args.warmup):
+        step()
+    seconds = []
+    for _ in range(args.steps):
+        if dist.is_initialized():
+            dist.barrier()
+        start = time.perf_counter()
+        step()
+        if dist.is_initialized():
+            dist.barrier()
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds)
+
+
+def plain_step_seconds(args) -> float:
+    torch.set_num_threads(args.threads)
+    model = nn.Sequential(*layers(args))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x, y = batch(args)
+
+    def step():
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        opt.step()
+
+    return timed(step, args)
+
+
+def stage_modules(args, stages: int) -> list[nn.Sequential]:
+    """The model cut into ``stages`` runs of consecutive blocks; embedding first, head last."""
+    every = layers(args)
+    blocks, per = every[1:-1], args.depth // stages
+    runs = [list(blocks[i * per : (i + 1) * per]) for i in range(stages)]
+    runs[0].insert(0, every[0])
+    runs[-1].append(every[-1])
+    return [nn.Sequential(*run) for run in runs]
+
+
+def rank_main(rank: int, args, name: str, port: int, queue) -> None:
+    from torch.distributed import pipelining
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=args.ranks)
+    torch.set_num_threads(max(1, args.threads // args.ranks))
+    cls_name, per_rank = SCHEDULES[name]
+    total = args.ranks * per_rank
+    modules = stage_modules(args, total)
+    mine = [i for i in range(total) if i % args.ranks == rank]  # looped placement
+    device = torch.device("cpu")
+    stages = [pipelining.PipelineStage(modules[i], i, total, device) for i in mine]
+    cls = getattr(pipelining, cls_name)
+    schedule = cls(stages if per_rank > 1 else stages[0], n_microbatches=args.microbatches, loss_fn=loss_fn)
+    params = [p for i in mine for p in modules[i].parameters()]
+    opt = torch.optim.Adam(params, lr=1e-3)
+    x, y = batch(args)
+
+    def step():
+        opt.zero_grad()
+        kwargs = {}
+        if 0 in mine:
+            kwargs["x"] = x
+        if total - 1 in mine:
+            kwargs["target"] = y
+        if "x" in kwargs:
+            schedule.step(kwargs.pop("x"), **kwargs)
+        else:
+            schedule.step(**kwargs)
+        opt.step()
+
+    seconds = timed(step, args)
+    if rank == 0:
+        queue.put(seconds)
+    dist.destroy_process_group()
+
+
+def pipelined_seconds(args, name: str, port: int) -> float:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    mp.start_processes(rank_main, args=(args, name, port, queue), nprocs=args.ranks, start_method="spawn")
+    return queue.get()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    for flag, default in (("width", 512), ("hidden", 2048), ("depth", 8), ("batch", 1024), ("features", 784)):
+        p.add_argument(f"--{flag}", type=int, default=default)
+    p.add_argument("--classes", type=int, default=10)
+    p.add_argument("--ranks", type=int, default=4)
+    p.add_argument("--microbatches", type=int, default=8)
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--schedules", default=",".join(SCHEDULES))
+    args = p.parse_args()
+    result = {"plain": plain_step_seconds(args)}
+    for i, name in enumerate(args.schedules.split(",")):
+        result[name] = pipelined_seconds(args, name, 29500 + i)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
