@@ -6,9 +6,10 @@ width of the ``mlp`` model.
 
 Three measurements, each a ratio (or a table) taken inside one run, so machine drift cancels:
 
-a. **Overhead** (one device, ``pipe=1``): the jaxmp train step with ``M`` micro-batches (the pipelined
-   executor with ``S=1``: scans over the ``2M`` ticks of forwards, then backwards) against the plain
-   jaxmp step (``M=1``) and
+a. **Overhead** (one device, ``pipe=1``): the jaxmp train step with ``M`` micro-batches and default
+   flags (the pipelined executor with ``S=1`` and the default 1F1B table: each forward runs its own
+   backward, so the loop is ``M`` ticks of one ``jax.vjp``, no switch) against the plain jaxmp step
+   (``M=1``) and
    against a hand-written baseline that unrolls a Python loop over the ``M`` micro-batches inside one
    ``jit``, takes ``jax.value_and_grad`` of each (same model, via ``nnx.merge``) and sums the gradients.
    pipelined/loop is the price of our loop; loop/plain is the price of micro-batching itself. Variants

@@ -22,6 +22,7 @@ def plot(schedule: Schedule, path: str | Path | None = None, *, ax=None, title: 
     the bubble fraction in the title); write a PNG to ``path`` if given. Returns the figure."""
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
+    from matplotlib.ticker import MaxNLocator
 
     ticks, stages = schedule.kind.shape
     if ax is None:
@@ -37,6 +38,7 @@ def plot(schedule: Schedule, path: str | Path | None = None, *, ax=None, title: 
     ax.set_ylim(stages, 0)
     ax.set_yticks(np.arange(stages) + 0.5, [f"device {s}" for s in range(stages)])
     ax.set_xlabel("tick")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_aspect("auto")
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
