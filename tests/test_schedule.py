@@ -181,3 +181,10 @@ def test_zb_h1_messages_keep_cotangents_until_their_weight_gradient():
         # no other cotangent lands in that slot between this micro-batch's B and W
         later = transfers.recv_grad[schedule.when(BACKWARD, m, 0) + 1 : t + 1, 0, 1]
         assert slot not in later.tolist()
+
+
+def test_the_cli_offers_exactly_the_schedules_there_are():
+    from jaxmp.config import SCHEDULES as OFFERED
+    from jaxmp.pipeline import SCHEDULES
+
+    assert sorted(OFFERED) == sorted(SCHEDULES)
