@@ -51,7 +51,10 @@ BAD_INPUTS = [
     (["--schedule", "naive", "--microbatches", "4"], "--schedule naive runs one micro-batch"),
     (["--schedule", "pipedream"], "--schedule 'pipedream' is not one of 1f1b, gpipe, interleaved-1f1b, zb-h1"),
     (["--mesh", "data=4,pipe=2", "--schedule", "zb-h1", "--repeats", "2", "--depth", "4"], "zb-h1 runs one chunk"),
-    (["--mesh", "data=4,pipe=2", "--model", "mlp-1024", "--placement", "0,1,1,0"], "cannot run this chunk placement"),
+    (
+        ["--mesh", "data=4,pipe=2", "--model", "mlp-1024", "--placement", "0,1,1,0", "--microbatches", "2"],
+        "cannot run this",
+    ),
     (["--schedule-plot", "plot.txt"], "--schedule-plot plot.txt must end in .png"),
     (["--schedule-plot", "/no/such/folder/s.png"], "folder /no/such/folder does not exist"),
     (["--schedule-plot", "s.png"], "--schedule-plot needs a pipelined run"),
