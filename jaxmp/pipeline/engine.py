@@ -82,7 +82,7 @@ def make_plan(
     width = max([1, *(math.prod(s.shape) for s in boundaries)])
     dtype = boundaries[0].dtype if boundaries else jnp.float32
     fuse = fuses_last_chunk(schedule)
-    transfers = plan_exchange(schedule)
+    transfers = plan_transfers(schedule, _no_ops(schedule, fuse))
     return Plan(
         packing,
         schedule,
@@ -177,7 +177,7 @@ def _device_program(plan: Plan, head: Head, train: bool, manual: frozenset[str])
 
     def body(buffers, x_MxB, y_MxB, w_MxB, key_data):
         with use_rules(plan.inner_rules):
-            access = _Params.of(plan, _gather_manual_tiles(plan, buffers, manual), manual, train)
+            access = _Params.of(plan, _gather_manual_tiles(plan, buffers, manual), manual)
             stage = jax.lax.axis_index("pipe")
             b = x_MxB.shape[1]
             branches = _branches(plan, access, head, train, jax.random.wrap_key_data(key_data))
@@ -223,7 +223,7 @@ class _Params(NamedTuple):
     tree: list | None  # the one layout's unpacked parameters, or None
 
     @staticmethod
-    def of(plan: Plan, local: dict, manual: frozenset, train: bool) -> _Params:
+    def of(plan: Plan, local: dict, manual: frozenset) -> _Params:
         single = len(set(_branch_keys(plan))) == 1
         tree = plan.packing.chunk_params(0, local, manual) if single else None
         return _Params(plan.packing, local, manual, tree)

@@ -134,7 +134,8 @@ def build_schedule(
             "--schedule zb-h1 runs one chunk per stage; drop --repeats/--placement or use interleaved-1f1b."
         )
     microbatches = 1 if name == "naive" else microbatches
-    state = _State(stages, chunk_stage, {k: np.full((microbatches, len(chunk_stage)), -1) for k in KIND_NAMES})
+    done = {k: np.full((microbatches, len(chunk_stage)), -1) for k in (FORWARD, BACKWARD, WEIGHT)}
+    state = _State(stages, chunk_stage, done)
     if not backward:
         kinds, pick = (FORWARD,), _gpipe_picker(state, backward=False)
     else:

@@ -26,7 +26,7 @@ from typing import NamedTuple
 import numpy as np
 
 from jaxmp.config import ConfigError
-from jaxmp.pipeline.schedule import BACKWARD, FORWARD, WEIGHT, Schedule
+from jaxmp.pipeline.schedule import BACKWARD, FORWARD, IDLE, WEIGHT, Schedule
 
 Pairs = tuple[tuple[int, int], ...]  # (source stage, destination stage) of one ppermute
 
@@ -83,7 +83,7 @@ def plan_transfers(schedule: Schedule, no_op: np.ndarray | None = None) -> Trans
         if kind in (BACKWARD, WEIGHT):
             read_grad[t, s] = grad_slot.get(key, -1)
     arrives = (recv_input[..., 1] >= 0).any(axis=1) | (recv_grad[..., 1] >= 0).any(axis=1)
-    idle = (schedule.kind == 0) if no_op is None else no_op
+    idle = (schedule.kind == IDLE) if no_op is None else no_op
     kept = np.flatnonzero(~idle.all(axis=1) | arrives)
     loops = _loops([(int(t), rounds_of[t]) for t in kept])
     rounds = max([1, *(len(r) for r in rounds_of)])
