@@ -10,6 +10,7 @@ what would be valid; the CLI prints that sentence and exits with code 2.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 
@@ -108,7 +109,8 @@ class PipelineConfig:
     repeats: int = _opt(1, "circular pipeline: each device holds this many non-adjacent chunks of layers")
     remat: str = _opt(
         "none",
-        "re-materialise the tick body: stage keeps matmul outputs, full keeps only stage inputs",
+        "what a pipeline forward keeps for its backward: none keeps every residual (no re-run), stage keeps "
+        "matmul outputs (element-wise work redone), full keeps only the chunk's input (backward re-runs it)",
         choices=REMATS,
     )
     stage_split: str = _opt(
@@ -201,12 +203,32 @@ def _positive(name: str, value: int | float | None) -> None:
         raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value}.")
 
 
+_TYPES = {"int": int, "float": (int, float), "str": str, "bool": bool}
+
+
+def _check_type(name: str, annotation: str, value) -> None:
+    """The value has its field's type (a Python caller gets the CLI's error, not a crash later); floats
+    are finite."""
+    base, _, optional = annotation.partition(" | ")
+    flag = "--" + name.replace("_", "-")
+    if value is None and optional == "None":
+        return
+    wanted = _TYPES[base]
+    if isinstance(value, bool) != (base == "bool") or not isinstance(value, wanted):
+        raise ConfigError(f"{flag} must be {'an' if base == 'int' else 'a'} {base}, got {value!r}.")
+    if base == "float" and not math.isfinite(value):
+        raise ConfigError(f"{flag} must be a finite number, got {value}.")
+
+
 def validate(cfg: Config) -> Config:
     """Check every option that can be checked without devices or data; return ``cfg``."""
+    if not isinstance(cfg, Config):
+        raise ConfigError(f"expected a jaxmp Config, got {type(cfg).__name__}.")
     for group in (getattr(cfg, f.name) for f in dataclasses.fields(cfg)):
         for f in dataclasses.fields(group):
             choices = f.metadata.get("choices")
             value = getattr(group, f.name)
+            _check_type(f.name, f.type, value)
             if choices and value not in choices:
                 flag = "--" + f.name.replace("_", "-")
                 raise ConfigError(f"{flag} {value!r} is not one of {', '.join(choices)}.")

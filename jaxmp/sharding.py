@@ -40,6 +40,14 @@ MeshAxes = str | tuple[str, ...] | None
 Rules = Mapping[str, MeshAxes]
 
 ALL_DEVICES = ("data", "tensor")
+MESH_AXES = ("data", "tensor", "pipe")
+# Logical names every table keeps whole unless a strategy says otherwise: a name no rule maps is an
+# error (check_rules_cover), so a typo or a new name never goes silently replicated.
+WHOLE: Rules = {
+    name: None
+    for name in ("batch", "conv_batch", "features", "embed", "mlp", "classes", "flat", "channels")
+    + ("dense_in", "dense_out")
+}
 # Stacked layers and pipeline stages live on `pipe` under every strategy.
 PIPELINE_RULES: Rules = {"layers": "pipe", "stage": "pipe"}
 STRATEGY_RULES: dict[str, Rules] = {
@@ -57,12 +65,39 @@ STRATEGY_RULES: dict[str, Rules] = {
 _active_rules: contextvars.ContextVar[Rules | None] = contextvars.ContextVar("jaxmp_rules", default=None)
 
 
-def rules_for(strategy: str) -> Rules:
-    """The rules table of a strategy name."""
+def rules_for(strategy: str, extra: Rules | None = None) -> Rules:
+    """The rules table of a strategy name, with ``extra`` rules added or replacing its own (e.g.
+    ``{"hidden": "tensor"}`` for a model of your own); ``ConfigError`` if ``extra`` is not a table."""
     try:
-        return {**STRATEGY_RULES[strategy], **PIPELINE_RULES}
+        rules = {**WHOLE, **STRATEGY_RULES[strategy], **PIPELINE_RULES}
     except KeyError:
         raise ConfigError(f"--strategy {strategy!r} is not one of {', '.join(STRATEGY_RULES)}.") from None
+    if extra is None:
+        return rules
+    if not isinstance(extra, Mapping):
+        raise ConfigError(f"rules must map logical axis names to mesh axes, got {type(extra).__name__}.")
+    for name, entry in extra.items():
+        axes = entry if isinstance(entry, tuple) else (entry,) if entry is not None else ()
+        if not isinstance(name, str) or not all(isinstance(a, str) and a in MESH_AXES for a in axes):
+            raise ConfigError(
+                f"rules[{name!r}] = {entry!r}: a rule maps a logical name to None, a mesh axis or a tuple of "
+                f"mesh axes ({', '.join(MESH_AXES)})."
+            )
+        if len(set(axes)) < len(axes):
+            raise ConfigError(f"rules[{name!r}] = {entry!r} names a mesh axis twice.")
+    return {**rules, **extra}
+
+
+def check_mesh(mesh) -> None:
+    """jaxmp's meshes have the axes data, tensor and pipe, in that order (size 1 where unused)."""
+    if not isinstance(mesh, jax.sharding.Mesh):
+        raise ConfigError(f"expected a jax.sharding.Mesh, got {type(mesh).__name__}.")
+    if tuple(mesh.axis_names) != MESH_AXES:
+        raise ConfigError(
+            f"mesh axes {tuple(mesh.axis_names)}: jaxmp meshes have the axes {', '.join(MESH_AXES)} (size 1 "
+            "where unused); build one with jaxmp.mesh.mesh_from_spec('data=2,tensor=4') and map your logical "
+            "names to those axes in rules."
+        )
 
 
 def logical_to_spec(names: tuple[str | None, ...], rules: Rules) -> PartitionSpec:
@@ -99,12 +134,20 @@ def _logical_names(variable: nnx.Variable) -> tuple[str | None, ...]:
 
 
 def param_specs(params: nnx.State, rules: Rules) -> nnx.State:
-    """A ``PartitionSpec`` per parameter, from its logical names and the rules table."""
-    return jax.tree.map(
-        lambda v: logical_to_spec(_logical_names(v), rules),
-        params,
-        is_leaf=lambda x: isinstance(x, nnx.Variable),
-    )
+    """A ``PartitionSpec`` per parameter, from its logical names and the rules table; ``ConfigError``
+    naming the parameter if one of its names has no rule."""
+
+    def spec(path, variable: nnx.Variable) -> PartitionSpec:
+        names = _logical_names(variable)
+        for name in names:
+            if name is not None and name not in rules:
+                raise ConfigError(
+                    f"parameter {path_name(path)}: no rule maps its logical axis {name!r}; add one to the rules "
+                    f"table, e.g. rules={{{name!r}: 'tensor'}}, or {{{name!r}: None}} to keep it whole."
+                )
+        return logical_to_spec(names, rules)
+
+    return jax.tree_util.tree_map_with_path(spec, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def fsdp_axes(rules: Rules) -> tuple[str, ...]:

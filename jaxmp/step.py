@@ -11,7 +11,7 @@ functions are already compiled for one mesh, strategy and batch shape. Parameter
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -20,7 +20,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxmp.config import Config, ConfigError, OptimConfig
+from jaxmp.config import Config, ConfigError, OptimConfig, validate
 from jaxmp.models import build_model, check_strategy
 from jaxmp.models.contract import ModelParts, apply_model, model_parts
 from jaxmp.models.layers import LayerContext
@@ -30,6 +30,7 @@ from jaxmp.sharding import (
     as_axes,
     axis_size,
     check_divisible,
+    check_mesh,
     fsdp_specs,
     logical_to_spec,
     param_specs,
@@ -118,15 +119,50 @@ def cross_entropy(logits_BxC: jax.Array, y_B: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits_BxC.astype(jnp.float32), y_B)
 
 
-def loss_head(logits_BxC: jax.Array, y_B: jax.Array, weights_B: jax.Array) -> dict:
-    """The train loss of some examples: their cross-entropy, weighted (``1/B`` each gives the mean)."""
-    return {"loss": (cross_entropy(logits_BxC, y_B) * weights_B).sum()}
+LossFn = Callable[[jax.Array, jax.Array], jax.Array]  # (outputs [B, ...], labels [B]) -> per-example loss [B]
 
 
-def eval_head(logits_BxC: jax.Array, y_B: jax.Array, mask_B: jax.Array) -> dict:
-    """Summed loss and correct predictions of the examples ``mask_B`` counts."""
-    correct = (jnp.argmax(logits_BxC, -1) == y_B).astype(jnp.float32)
-    return {"loss_sum": (cross_entropy(logits_BxC, y_B) * mask_B).sum(), "correct": (correct * mask_B).sum()}
+class Heads(NamedTuple):
+    """What the last layer's outputs feed: the weighted train loss, and the eval sums."""
+
+    train: Callable  # (outputs, labels, weights) -> {"loss"}: weights 1/B each give the mean
+    eval: Callable  # (outputs, labels, mask) -> {"loss_sum", "correct"} over the examples mask counts
+
+
+def heads(loss: LossFn = cross_entropy) -> Heads:
+    """The train and eval heads of a per-example ``loss``; accuracy is the arg-max over the last axis."""
+
+    def train(outputs, labels, weights) -> dict:
+        return {"loss": (loss(outputs, labels).astype(jnp.float32) * weights).sum()}
+
+    def evaluate(outputs, labels, mask) -> dict:
+        correct = (jnp.argmax(outputs, -1) == labels).astype(jnp.float32)
+        return {"loss_sum": (loss(outputs, labels).astype(jnp.float32) * mask).sum(), "correct": (correct * mask).sum()}
+
+    return Heads(train, evaluate)
+
+
+def check_loss(loss, outputs: jax.ShapeDtypeStruct, labels: jax.ShapeDtypeStruct) -> None:
+    """``loss`` maps the model's outputs and labels to one float loss per example (``ConfigError``)."""
+    if not callable(loss):
+        raise ConfigError(
+            f"loss must be a function (outputs, labels) -> per-example losses, got {type(loss).__name__}."
+        )
+    try:
+        out = jax.eval_shape(loss, outputs, labels)
+    except Exception as error:  # the user's function, traced on shapes: say what it was given
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(f"loss failed on outputs {outputs.shape} and labels {labels.shape}: {first}") from None
+    if getattr(out, "shape", None) != labels.shape[:1] or not jnp.issubdtype(out.dtype, jnp.floating):
+        raise ConfigError(
+            f"loss must give one float per example, shape {labels.shape[:1]}; it gave {getattr(out, 'shape', out)} "
+            f"{getattr(out, 'dtype', '')} for outputs {outputs.shape}."
+        )
+
+
+def check_optimizer(tx) -> None:
+    if not isinstance(tx, optax.GradientTransformation):
+        raise ConfigError(f"optimizer must be an optax.GradientTransformation, got {type(tx).__name__}.")
 
 
 def _batch_spec(names: tuple[str, ...], ndim: int, rules) -> PartitionSpec:
@@ -161,6 +197,7 @@ class _Layout(NamedTuple):
     y: NamedSharding
     layer_params: Any  # NamedSharding per parameter in the model's own layer order (the saved form)
     pipeline: Pipeline | None  # the pipeline's plans and packing, when pipelined
+    outputs: jax.ShapeDtypeStruct  # the model's outputs for one global batch
 
 
 def _layout(cfg: Config, mesh, rules, tx, make_model, input_shape) -> _Layout:
@@ -203,7 +240,11 @@ def _layout(cfg: Config, mesh, rules, tx, make_model, input_shape) -> _Layout:
     )
     state_sh = TrainState(params_sh, opt_sh, replicated, replicated)
     x_sh, y_sh = NamedSharding(mesh, x_spec), NamedSharding(mesh, y_spec)
-    return _Layout(graphdef, parts, state_sh, x_sh, y_sh, layer_params_sh, pipeline)
+    x_struct = jax.ShapeDtypeStruct((cfg.run.batch_size, *input_shape), jnp.float32)
+    outputs = jax.eval_shape(
+        lambda p, x: apply_model(parts, p, x, LayerContext()), nnx.to_pure_dict(abstract_state), x_struct
+    )
+    return _Layout(graphdef, parts, state_sh, x_sh, y_sh, layer_params_sh, pipeline, outputs)
 
 
 def build_program(
@@ -213,6 +254,9 @@ def build_program(
     classes: int,
     *,
     model_fn: Callable[[nnx.Rngs], nnx.Module] | None = None,
+    optimizer: optax.GradientTransformation | None = None,
+    loss: LossFn | None = None,
+    rules: Mapping[str, Any] | None = None,
     poison: bool = False,
     masked: bool = True,
 ) -> Program:
@@ -221,15 +265,25 @@ def build_program(
     Args:
       model_fn: ``rngs -> model`` for a model of your own (the layer-list contract of
         ``jaxmp.models.contract``); default: the preset ``cfg.model``.
+      optimizer: any optax ``GradientTransformation`` (schedules, chains, clipping); default: the
+        one ``cfg.optim`` names.
+      loss: ``(outputs, labels) -> per-example loss [B]``; default: cross-entropy of integer labels.
+      rules: logical axis name -> mesh axes, added to (or replacing entries of) the rules table of
+        ``cfg.model.strategy``, e.g. ``{"hidden": "tensor"}``; every logical name a parameter uses
+        needs a rule (``None`` keeps it whole).
       poison: start the pipeline's stash and messages as NaN (tests prove they never reach the result).
       masked: tests only: ``False`` writes every pipeline message, needed or not (the poison must show).
 
     Raises:
       ConfigError: the model breaks the layer-list contract, a parameter dimension or the batch does not
-        divide the mesh axes it is split over, or the model cannot be pipelined as asked.
+        divide the mesh axes it is split over, or the model cannot be pipelined as asked; or any option
+        is invalid (``jaxmp.config.validate``, the CLI's checks).
     """
-    rules = rules_for(cfg.model.strategy)
-    tx = make_optimizer(cfg.optim)
+    validate(cfg)
+    check_mesh(mesh)
+    rules = rules_for(cfg.model.strategy, rules)
+    tx = make_optimizer(cfg.optim) if optimizer is None else optimizer
+    check_optimizer(tx)
     if model_fn is None:
         check_strategy(cfg.model)
 
@@ -247,7 +301,9 @@ def build_program(
         params = to_state(nnx.to_pure_dict(nnx.state(model, nnx.Param)))  # plain dicts: fast flattening per call
         return TrainState(params, tx.init(params), jnp.zeros((), jnp.int32), jax.random.key(cfg.run.seed + 1))
 
-    loss_and_grad, evaluate = _objectives(cfg, layout)
+    if loss is not None:
+        check_loss(loss, layout.outputs, jax.ShapeDtypeStruct((cfg.run.batch_size,), jnp.int32))
+    loss_and_grad, evaluate = _objectives(cfg, layout, heads(loss or cross_entropy))
 
     def grad_step(state: TrainState, x, y):
         key = jax.random.fold_in(state.key, state.step)
@@ -283,7 +339,7 @@ def _test_plans(pipeline: Pipeline, poison: bool, masked: bool) -> Pipeline:
     )
 
 
-def _objectives(cfg: Config, layout: _Layout):
+def _objectives(cfg: Config, layout: _Layout, head: Heads):
     """``(params, x, y, key) -> (loss, grads)`` and ``(params, x, y, mask) -> sums``, plain or pipelined."""
     batch = cfg.run.batch_size
     pipeline = layout.pipeline
@@ -292,22 +348,22 @@ def _objectives(cfg: Config, layout: _Layout):
         def loss_fn(params, x, y, key):
             ctx = LayerContext(True, key, jnp.arange(x.shape[0]))
             logits = apply_model(layout.parts, params, x, ctx)
-            return loss_head(logits, y, jnp.full(y.shape, 1.0 / batch))["loss"]
+            return head.train(logits, y, jnp.full(y.shape, 1.0 / batch))["loss"]
 
         def evaluate(params, x, y, mask):
-            return eval_head(apply_model(layout.parts, params, x, LayerContext()), y, mask)
+            return head.eval(apply_model(layout.parts, params, x, LayerContext()), y, mask)
 
         return jax.value_and_grad(loss_fn), evaluate
     microbatches = pipeline.train.schedule.microbatches
 
     def loss_and_grad(params, x, y, key):
         data = [split_microbatches(a, microbatches) for a in (x, y, jnp.full(y.shape, 1.0 / batch))]
-        sums, grads = run_pipeline(pipeline.train, params, *data, key, loss_head, train=True)
+        sums, grads = run_pipeline(pipeline.train, params, *data, key, head.train, train=True)
         return sums["loss"], grads
 
     def evaluate(params, x, y, mask):
         data = [split_microbatches(a, pipeline.eval.schedule.microbatches) for a in (x, y, mask)]
-        return run_pipeline(pipeline.eval, params, *data, jax.random.key(0), eval_head, train=False)
+        return run_pipeline(pipeline.eval, params, *data, jax.random.key(0), head.eval, train=False)
 
     return loss_and_grad, evaluate
 

@@ -209,8 +209,23 @@ def test_compare_marks_each_status():
 
 
 def test_predict_needs_no_compilation():
-    cfg = small_config("mlp", "tp", depth=2)
-    terms = predict(cfg, build_mesh(MeshShape(2, 4)), IMAGE, CLASSES).terms
+    """``predict`` answers from shapes alone: XLA compiles nothing (a jit of something new, the
+    control, does report a compile to the same listener)."""
+    compiles = []
+
+    def listen(event, seconds, **_):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(seconds)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        cfg = small_config("mlp", "tp", depth=2)
+        terms = predict(cfg, build_mesh(MeshShape(2, 4)), IMAGE, CLASSES).terms
+        assert compiles == []
+        jax.jit(lambda a: a * 3.0 + 1.0).lower(jnp.ones(7)).compile()
+        assert compiles  # the listener does hear compiles
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
     assert sum(t.elements for t in terms if t.axes == ("tensor",)) == 2 * 2 * 8 * WIDTH
 
 

@@ -62,8 +62,9 @@ def test_two_processes_train_like_one(tmp_path):
     np.testing.assert_allclose(losses(tmp_path / "two.jsonl"), losses(tmp_path / "one.jsonl"), rtol=1e-5)
     assert len(losses(tmp_path / "one.jsonl")) == 8
 
-    cfg = small_config("mlp", "tp", depth=4, microbatches=2, optimizer="adam", mesh=MESH, resume=True)
+    cfg = small_config("mlp", "tp", depth=4, microbatches=2, optimizer="adam", mesh=MESH)
     program = build_program(cfg, mesh_from_spec(MESH), (8, 8, 1), 10)
+    cfg = cfg.replace(resume=True)
     one, two_saved = (
         restore(cfg.replace(checkpoint_dir=str(tmp_path / d)), program, (8, 8, 1), 10) for d in ("ck", "ck-two")
     )

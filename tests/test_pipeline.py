@@ -81,12 +81,25 @@ def test_unmasked_messages_let_the_poison_through():
     assert np.isfinite(loss) and all(np.isfinite(g).all() for g in grads.values())
 
 
-@pytest.mark.parametrize("remat", ["stage"])
+@pytest.mark.parametrize("remat", ["stage", "full"])
 def test_remat_changes_nothing(remat):
     cfg, piped = config("mlp", microbatches=4, remat=remat)
     assert_same(
         loss_and_grads(piped, build_mesh(MeshShape(1, 2, 4)), poison=True), loss_and_grads(cfg, single_device_mesh())
     )
+
+
+def test_1f1b_keeps_the_residuals_of_s_micro_batches_gpipe_of_m():
+    """Compiled temporaries (``memory_analysis``) where activations dominate: GPipe stashes the residuals
+    of all M=8 micro-batches, 1F1B those of S=2; --remat full stashes only chunk inputs."""
+    cfg = small_config("mlp", "dp", width=16, hidden=256, depth=4, batch_size=512, microbatches=8)
+    mesh = build_mesh(MeshShape(1, 1, 2))
+
+    def temps(**overrides):
+        return build(cfg.replace(**overrides), mesh).grad_step.compiled.memory_analysis().temp_size_in_bytes
+
+    gpipe, one_f_one_b, full = temps(schedule="gpipe"), temps(schedule="1f1b"), temps(schedule="gpipe", remat="full")
+    assert one_f_one_b < 0.7 * gpipe and full < 0.7 * gpipe
 
 
 def test_unroll_changes_nothing_but_the_loops():
@@ -176,9 +189,10 @@ def test_weight_gradients_are_reduced_over_the_batch_axes_once_per_step(model, s
 
 
 def test_megatron_collectives_inside_a_stage_are_those_of_the_layer():
-    """mlp-1024 on tensor=2, pipe=2: each stage's column/row pair keeps its one all-reduce per direction;
-    the pipelined program has the one-stage program's all-reduces plus the first stage's forward one,
-    re-run in its backward (1F1B: the last stage's backward runs inside its forward, no re-run)."""
+    """mlp-1024 on tensor=2, pipe=2: each stage's column/row pair keeps its one all-reduce per direction,
+    so the pipelined program has exactly the one-stage program's all-reduces (the backward pulls through
+    stashed residuals); with --remat full each stage's backward re-runs its forward, and with it one
+    forward all-reduce."""
     cfg, piped = config("mlp-1024", microbatches=2)
 
     def tensor_all_reduces(text, mesh):
@@ -191,8 +205,11 @@ def test_megatron_collectives_inside_a_stage_are_those_of_the_layer():
     forward = len(tensor_all_reduces(flat.eval_step.compiled.as_text(), flat_mesh))
     both = len(tensor_all_reduces(flat.grad_step.compiled.as_text(), flat_mesh))
     mesh = build_mesh(MeshShape(1, 2, 2))
-    piped_count = len(tensor_all_reduces(build(piped, mesh).grad_step.compiled.as_text(), mesh))
-    assert forward == 2 and piped_count == both + 1
+    counts = [
+        len(tensor_all_reduces(build(piped.replace(remat=remat), mesh).grad_step.compiled.as_text(), mesh))
+        for remat in ("none", "full")
+    ]
+    assert forward == 2 and counts == [both, both + 2]
 
 
 @pytest.mark.parametrize(

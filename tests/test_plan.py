@@ -44,8 +44,9 @@ def test_roofline_adds_communication_to_the_slower_of_compute_and_memory():
 
 @pytest.fixture(scope="module")
 def planned():
-    """mlp, 8 devices, a hidden width tensor=8 cannot split, memory smaller than the unsharded state."""
-    cfg = small_config("mlp", "tp", hidden=60, width=32, depth=2, batch_size=16, optimizer="adam")
+    """mlp, 8 devices, a hidden width tensor=8 cannot split, memory smaller than the unsharded state
+    (pipelines re-materialise, --remat full: they stash chunk inputs only, so their state decides)."""
+    cfg = small_config("mlp", "tp", hidden=60, width=32, depth=2, batch_size=16, optimizer="adam", remat="full")
     params = 144 * 32 + 32 + 2 * (32 * 60 + 60 + 60 * 32 + 32 + 2 * 32) + 32 * 10 + 10
     # params + adam's two moments, unsharded, plus a quarter: the state alone overfills one device, while a
     # split state and its step's temporaries fit

@@ -188,3 +188,22 @@ def test_the_cli_offers_exactly_the_schedules_there_are():
     from jaxmp.pipeline import SCHEDULES
 
     assert sorted(OFFERED) == sorted(SCHEDULES)
+
+
+@pytest.mark.parametrize("schedule", [gpipe(4, 8), one_f_one_b(4, 8), zb_h1(4, 8), one_f_one_b(2, 6, 2)])
+def test_residual_slots_hold_each_forward_until_its_last_backward(schedule):
+    """Every forward's residuals stay in their slot, untouched by other forwards, until its B (and W)
+    reads them; stage 0 (never the fused last chunk's) needs a slot per micro-batch it has in flight."""
+    from jaxmp.pipeline.engine import _stashes, fuses_last_chunk
+
+    stashes = _stashes(schedule, fuses_last_chunk(schedule))
+    transfers = plan_transfers(schedule, stashes=stashes)
+    held, stashed = [{} for _ in range(schedule.stages)], set()
+    for (t, s), kind in np.ndenumerate(schedule.kind):
+        key, slot = (schedule.microbatch[t, s], schedule.chunk[t, s]), transfers.residual_slot[t, s]
+        if stashes[t, s]:
+            held[s][slot] = key
+            stashed.add(key)
+        elif kind in (BACKWARD, WEIGHT) and key in stashed:
+            assert held[s].get(slot) == key, (t, s)
+    assert transfers.residual_slots == schedule.stashed()[0]

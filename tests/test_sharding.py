@@ -6,6 +6,7 @@ row split = input on ``tensor``), so a rules-table or model-annotation slip show
 
 import jax
 import pytest
+from flax import nnx
 from support import CLASSES, IMAGE, small_config
 
 from jaxmp.config import ConfigError
@@ -127,3 +128,57 @@ def test_indivisible_batch_is_rejected():
     cfg = small_config("mlp", "dp", batch_size=12)
     with pytest.raises(ConfigError, match="--batch-size 12 is not divisible by 8"):
         build_program(cfg, build_mesh(MeshShape(2, 4)), IMAGE, CLASSES)
+
+
+class _Named(nnx.Module):
+    """A two-layer model of its own whose hidden axis has a name no built-in rule knows."""
+
+    def __init__(self, rngs, hidden_name="hidden"):
+        init = nnx.with_partitioning(nnx.initializers.lecun_normal(), ("features", hidden_name))
+        self.pre = _Flat()
+        self.layers = nnx.List([nnx.Linear(64, 32, kernel_init=init, rngs=rngs)])
+        self.post = nnx.Linear(32, CLASSES, rngs=rngs)
+
+
+class _Flat(nnx.Module):
+    def __call__(self, x, ctx):
+        return x.reshape(x.shape[0], -1)
+
+
+def _build_named(rules=None, mesh=None, **kw):
+    cfg = small_config("mlp", "tp", batch_size=16)
+    mesh = mesh or build_mesh(MeshShape(2, 4))
+    return build_program(cfg, mesh, (8, 8, 1), CLASSES, model_fn=lambda r: _Named(r, **kw), rules=rules)
+
+
+def test_a_logical_name_without_a_rule_is_named_with_its_parameter():
+    with pytest.raises(ConfigError, match=r"parameter layers\.0\.kernel: no rule maps its logical axis 'hidden'"):
+        _build_named()
+
+
+@pytest.mark.parametrize(("rule", "spec"), [("tensor", (None, "tensor")), (None, (None, None))])
+def test_own_rules_extend_the_strategy(rule, spec):
+    program = _build_named({"hidden": rule})
+    kernel = program.state_abstract.params["layers"][0]["kernel"]
+    assert tuple(kernel.sharding.spec) == spec
+
+
+@pytest.mark.parametrize(
+    ("rules", "message"),
+    [
+        ({"hidden": "model"}, r"rules\['hidden'\] = 'model': a rule maps a logical name to None, a mesh axis"),
+        ({"hidden": ("data", "data")}, "names a mesh axis twice"),
+        (["hidden"], "rules must map logical axis names to mesh axes, got list"),
+    ],
+)
+def test_bad_rules_tables_are_refused(rules, message):
+    with pytest.raises(ConfigError, match=message):
+        _build_named(rules)
+
+
+def test_a_mesh_with_foreign_axis_names_is_refused():
+    mesh = jax.make_mesh((2, 4), ("data", "model"), devices=jax.devices()[:8])
+    with pytest.raises(
+        ConfigError, match=r"mesh axes \('data', 'model'\): jaxmp meshes have the axes data, tensor, pipe"
+    ):
+        _build_named({"hidden": "tensor"}, mesh=mesh)

@@ -51,12 +51,23 @@ __all__ = [
     "zb_h1",
 ]
 
+_RECOMPUTED = frozenset(
+    {"convert_element_type", "broadcast_in_dim", "reshape", "transpose", "squeeze", "expand_dims", "copy", "copy_p"}
+    | {"random_bits", "random_fold_in", "random_wrap", "random_unwrap", "random_split", "random_seed", "threefry2x32"}
+)
+
+
+def _keep_all_but_layout(prim, *_, **__) -> bool:
+    """Keep every residual except casts, layout changes and random bits: those are cheap to redo, and a
+    cast of a weight (bfloat16 compute) kept per micro-batch would cost a weight's bytes per slot."""
+    return prim.name not in _RECOMPUTED
+
+
+# What a forward keeps for its backward (the pipeline's residual stash), per --remat.
 REMAT_POLICIES = {
-    "none": None,
-    # save matmul results inside a chunk's re-run, recompute the cheap element-wise work
-    "stage": jax.checkpoint_policies.dots_saveable,
-    # keep nothing inside a chunk's re-run beyond each layer's input
-    "full": jax.checkpoint_policies.nothing_saveable,
+    "none": _keep_all_but_layout,  # no re-run
+    "stage": jax.checkpoint_policies.dots_saveable,  # matmul results kept, element-wise work redone
+    "full": jax.checkpoint_policies.nothing_saveable,  # only the chunk's input kept, B re-runs the chunk
 }
 
 
@@ -110,9 +121,11 @@ def build_pipeline(
     packing = Packing(parts, abstract, specs, bounds, chunk_stage, mesh)
     microbatches = 1 if cfg.schedule == "naive" else cfg.microbatches
     b = x_struct.shape[0] // microbatches
-    boundaries = _boundaries(packing, abstract, jax.ShapeDtypeStruct((b, *x_struct.shape[1:]), x_struct.dtype))
+    *boundaries, outputs = _boundaries(
+        packing, abstract, jax.ShapeDtypeStruct((b, *x_struct.shape[1:]), x_struct.dtype)
+    )
     inner = rules_without_axes(active_rules(), {"pipe", *batch_axes})
-    options = dict(policy=REMAT_POLICIES[cfg.remat], unroll=cfg.unroll, boundaries=tuple(boundaries))
+    options = dict(policy=REMAT_POLICIES[cfg.remat], unroll=cfg.unroll, boundaries=tuple(boundaries), outputs=outputs)
 
     def plan(schedule, **test_options):
         return make_plan(packing, schedule, batch_axes, inner, **options, **test_options)
@@ -123,7 +136,7 @@ def build_pipeline(
 
 
 def _boundaries(packing: Packing, abstract, x_struct) -> list[jax.ShapeDtypeStruct]:
-    """The activation (one example's shape, dtype) after every chunk but the last."""
+    """The activation (one example's shape, dtype) after every chunk; the last is the model's output."""
 
     def run_all(params, x):
         h, outs, ctx = x, [], LayerContext()
@@ -131,7 +144,7 @@ def _boundaries(packing: Packing, abstract, x_struct) -> list[jax.ShapeDtypeStru
             for piece in chunk.pieces:
                 h = apply_part(piece.part, piece_params(params, piece), h, ctx)
             outs.append(h)
-        return outs[:-1]
+        return outs
 
     return [jax.ShapeDtypeStruct(o.shape[1:], o.dtype) for o in jax.eval_shape(run_all, abstract, x_struct)]
 

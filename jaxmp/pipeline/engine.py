@@ -10,10 +10,11 @@ buffers (:mod:`jaxmp.pipeline.packing`). A ``lax.scan`` per phase of ticks (:mod
 runs, each tick:
 
 1. receive: the activation and the cotangent that arrived are written into their stash slots;
-2. act: ``lax.switch`` on the table's action: idle (no work at all), the forward of a chunk, or its
-   backward, written by hand: the chunk re-run under ``jax.vjp`` from its stashed input (GPipe's
-   re-materialisation), the parameter cotangent added to a running sum, the input cotangent sent on;
-3. send: one ``lax.ppermute`` per ring shift that some stage needs this tick, each way.
+2. act: ``lax.switch`` on the table's action: idle (no work at all), the forward of a chunk (under
+   ``jax.vjp``, its closure's residuals kept in a residual slot until its backward), or its backward,
+   written by hand: the closure rebuilt from the residual slot and pulled back (a re-run only where
+   ``--remat`` keeps less), the parameter cotangent added to a running sum, the input cotangent sent on;
+3. send: one ``lax.ppermute`` per tick, carrying each device's one message, whichever way it goes.
 
 The first chunk runs ``pre`` on the micro-batch itself and the last runs ``post`` and the loss, so the
 loss of micro-batch ``m`` is known on the last stage as soon as its forward ends: a 1F1B table can then
@@ -37,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from jaxmp.config import ConfigError
 from jaxmp.models.contract import apply_part
 from jaxmp.models.layers import LayerContext
 from jaxmp.pipeline.packing import Packing
@@ -54,6 +56,7 @@ class Plan(NamedTuple):
     schedule: Schedule
     transfers: Transfers
     boundaries: tuple  # one example's activation (shape, dtype) after every chunk but the last
+    outputs: jax.ShapeDtypeStruct  # one example's model output (what the head reads)
     width: int  # A
     message_dtype: jnp.dtype
     batch_axes: tuple[str, ...]  # manual in the shard_map, besides pipe
@@ -76,18 +79,29 @@ def split_microbatches(x_Bx: jax.Array, microbatches: int) -> jax.Array:
 
 
 def make_plan(
-    packing: Packing, schedule: Schedule, batch_axes, inner_rules, *, boundaries, policy, unroll, poison, masked=True
+    packing: Packing,
+    schedule: Schedule,
+    batch_axes,
+    inner_rules,
+    *,
+    boundaries,
+    outputs,
+    policy,
+    unroll,
+    poison,
+    masked=True,
 ) -> Plan:
     """A :class:`Plan`; ``boundaries`` are the activations (one example) between consecutive chunks."""
     width = max([1, *(math.prod(s.shape) for s in boundaries)])
     dtype = boundaries[0].dtype if boundaries else jnp.float32
     fuse = fuses_last_chunk(schedule)
-    transfers = plan_transfers(schedule, _no_ops(schedule, fuse))
+    transfers = plan_transfers(schedule, _no_ops(schedule, fuse), _stashes(schedule, fuse))
     return Plan(
         packing,
         schedule,
         transfers,
         boundaries,
+        outputs,
         width,
         dtype,
         batch_axes,
@@ -103,6 +117,15 @@ def make_plan(
 def plan_exchange(schedule: Schedule) -> Transfers:
     """The messages, slots and loops the executor runs ``schedule`` with."""
     return plan_transfers(schedule, _no_ops(schedule, fuses_last_chunk(schedule)))
+
+
+def _stashes(schedule: Schedule, fuse_last: bool) -> np.ndarray | None:
+    """``[T, S]``: the forwards that keep residuals for their backward (all but the fused last chunk's;
+    none without a backward)."""
+    if not (schedule.kind == BACKWARD).any():
+        return None
+    fused = fuse_last & (schedule.chunk == schedule.chunks - 1)
+    return (schedule.kind == FORWARD) & ~fused
 
 
 def fuses_last_chunk(schedule: Schedule) -> bool:
@@ -129,6 +152,7 @@ class _Carry(NamedTuple):
     arrived: tuple  # per round: [b, A] the message the last permute delivered
     g_params: dict  # running sum of this stage's buffer cotangents
     sums: dict  # running sums of the head's outputs (loss, ...)
+    residuals: tuple = ()  # per stash buffer [residual slots, ...]: forwards' residuals for their B and W
 
 
 class _Tick(NamedTuple):
@@ -140,6 +164,7 @@ class _Tick(NamedTuple):
     h: jax.Array  # the stashed input activation [b, A]
     g: jax.Array  # the output cotangent [b, A]
     ids: jax.Array  # global example ids [b]
+    res: tuple = ()  # the residuals in this action's slot, one value per stash buffer
 
 
 def run(plan: Plan, buffers: dict, x_MxB, y_MxB, w_MxB, key, head: Head, *, train: bool):
@@ -180,7 +205,8 @@ def _device_program(plan: Plan, head: Head, train: bool, manual: frozenset[str])
             access = _Params.of(plan, _gather_manual_tiles(plan, buffers, manual), manual)
             stage = jax.lax.axis_index("pipe")
             b = x_MxB.shape[1]
-            branches = _branches(plan, access, head, train, jax.random.wrap_key_data(key_data))
+            sample = _sample_tick(plan, x_MxB, y_MxB, w_MxB)
+            branches, stash = _branches(plan, access, head, train, jax.random.wrap_key_data(key_data), sample)
             fill = jnp.nan if plan.poison else 0.0
             message = jnp.full((b, plan.width), fill, plan.message_dtype)
             carry = _Carry(
@@ -189,6 +215,7 @@ def _device_program(plan: Plan, head: Head, train: bool, manual: frozenset[str])
                 tuple(message for _ in range(transfers.rounds)),
                 access.zeros() if train else {},
                 _zero_sums(head, plan, x_MxB, y_MxB, w_MxB),
+                stash.empty(transfers.residual_slots, plan.poison),
             )
             tables = _tables(plan, schedule, transfers, stage)
             data = (x_MxB, y_MxB, w_MxB)
@@ -237,12 +264,12 @@ class _Params(NamedTuple):
     def add(self, c: int, sums, grads: list):
         if self.tree is not None:
             return jax.tree.map(jnp.add, sums, grads)
-        return self.packing.add_chunk_grads(c, sums, grads)
+        return self.packing.add_chunk_grads(c, sums, grads, self.manual)
 
     def packed(self, sums) -> dict:
         if self.tree is None:
             return sums
-        return self.packing.add_chunk_grads(0, jax.tree.map(jnp.zeros_like, self.local), sums)
+        return self.packing.add_chunk_grads(0, jax.tree.map(jnp.zeros_like, self.local), sums, self.manual)
 
 
 UNROLLED_LAYERS = 8  # on one stage, a chunk's stacked layers are unrolled by default up to this many
@@ -269,7 +296,7 @@ def _no_ops(schedule: Schedule, fuse_last: bool) -> np.ndarray:
 
 
 def _zero_sums(head: Head, plan: Plan, x_MxB, y_MxB, w_MxB) -> dict:
-    outputs = jax.ShapeDtypeStruct((y_MxB.shape[1], 1), jnp.float32)
+    outputs = jax.ShapeDtypeStruct((y_MxB.shape[1], *plan.outputs.shape), plan.outputs.dtype)
     shapes = jax.eval_shape(head, outputs, y_MxB[0], w_MxB[0])
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
@@ -308,6 +335,7 @@ class _Tables(NamedTuple):
     recv_grad: jax.Array  # [T, 2]
     read_input: jax.Array  # [T]
     read_grad: jax.Array  # [T]
+    residual_slot: jax.Array  # [T]
 
 
 def _tables(plan: Plan, schedule: Schedule, transfers: Transfers, stage) -> _Tables:
@@ -324,6 +352,7 @@ def _tables(plan: Plan, schedule: Schedule, transfers: Transfers, stage) -> _Tab
         mine(transfers.recv_grad),
         mine(transfers.read_input),
         mine(transfers.read_grad),
+        mine(np.zeros(schedule.kind.shape, np.int32) if transfers.residual_slot is None else transfers.residual_slot),
     )
 
 
@@ -360,106 +389,235 @@ class _Out(NamedTuple):
     sums: dict
     send: jax.Array  # [b, A] the activation sent on or the input cotangent sent back (blank if none)
     keep: jax.Array  # [b, A] written back into the input's stash slot (fused last chunk: its cotangent)
+    res: tuple  # per stash buffer: written back into the action's residual slot (a forward's: its own)
 
 
-def _branches(plan: Plan, access: _Params, head: Head, train: bool, key):
-    """``[idle, F, B, W (chunk), ...]``, each ``(g_params, sums, tick) -> _Out``."""
+def _sample_tick(plan: Plan, x_MxB, y_MxB, w_MxB) -> _Tick:
+    """The shapes one tick's action reads (to trace an action before the loop)."""
+    b = x_MxB.shape[1]
+    flat = jax.ShapeDtypeStruct((b, plan.width), plan.message_dtype)
+    ids = jax.ShapeDtypeStruct((b,), jnp.int32)
+    return _Tick(*(jax.ShapeDtypeStruct(a.shape[1:], a.dtype) for a in (x_MxB, y_MxB, w_MxB)), flat, flat, ids)
+
+
+def _branches(plan: Plan, access: _Params, head: Head, train: bool, key, sample: _Tick):
+    """``([idle, F, B, W (chunk), ...], stash)``, each branch ``(g_params, sums, tick) -> _Out``."""
     keys = _branch_keys(plan)
     first_chunk = {k: keys.index(k) for k in dict.fromkeys(keys)}
     fill = jnp.nan if plan.poison else 0.0
+    chunks = {c: _Chunk(plan, c, access, head, train, key) for c in first_chunk.values()}
+    stashing = plan.transfers.residual_slots > 0 and train
+    stash = _Stash.of(
+        {c: chunk.layout(sample) for c, chunk in chunks.items() if stashing and not (chunk.last and plan.fuse_last)}
+    )
 
     def idle(g_params, sums, tick):
         blank = jnp.full(tick.h.shape, fill, tick.h.dtype)
-        return _Out(g_params, sums, blank, tick.h)
+        return _Out(g_params, sums, blank, tick.h, tick.res)
 
     branches = [idle]
-    for c in first_chunk.values():
-        branches += _chunk_actions(plan, c, access, head, train, key)
-    return branches
+    for chunk in chunks.values():
+        branches += chunk.actions(stash)
+    return branches, stash
 
 
-def _chunk_actions(plan: Plan, c: int, access: _Params, head: Head, train: bool, key):
+class _Layout(NamedTuple):
+    """How a chunk's ``jax.vjp`` closure is rebuilt in its backward: which leaves are values the
+    backward has anyway (its parameters, its input, the tick's data) and which come from the stash."""
+
+    treedef: object
+    where: tuple[int, ...]  # per closure leaf: >= 0 index into the known values; -1 - j: stashed leaf j
+    stashed: tuple[jax.ShapeDtypeStruct, ...]
+    out: object  # the chunk's outputs (ShapeDtypeStructs): the structure of the backward's seed
+
+
+class _Stash(NamedTuple):
+    """The residual stash: buffers ``[slots, *shape]`` shared by the chunks of one stage's branches.
+
+    One buffer per (shape, dtype) as many times as the chunk needing most of that kind (a chunk's
+    buffers may hold another chunk's residuals in other slots, never in the same slot). Buffers keep
+    each residual's own shape, so a residual split over ``tensor`` stays split."""
+
+    kinds: tuple[jax.ShapeDtypeStruct, ...]
+    layouts: dict  # chunk -> _Layout
+    buffer_of: dict  # chunk -> per stashed leaf, its buffer
+
+    @staticmethod
+    def of(layouts: dict) -> _Stash:
+        kinds, buffer_of = [], {}
+        for c, layout in layouts.items():
+            taken, mine = set(), []
+            for leaf in layout.stashed:
+                kind = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)
+                i = next((i for i, k in enumerate(kinds) if k == kind and i not in taken), None)
+                if i is None:
+                    i = len(kinds)
+                    kinds.append(kind)
+                taken.add(i)
+                mine.append(i)
+            buffer_of[c] = tuple(mine)
+        return _Stash(tuple(kinds), layouts, buffer_of)
+
+    def empty(self, slots: int, poison: bool) -> tuple:
+        def fill(kind):
+            value = jnp.nan if poison and jnp.issubdtype(kind.dtype, jnp.floating) else 0
+            return jnp.full((slots, *kind.shape), value, kind.dtype)
+
+        return tuple(fill(kind) for kind in self.kinds)
+
+    def put(self, c: int, vjp, known: list, res: tuple) -> tuple:
+        """``res`` with chunk ``c``'s stashed closure leaves written into their buffers."""
+        layout, out = self.layouts[c], list(res)
+        where, stashed = _classify(vjp, known)
+        shapes = [(x.shape, x.dtype) for x in stashed]
+        if where != layout.where or shapes != [(x.shape, x.dtype) for x in layout.stashed]:
+            raise AssertionError(f"chunk {c}: the forward's residuals differ from those traced before the loop")
+        for leaf, i in zip(stashed, self.buffer_of[c], strict=True):
+            out[i] = leaf
+        return tuple(out)
+
+    def pullback(self, c: int, known: list, res: tuple):
+        """Chunk ``c``'s ``jax.vjp`` closure, from the values its backward has and its stashed residuals."""
+        layout = self.layouts[c]
+        stashed = [res[i] for i in self.buffer_of[c]]
+        leaves = [known[w] if w >= 0 else stashed[-1 - w] for w in layout.where]
+        return jax.tree.unflatten(layout.treedef, leaves)
+
+
+def _classify(vjp, known: list) -> tuple[tuple[int, ...], list]:
+    """Per leaf of a ``jax.vjp`` closure: its index in ``known`` (the very same traced value), or
+    ``-1 - j`` for the ``j``-th leaf to stash."""
+    index = {id(v): i for i, v in enumerate(known)}
+    where, stashed = [], []
+    for leaf in jax.tree.leaves(vjp):
+        if id(leaf) in index:
+            where.append(index[id(leaf)])
+        else:
+            if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+                raise ConfigError("a layer keeps a PRNG key for its backward; derive its keys from ctx.key")
+            where.append(-1 - len(stashed))
+            stashed.append(leaf)
+    return tuple(where), stashed
+
+
+class _Chunk:
     """The F, B and W actions of chunk ``c``.
 
-    ``B`` alone (no ``W`` in the table) is the chunk's whole backward. With ``W`` in the table, ``B``
-    gives the input cotangent and ``W`` the weight gradient, each from a re-run of the chunk (XLA drops
-    the half of the backward an action does not return). The fused last chunk (:func:`fuses_last_chunk`)
-    does all of it in its forward; its ``B`` only sends the kept cotangent, its ``W`` nothing.
+    The forward runs the chunk under ``jax.vjp`` (inside ``jax.checkpoint`` with the plan's remat
+    policy) and stashes the closure's residuals, but not the values its backward has anyway (its
+    parameters, input and the tick's data). ``B`` rebuilds the closure from the stash and pulls the
+    output cotangent through it: no re-run, unless the policy asked for one (``full``: only the chunk's
+    input is kept, so ``B`` re-runs the chunk). With ``W`` in the table, ``B`` returns only the input
+    cotangent and ``W`` only the weight gradient (XLA drops the half of the backward an action does not
+    return). The fused last chunk (:func:`fuses_last_chunk`) does all of it in its forward; its ``B``
+    only sends the kept cotangent, its ``W`` nothing.
     """
-    last = c == len(plan.packing.chunks) - 1
-    fused = last and plan.fuse_last and train
-    split = plan.schedule.split_backward
-    fill = jnp.nan if plan.poison else 0.0
 
-    unroll_layers = _unrolls_layers(plan, c)
+    def __init__(self, plan: Plan, c: int, access: _Params, head: Head, train: bool, key):
+        self.plan, self.c, self.access, self.head, self.train, self.key = plan, c, access, head, train, key
+        self.last = c == len(plan.packing.chunks) - 1
+        self.fill = jnp.nan if plan.poison else 0.0
+        self.unroll_layers = _unrolls_layers(plan, c)
 
-    def chunk_fn(params, h, tick: _Tick):
-        """Chunk ``c`` from its input (the micro-batch for chunk 0) to its flat output, or to the head."""
-        ctx = LayerContext(train, key, tick.ids)
+    def run(self, params, h, tick: _Tick):
+        """The chunk from its input (the micro-batch for chunk 0) to its flat output, or to the head."""
+        plan, c = self.plan, self.c
+        ctx = LayerContext(self.train, self.key, tick.ids)
         if c > 0:
             h = _unflatten(h, plan, c)
         for piece, piece_params in zip(plan.packing.chunks[c].pieces, params, strict=True):
-            run_piece = lambda p, h, piece=piece: apply_part(piece.part, p, h, ctx, unroll=unroll_layers)
-            if plan.policy is not None:
-                run_piece = jax.checkpoint(run_piece, policy=plan.policy, prevent_cse=False)
-            h = run_piece(piece_params, h)
-        if last:
-            return head(h, tick.y, tick.weights)
+            h = apply_part(piece.part, piece_params, h, ctx, unroll=self.unroll_layers)
+        if self.last:
+            return self.head(h, tick.y, tick.weights)
         return _flatten_pad(h, plan)
 
-    def params():
-        return access.params(c)
+    def primal(self, tick: _Tick):
+        return tick.x if self.c == 0 else tick.h
 
-    def blank(tick):
-        return jnp.full(tick.h.shape, fill, tick.h.dtype)
+    def known(self, params, tick: _Tick) -> list:
+        """Values every action of this micro-batch has without the stash."""
+        return [*jax.tree.leaves(params), tick.x, tick.h, tick.y, tick.weights, tick.ids, self.key]
 
-    def seed(out, tick):
-        """The output cotangent: the loss's for the last chunk, the one that arrived otherwise."""
-        return jax.tree.map(jnp.zeros_like, out) | {"loss": jnp.ones_like(out["loss"])} if last else tick.g
-
-    def pull(tick, *, wrt_params: bool, wrt_input: bool):
-        """``(outputs, parameter cotangents or None, input cotangent or blank)`` of one re-run."""
-        p, h = params(), tick.x if c == 0 else tick.h
-        wrt_input = wrt_input and c > 0
-        if wrt_params and wrt_input:
-            out, vjp = jax.vjp(lambda p, h: chunk_fn(p, h, tick), p, h)
-            g_p, g_h = vjp(seed(out, tick))
-        elif wrt_params:
-            out, vjp = jax.vjp(lambda p: chunk_fn(p, h, tick), p)
-            (g_p,), g_h = vjp(seed(out, tick)), blank(tick)
-        elif wrt_input:
-            out, vjp = jax.vjp(lambda h: chunk_fn(p, h, tick), h)
-            g_p, (g_h,) = None, vjp(seed(out, tick))
+    def linearize(self, tick: _Tick):
+        """``(outputs, vjp closure, parameters)``: the closure takes the output cotangent to the parameter
+        cotangents (and, past chunk 0, the input cotangent)."""
+        params, h = self.access.params(self.c), self.primal(tick)
+        fn = jax.checkpoint(lambda p, h: self.run(p, h, tick), policy=self.plan.policy, prevent_cse=False)
+        if self.c == 0:
+            out, vjp = jax.vjp(lambda p: fn(p, h), params)
         else:
-            return None, None, blank(tick)
-        return out, g_p, g_h.astype(tick.h.dtype)
+            out, vjp = jax.vjp(fn, params, h)
+        return out, vjp, params
 
-    def add(g_params, g_p):
-        return g_params if g_p is None else access.add(c, g_params, g_p)
+    def layout(self, sample: _Tick) -> _Layout:
+        """Trace the forward once (shapes only) to find which closure leaves must be stashed."""
+        found = {}
 
-    def forward(g_params, sums, tick: _Tick):
-        if fused:
-            out, g_p, g_h = pull(tick, wrt_params=True, wrt_input=True)
-            keep = g_h if c > 0 else tick.h
-            return _Out(add(g_params, g_p), jax.tree.map(jnp.add, sums, out), blank(tick), keep)
-        out = chunk_fn(params(), tick.x if c == 0 else tick.h, tick)
-        if last:
-            return _Out(g_params, jax.tree.map(jnp.add, sums, out), blank(tick), tick.h)
-        return _Out(g_params, sums, out, tick.h)
+        def trace(tick):
+            out, vjp, params = self.linearize(tick)
+            found["treedef"] = jax.tree.structure(vjp)
+            found["where"], stashed = _classify(vjp, self.known(params, tick))
+            return out, stashed
 
-    def backward(g_params, sums, tick: _Tick):
-        if fused or not train:  # fused: the forward left the cotangent in the input's slot
-            return _Out(g_params, sums, tick.h if fused else blank(tick), tick.h)
-        _, g_p, g_h = pull(tick, wrt_params=not split, wrt_input=True)
-        return _Out(add(g_params, g_p), sums, g_h, tick.h)
+        out, stashed = jax.eval_shape(trace, sample)
+        return _Layout(found["treedef"], found["where"], tuple(stashed), out)
 
-    def weight(g_params, sums, tick: _Tick):
-        if fused or not train:
-            return _Out(g_params, sums, blank(tick), tick.h)
-        _, g_p, _ = pull(tick, wrt_params=True, wrt_input=False)
-        return _Out(add(g_params, g_p), sums, blank(tick), tick.h)
+    def blank(self, tick: _Tick):
+        return jnp.full(tick.h.shape, self.fill, tick.h.dtype)
 
-    return [forward, backward, weight]
+    def seed(self, out, tick: _Tick):
+        """The output cotangent: the loss's for the last chunk, the one that arrived otherwise."""
+        if self.last:
+            return jax.tree.map(lambda o: jnp.zeros(o.shape, o.dtype), out) | {"loss": jnp.ones_like(out["loss"])}
+        return tick.g
+
+    def split(self, cotangents, tick: _Tick):
+        """``(parameter cotangents, input cotangent or blank)``."""
+        if self.c == 0:
+            return cotangents[0], self.blank(tick)
+        return cotangents[0], cotangents[1].astype(tick.h.dtype)
+
+    def add(self, g_params, g_p):
+        return g_params if g_p is None else self.access.add(self.c, g_params, g_p)
+
+    def actions(self, stash: _Stash):
+        plan, c = self.plan, self.c
+        fused = self.last and plan.fuse_last and self.train
+        split = plan.schedule.split_backward
+
+        def forward(g_params, sums, tick: _Tick):
+            if not self.train:
+                out = self.run(self.access.params(c), self.primal(tick), tick)
+                if self.last:
+                    return _Out(g_params, jax.tree.map(jnp.add, sums, out), self.blank(tick), tick.h, tick.res)
+                return _Out(g_params, sums, out, tick.h, tick.res)
+            out, vjp, params = self.linearize(tick)
+            if fused:
+                g_p, g_h = self.split(vjp(self.seed(out, tick)), tick)
+                keep = g_h if c > 0 else tick.h
+                return _Out(self.add(g_params, g_p), jax.tree.map(jnp.add, sums, out), self.blank(tick), keep, tick.res)
+            res = stash.put(c, vjp, self.known(params, tick), tick.res)
+            if self.last:
+                return _Out(g_params, jax.tree.map(jnp.add, sums, out), self.blank(tick), tick.h, res)
+            return _Out(g_params, sums, out, tick.h, res)
+
+        def pull(tick: _Tick):
+            vjp = stash.pullback(c, self.known(self.access.params(c), tick), tick.res)
+            return self.split(vjp(self.seed(stash.layouts[c].out, tick)), tick)
+
+        def backward(g_params, sums, tick: _Tick):
+            if fused or not self.train:  # fused: the forward left the cotangent in the input's slot
+                return _Out(g_params, sums, tick.h if fused else self.blank(tick), tick.h, tick.res)
+            g_p, g_h = pull(tick)
+            return _Out(g_params if split else self.add(g_params, g_p), sums, g_h, tick.h, tick.res)
+
+        def weight(g_params, sums, tick: _Tick):
+            if fused or not self.train:
+                return _Out(g_params, sums, self.blank(tick), tick.h, tick.res)
+            g_p, _ = pull(tick)
+            return _Out(self.add(g_params, g_p), sums, self.blank(tick), tick.h, tick.res)
+
+        return [forward, backward, weight]
 
 
 def _loop_body(plan: Plan, loop, branches, tables: _Tables, data, stage):
@@ -497,6 +655,7 @@ def _tick_fn(plan: Plan, branches, tables: _Tables, data, stage, tick_ids: np.nd
             inputs[jnp.maximum(tables.read_input[t], 0)],
             grads[jnp.maximum(tables.read_grad[t], 0)],
             ids_of(m),
+            tuple(buffer[tables.residual_slot[t]] for buffer in carry.residuals),
         )
         if len(mine) == 1:
             out = mine[0](carry.g_params, carry.sums, step)
@@ -504,9 +663,11 @@ def _tick_fn(plan: Plan, branches, tables: _Tables, data, stage, tick_ids: np.nd
             out = jax.lax.switch(remap[tables.branch[t]], mine, carry.g_params, carry.sums, step)
         if plan.fuse_last:
             inputs = inputs.at[jnp.maximum(tables.read_input[t], 0)].set(out.keep)
+        slot = tables.residual_slot[t]  # a forward's own slot; any other action writes back what it read
+        residuals = tuple(buffer.at[slot].set(value) for buffer, value in zip(carry.residuals, out.res, strict=True))
         sent = tuple(jax.lax.ppermute(out.send, "pipe", list(pairs)) for pairs in rounds)
         arrived = sent + carry.arrived[len(sent) :]
-        return _Carry(inputs, grads, arrived, out.g_params, out.sums)
+        return _Carry(inputs, grads, arrived, out.g_params, out.sums, residuals)
 
     return tick
 

@@ -183,15 +183,23 @@ class Packing:
         chunk = self.chunks[c]
         trees: list[dict] = [{} for _ in chunk.pieces]
         for slot in chunk.slots:
-            flat = local[slot.buffer][0, ..., slot.offset : slot.offset + slot.tile.size]
+            flat = self._pinned(slot.buffer, local[slot.buffer], manual)[
+                0, ..., slot.offset : slot.offset + slot.tile.size
+            ]
             leaf = slot.tile.untile(flat)
-            auto = P(*(_without(entry, manual) for entry in slot.tile.spec))
-            if any(entry is not None for entry in auto):
-                leaf = jax.lax.with_sharding_constraint(leaf, auto)
+            # pinned even when whole: else XLA may split a bias like the activation it is added to, and
+            # split the flat buffer with it, whose unaligned slices then cost collective-permutes inside
+            # a stage's branch (a deadlock on XLA:CPU, where a permute waits for every device)
+            leaf = jax.lax.with_sharding_constraint(leaf, P(*(_without(entry, manual) for entry in slot.tile.spec)))
             _set(trees[slot.piece], slot.path, leaf)
         return trees
 
-    def add_chunk_grads(self, c: int, sums: dict, grads: list) -> dict:
+    def _pinned(self, name: str, value: jax.Array, manual: frozenset[str]) -> jax.Array:
+        """A local buffer ``[1, tiles..., N]`` split over its automatic tile axes only, never along N."""
+        axes = [None if a in manual else a for a in self.buffers[name].tile_axes]
+        return jax.lax.with_sharding_constraint(value, P(None, *axes, None))
+
+    def add_chunk_grads(self, c: int, sums: dict, grads: list, manual: frozenset[str]) -> dict:
         """Inside the executor: add chunk ``c``'s parameter cotangents (one tree per piece, as
         :meth:`chunk_params` gave them) into this device's running sums (``[1, tiles..., N]``).
 
@@ -208,6 +216,7 @@ class Packing:
             first = slots[0].offset
             assert all(a.offset + a.tile.size == b.offset for a, b in zip(slots, slots[1:], strict=False))
             segment = jnp.concatenate(parts, axis=-1)[None] if len(parts) > 1 else parts[0][None]
+            segment, total = self._pinned(name, segment, manual), self._pinned(name, total, manual)
             old = jax.lax.slice_in_dim(total, first, first + segment.shape[-1], axis=-1)
             sums[name] = jax.lax.dynamic_update_slice_in_dim(total, old + segment, first, axis=-1)
         return sums

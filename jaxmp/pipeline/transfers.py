@@ -49,6 +49,8 @@ class Transfers(NamedTuple):
     read_input: np.ndarray  # [T, S]: slot the action reads its input from (-1: the micro-batch itself)
     read_grad: np.ndarray  # [T, S]: slot B or W reads its output cotangent from (-1: the loss)
     loops: tuple[Loop, ...]
+    residual_slots: int = 0  # per stage: forwards whose residuals wait for their B and W
+    residual_slot: np.ndarray | None = None  # [T, S]: slot F writes or B/W reads (0 for other actions)
 
     @property
     def permutes(self) -> int:
@@ -65,10 +67,11 @@ class _Message(NamedTuple):
     grad: bool  # a cotangent (else an activation)
 
 
-def plan_transfers(schedule: Schedule, no_op: np.ndarray | None = None) -> Transfers:
+def plan_transfers(schedule: Schedule, no_op: np.ndarray | None = None, stashes: np.ndarray | None = None) -> Transfers:
     """The messages, slots and loops of ``schedule``. ``no_op[t, s]``: the action does nothing (idle, or
     a ``B``/``W`` whose work the executor did elsewhere); a tick where every stage does nothing and none
-    receives anything is left out of the loops."""
+    receives anything is left out of the loops. ``stashes[t, s]``: that forward keeps its residuals for
+    its ``B`` and ``W``, each in a slot of its stage from the forward to its last use."""
     messages = _messages(schedule)
     t_count, s_count = schedule.ticks, schedule.stages
     rounds_of = [_rounds([m for m in messages if m.sent == t]) for t in range(t_count)]
@@ -87,7 +90,31 @@ def plan_transfers(schedule: Schedule, no_op: np.ndarray | None = None) -> Trans
     kept = np.flatnonzero(~idle.all(axis=1) | arrives)
     loops = _loops([(int(t), rounds_of[t]) for t in kept])
     rounds = max([1, *(len(r) for r in rounds_of)])
-    return Transfers(n_in, n_grad, rounds, recv_input, recv_grad, read_input, read_grad, loops)
+    n_res, res_slot = _residual_slots(schedule, stashes)
+    return Transfers(n_in, n_grad, rounds, recv_input, recv_grad, read_input, read_grad, loops, n_res, res_slot)
+
+
+def _residual_slots(schedule: Schedule, stashes: np.ndarray | None):
+    """Interval colouring of the stashing forwards: ``(slots, [T, S] slot per action)``; other actions
+    get slot 0 (the executor writes back what they read: nothing changes)."""
+    if stashes is None or not stashes.any():
+        return 0, None
+    table = np.full(schedule.kind.shape, -1, np.int32)
+    ends: dict[int, list[int]] = {s: [] for s in range(schedule.stages)}
+    for t, s in sorted(zip(*np.nonzero(stashes), strict=True)):
+        m, c = int(schedule.microbatch[t, s]), int(schedule.chunk[t, s])
+        use = schedule.last_use(m, c)
+        slot = next((k for k, end in enumerate(ends[s]) if end < t), len(ends[s]))
+        if slot == len(ends[s]):
+            ends[s].append(use)
+        ends[s][slot] = use
+        table[t, s] = slot
+        for kind in (BACKWARD, WEIGHT):
+            tick = schedule.when(kind, m, c)
+            if tick >= 0:
+                table[tick, s] = slot
+    table[table < 0] = 0
+    return max(len(v) for v in ends.values()), table
 
 
 def _messages(schedule: Schedule) -> list[_Message]:
