@@ -3,7 +3,8 @@
 The public API, re-exported; everything else lives in the submodules. Importing jaxmp does not start
 a JAX backend, so ``simulate_cpu_devices`` can still run afterwards. The command-line modules
 (``jaxmp.train``, ``jaxmp.analyze``, ``jaxmp.plan``) are not imported here, so ``python -m`` runs them
-cleanly; import them directly (``from jaxmp.analyze import analyze``).
+cleanly; import them directly (``from jaxmp.analyze import analyze``). ``jaxmp.fit`` (the training
+loop, with Orbax behind it) is imported on first use.
 """
 
 from jaxmp.analysis import Collective, collectives, textbook_layer_exchange
@@ -29,6 +30,7 @@ __all__ = [
     "build_program",
     "build_schedule",
     "collectives",
+    "fit",
     "gpipe",
     "mesh_from_spec",
     "naive",
@@ -44,3 +46,11 @@ __all__ = [
     "validate",
     "zb_h1",
 ]
+
+
+def __getattr__(name: str):
+    if name == "fit":
+        from jaxmp.loop import fit
+
+        return fit
+    raise AttributeError(f"module 'jaxmp' has no attribute {name!r}")

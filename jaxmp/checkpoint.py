@@ -38,18 +38,20 @@ from jaxmp.step import Program, TrainState
 FORMAT = 1  # bump when the layout of ``state`` or ``meta`` changes
 
 
-def signature(cfg: Config, input_shape: tuple[int, ...], classes: int) -> dict[str, Any]:
-    """What a checkpoint must agree on with the run that restores it (JSON-ready)."""
+def signature(cfg: Config, input_shape: tuple[int, ...], classes: int, own: dict | None = None) -> dict[str, Any]:
+    """What a checkpoint must agree on with the run that restores it (JSON-ready); ``own`` replaces
+    the description of the parts the user brought (``jaxmp.loop.Own.describe``)."""
     model = {"model": cfg.model.model, "activation": cfg.model.activation}
-    if model["activation"] == "default":
+    if model["activation"] == "default" and "model" not in (own or {}):
         model["activation"] = DEFAULT_ACTIVATION[cfg.model.model]
-    if cfg.model.model == "mlp":
+    if cfg.model.model == "mlp" and "model" not in (own or {}):
         model.update(width=cfg.model.width, hidden=cfg.model.hidden, depth=cfg.model.depth)
+    own = own or {}
     return {
         "format": FORMAT,
-        "model": model,
-        "optimizer": cfg.optim.optimizer,
-        "data": {"dataset": cfg.data.dataset, "input_shape": list(input_shape), "classes": classes},
+        "model": own.get("model", model),
+        "optimizer": own.get("optimizer", cfg.optim.optimizer),
+        "data": {"dataset": own.get("dataset", cfg.data.dataset), "input_shape": list(input_shape), "classes": classes},
         "batch": {"batch_size": cfg.run.batch_size, "seed": cfg.run.seed},
     }
 
@@ -94,7 +96,7 @@ class Restored(NamedTuple):
     path: str
 
 
-def check_resume(cfg: Config, input_shape: tuple[int, ...], classes: int) -> tuple[str, int]:
+def check_resume(cfg: Config, input_shape: tuple[int, ...], classes: int, own: dict | None = None) -> tuple[str, int]:
     """The newest checkpoint's folder and step, after checking its description against the run.
 
     Reads one small JSON file, so a mismatch is reported before anything is compiled.
@@ -106,11 +108,13 @@ def check_resume(cfg: Config, input_shape: tuple[int, ...], classes: int) -> tup
     directory = os.path.abspath(cfg.checkpoint.checkpoint_dir)
     step = complete_steps(directory)[-1]
     path = os.path.join(directory, str(step))
-    _compare(_read_meta(path), signature(cfg, input_shape, classes), path)
+    _compare(_read_meta(path), signature(cfg, input_shape, classes, own), path)
     return path, step
 
 
-def restore(cfg: Config, program: Program, input_shape: tuple[int, ...], classes: int) -> Restored:
+def restore(
+    cfg: Config, program: Program, input_shape: tuple[int, ...], classes: int, own: dict | None = None
+) -> Restored:
     """Restore the newest checkpoint of ``--checkpoint-dir`` onto ``program``'s shardings.
 
     Raises:
@@ -119,7 +123,7 @@ def restore(cfg: Config, program: Program, input_shape: tuple[int, ...], classes
     """
     import orbax.checkpoint as ocp
 
-    path, step = check_resume(cfg, input_shape, classes)
+    path, step = check_resume(cfg, input_shape, classes, own)
     target = _abstract_item(program)
     _check_arrays(path, target)
     try:
@@ -247,13 +251,20 @@ class Saver:
     Created only after every check passed, so a run with bad input never creates the folder.
     """
 
-    def __init__(self, cfg: Config, input_shape: tuple[int, ...], classes: int, program: Program | None = None):
+    def __init__(
+        self,
+        cfg: Config,
+        input_shape: tuple[int, ...],
+        classes: int,
+        program: Program | None = None,
+        own: dict | None = None,
+    ):
         import orbax.checkpoint as ocp
 
         self._ocp = ocp
         self.directory = os.path.abspath(cfg.checkpoint.checkpoint_dir)
         self.every = cfg.checkpoint.checkpoint_every
-        self._signature = signature(cfg, input_shape, classes)
+        self._signature = signature(cfg, input_shape, classes, own)
         self._to_saved = program.to_saved if program is not None else (lambda state: state)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=cfg.checkpoint.keep, create=True, cleanup_tmp_directories=True

@@ -52,6 +52,32 @@ class Dataset(NamedTuple):
     num_classes: int
     name: str
 
+    @staticmethod
+    def of(train, test=None, *, classes: int | None = None, name: str = "own") -> Dataset:
+        """A dataset of your own host arrays: ``train = (x, y)`` (and ``test``, default: ``train``);
+        ``classes`` defaults to the largest label + 1. ``ConfigError`` for arrays that do not pair up."""
+        (x, y), (xt, yt) = _pair(train, "train"), _pair(train if test is None else test, "test")
+        if xt.shape[1:] != x.shape[1:]:
+            raise ConfigError(f"test examples have shape {xt.shape[1:]}, train examples {x.shape[1:]}.")
+        classes = int(max(y.max(), yt.max())) + 1 if classes is None else classes
+        if min(y.min(), yt.min()) < 0 or max(y.max(), yt.max()) >= classes:
+            raise ConfigError(f"labels must be class ids in 0..{classes - 1}.")
+        return Dataset(x, y, xt, yt, classes, name)
+
+
+def _pair(arrays, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(x, y)`` as float32 examples and int32 labels, one label per example."""
+    try:
+        x, y = arrays
+    except (TypeError, ValueError):
+        raise ConfigError(f"{what} data must be a pair (examples, labels) of arrays.") from None
+    x, y = np.asarray(x), np.asarray(y)
+    if x.ndim < 2 or y.ndim != 1 or len(x) != len(y) or len(x) == 0:
+        raise ConfigError(f"{what} data: {x.shape} examples and {y.shape} labels do not pair up (one label each).")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise ConfigError(f"{what} labels must be integer class ids, got {y.dtype}.")
+    return x.astype(np.float32), y.astype(np.int32)
+
 
 # ----------------------------------------------------------------------------------------- loading
 

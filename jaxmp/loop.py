@@ -20,7 +20,8 @@ import math
 import signal
 import threading
 import time
-from typing import NamedTuple
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 import jax
 
@@ -40,6 +41,44 @@ from jaxmp.step import Program, TrainState, build_program, put_global
 STOP_SYNC_EVERY = 10  # multi-process runs agree on a stop request every this many steps
 
 
+def fit(
+    model_fn: Callable,
+    train,
+    test=None,
+    *,
+    optimizer=None,
+    loss: Callable | None = None,
+    rules: Mapping | None = None,
+    classes: int | None = None,
+    config: Config | None = None,
+    console=None,
+    **options,
+) -> Summary:
+    """Train a model of your own with everything ``python -m jaxmp.train`` gives the presets.
+
+    Args:
+      model_fn: ``rngs -> model``, an NNX model written as a list of layers (``jaxmp.models.contract``).
+      train, test: ``(examples, labels)`` host arrays (labels: integer class ids); ``test`` defaults to
+        ``train``. Every process of a multi-process run passes the same arrays and feeds only the rows
+        its devices hold.
+      optimizer: an optax ``GradientTransformation``; default: the one ``config`` names.
+      loss: ``(outputs, labels) -> per-example loss``; default: cross-entropy.
+      rules: logical axis name -> mesh axes, over the strategy's table (e.g. ``{"hidden": "tensor"}``).
+      config: the run's options; ``options`` override its fields by name (``mesh="data=2,pipe=2"``,
+        ``microbatches=4``, ``steps=100``, ``checkpoint_dir=...``, ``resume=True``, ...).
+
+    Returns:
+      The :class:`Summary`, final state included.
+
+    Raises:
+      ConfigError: invalid input (one sentence, before anything is written).
+      Diverged, Interrupted: as :func:`train`.
+    """
+    cfg = (config or Config()).replace(**options)
+    dataset = Dataset.of(train, test, classes=classes)
+    return run(cfg, console, Own(model_fn, optimizer, loss, rules, dataset))
+
+
 class Summary(NamedTuple):
     """What a finished run reports."""
 
@@ -49,6 +88,34 @@ class Summary(NamedTuple):
     eval_accuracy: float
     train_time_s: float
     losses: tuple[float, ...]
+    state: TrainState | None = None  # the final train state (parameters as the program holds them)
+
+
+class Own(NamedTuple):
+    """The parts of a run the user brings (:func:`jaxmp.fit`); ``None``: the preset ``cfg`` names."""
+
+    model_fn: Callable | None = None  # rngs -> an nnx model written as a list of layers
+    optimizer: Any = None  # an optax GradientTransformation
+    loss: Callable | None = None  # (outputs, labels) -> per-example loss
+    rules: Mapping | None = None  # logical name -> mesh axes, over the strategy's table
+    dataset: Dataset | None = None  # host arrays (jaxmp.data.Dataset.of)
+
+    def program_options(self) -> dict:
+        return dict(model_fn=self.model_fn, optimizer=self.optimizer, loss=self.loss, rules=self.rules)
+
+    def describe(self) -> dict:
+        """What a checkpoint records of these parts, so a resume with other parts is refused."""
+        own = {}
+        if self.model_fn is not None:
+            own["model"] = {"model": getattr(self.model_fn, "__qualname__", type(self.model_fn).__name__)}
+        if self.optimizer is not None:
+            own["optimizer"] = "own"
+        if self.dataset is not None:
+            own["dataset"] = self.dataset.name
+        return own
+
+
+PRESETS = Own()  # no parts of the user's own: everything from the config
 
 
 class Setup(NamedTuple):
@@ -60,6 +127,7 @@ class Setup(NamedTuple):
     steps: int
     restored: Restored | None = None  # the checkpoint a --resume run starts from
     profile: tuple[int, int] | None = None  # first and last step to trace
+    own: Own = PRESETS
 
 
 class Diverged(RunStopped):
@@ -76,14 +144,16 @@ class Interrupted(RunStopped):
         self.exit_code = 128 + signum
 
 
-def prepare(cfg: Config) -> Setup:
-    """Validate ``cfg`` against devices, data and checkpoints, compile the program; writes nothing.
+def prepare(cfg: Config, own: Own = PRESETS) -> Setup:
+    """Validate ``cfg`` (and the user's ``own`` parts) against devices, data and checkpoints, compile
+    the program; writes nothing.
 
     Raises:
       ConfigError: any invalid input, with one sentence naming it.
     """
     validate(cfg)
-    check_strategy(cfg.model)
+    if own.model_fn is None:
+        check_strategy(cfg.model)
     check_metrics_path(cfg.run.metrics_file)
     check_tensorboard(cfg.run.tensorboard_dir)
     check_plot_path(cfg.run.schedule_plot)
@@ -92,25 +162,27 @@ def prepare(cfg: Config) -> Setup:
         simulate_cpu_devices(cfg.run.cpu_devices)
     initialize(cfg.distributed)
     mesh = mesh_from_spec(cfg.run.mesh)
-    dataset = load_dataset(cfg.data, cfg.run.seed)
+    dataset = own.dataset if own.dataset is not None else load_dataset(cfg.data, cfg.run.seed)
     batch_rows(dataset, cfg.run.batch_size, cfg.run.seed)  # raises if one batch does not fit
     steps = cfg.run.steps or cfg.run.epochs * num_batches(len(dataset.x_train), cfg.run.batch_size)
     input_shape = dataset.x_train.shape[1:]
-    start = _check_start(cfg, input_shape, dataset.num_classes, steps)
+    start = _check_start(cfg, input_shape, dataset.num_classes, steps, own.describe())
     profile = check_profile(cfg, start, steps)
-    program = build_program(cfg, mesh, input_shape, dataset.num_classes)
+    program = build_program(cfg, mesh, input_shape, dataset.num_classes, **own.program_options())
     save_schedule_plot(program.pipeline, cfg.run.schedule_plot)
-    restored = restore(cfg, program, input_shape, dataset.num_classes) if cfg.checkpoint.resume else None
+    restored = None
+    if cfg.checkpoint.resume:
+        restored = restore(cfg, program, input_shape, dataset.num_classes, own.describe())
     for function in (program.init, program.train_step, program.eval_step):
         function.compiled  # noqa: B018 (compile now, so no step time includes compilation)
-    return Setup(cfg, dataset, program, steps, restored, profile)
+    return Setup(cfg, dataset, program, steps, restored, profile, own)
 
 
-def _check_start(cfg: Config, input_shape: tuple[int, ...], classes: int, steps: int) -> int:
+def _check_start(cfg: Config, input_shape: tuple[int, ...], classes: int, steps: int, own: dict) -> int:
     """The step a run starts from: 0, or that of the checkpoint ``--resume`` continues (checked early)."""
     if not cfg.checkpoint.resume:
         return 0
-    path, start = check_resume(cfg, input_shape, classes)
+    path, start = check_resume(cfg, input_shape, classes, own)
     if start >= steps:
         raise ConfigError(
             f"checkpoint {path} is already at step {start} of the {steps} this run trains; "
@@ -268,8 +340,9 @@ def _between_steps(setup: Setup, step: int, state, tracker: _Tracker, saver: Sav
         raise Interrupted(message, stop.signum)
 
 
-def run(cfg: Config, console=None) -> Summary:
-    """Train and evaluate ``cfg``; print the sharding report, a progress bar and a summary.
+def run(cfg: Config, console=None, own: Own = PRESETS) -> Summary:
+    """Train and evaluate ``cfg`` (with the user's ``own`` parts); print the sharding report, a progress
+    bar and a summary.
 
     Raises:
       ConfigError: invalid input (before anything is written).
@@ -277,7 +350,7 @@ def run(cfg: Config, console=None) -> Summary:
     """
     from rich.console import Console
 
-    setup = prepare(cfg)
+    setup = prepare(cfg, own)
     main = is_main_process()
     console = console or Console(quiet=not main)
     if cfg.run.report:
@@ -289,7 +362,7 @@ def run(cfg: Config, console=None) -> Summary:
     )
     saver = None
     if cfg.checkpoint.checkpoint_dir:
-        saver = Saver(cfg, setup.dataset.x_train.shape[1:], setup.dataset.num_classes, setup.program)
+        saver = Saver(cfg, setup.dataset.x_train.shape[1:], setup.dataset.num_classes, setup.program, own.describe())
     try:
         progress, on_step = _progress_bar(console, setup.steps, start)
         with progress:
@@ -301,8 +374,8 @@ def run(cfg: Config, console=None) -> Summary:
         writer.close()
         if saver:
             saver.close()
-    summary = Summary(setup.steps, losses[-1], eval_loss, eval_accuracy, seconds, tuple(losses))
-    _print_summary(console, cfg, setup.program.mesh, summary)
+    summary = Summary(setup.steps, losses[-1], eval_loss, eval_accuracy, seconds, tuple(losses), state)
+    _print_summary(console, cfg, setup.program.mesh, summary, own)
     return summary
 
 
@@ -336,13 +409,14 @@ def _progress_bar(console, total: int, completed: int = 0):
     return progress, on_step
 
 
-def _print_summary(console, cfg: Config, mesh: jax.sharding.Mesh, summary: Summary) -> None:
+def _print_summary(console, cfg: Config, mesh: jax.sharding.Mesh, summary: Summary, own: Own) -> None:
     from rich.table import Table
 
     mesh_text = ",".join(f"{name}={size}" for name, size in mesh.shape.items())
     table = Table(title="summary", title_justify="left", show_header=False)
     rows = {
-        "model / strategy": f"{cfg.model.model} / {cfg.model.strategy}",
+        "model / strategy": f"{own.describe().get('model', {'model': cfg.model.model})['model']} / "
+        f"{cfg.model.strategy}",
         "mesh": mesh_text,
         "steps": f"{summary.steps}",
         "final train loss": f"{summary.final_loss:.4f}",

@@ -167,3 +167,83 @@ def test_bad_pieces_are_one_line_errors(kwargs, message):
 def test_the_python_api_validates_like_the_cli(overrides, message):
     with pytest.raises(ConfigError, match=message):
         build_program(Config().replace(**overrides), single_device_mesh(), IMAGE, CLASSES)
+
+
+# ---------------------------------------------------------------- jaxmp.fit: the loop around it
+
+
+def _data(n=64, seed=1, nan_at=None):
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(size=(n, *IMAGE)).astype(np.float32)
+    if nan_at is not None:
+        x[nan_at] = np.nan
+    return x, rng.integers(0, CLASSES, n).astype(np.int32)
+
+
+def _fit(tmp_path, mesh, steps, **options):
+    from rich.console import Console
+
+    from jaxmp import fit
+
+    options = dict(batch_size=BATCH, report=False, metrics_file=str(tmp_path / f"{mesh}-{steps}.jsonl"), **options)
+    return fit(
+        ResidualMLP,
+        _data(),
+        _data(32, seed=2),
+        optimizer=optimizer(),
+        loss=smoothed_loss,
+        rules={"hidden": "tensor"},
+        mesh=mesh,
+        steps=steps,
+        console=Console(quiet=True),
+        **options,
+    )
+
+
+def test_fit_trains_resumes_on_another_mesh_and_refuses_another_model(tmp_path):
+    """An own model, optimizer, loss and data through the whole loop: 1F1B on a 3D mesh equals data
+    parallelism; saved at step 4 on that mesh, it resumes on data=4,tensor=2 and continues the trajectory;
+    a checkpoint of this model refuses to resume another."""
+    one = _fit(tmp_path, "data=8", 8)
+    piped = dict(microbatches=4, schedule="1f1b")
+    first = _fit(tmp_path, "data=2,tensor=2,pipe=2", 4, checkpoint_dir=str(tmp_path / "ck"), **piped)
+    np.testing.assert_allclose(first.losses, one.losses[:4], rtol=1e-5)
+    resumed = _fit(tmp_path, "data=4,tensor=2", 8, checkpoint_dir=str(tmp_path / "ck"), resume=True)
+    np.testing.assert_allclose(resumed.losses, one.losses[4:], rtol=1e-5)
+    assert 0.0 <= one.eval_accuracy <= 1.0 and one.state is not None
+    from jaxmp import fit
+
+    with pytest.raises(ConfigError, match=r"was saved with --model ResidualMLP, but this run has \S*<lambda>"):
+        fit(
+            lambda r: ResidualMLP(r, width=8),
+            _data(),
+            steps=9,
+            batch_size=BATCH,
+            report=False,
+            rules={"hidden": None},
+            checkpoint_dir=str(tmp_path / "ck"),
+            resume=True,
+        )
+
+
+def test_fit_stops_a_run_that_diverges_naming_the_step(tmp_path):
+    from jaxmp import fit
+    from jaxmp.loop import Diverged
+
+    with pytest.raises(Diverged, match=r"loss is nan at step \d+"):
+        fit(ResidualMLP, _data(nan_at=range(64)), steps=3, batch_size=BATCH, report=False, rules={"hidden": None})
+
+
+@pytest.mark.parametrize(
+    ("train", "message"),
+    [
+        (np.zeros((4, 3)), "train data must be a pair"),
+        ((np.zeros((4, 3)), np.zeros(5, np.int32)), "do not pair up"),
+        ((np.zeros((4, 3)), np.zeros(4)), "labels must be integer class ids"),
+    ],
+)
+def test_fit_refuses_data_that_does_not_pair_up(train, message):
+    from jaxmp import fit
+
+    with pytest.raises(ConfigError, match=message):
+        fit(ResidualMLP, train)
