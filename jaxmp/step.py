@@ -241,9 +241,13 @@ def _layout(cfg: Config, mesh, rules, tx, make_model, input_shape) -> _Layout:
     state_sh = TrainState(params_sh, opt_sh, replicated, replicated)
     x_sh, y_sh = NamedSharding(mesh, x_spec), NamedSharding(mesh, y_spec)
     x_struct = jax.ShapeDtypeStruct((cfg.run.batch_size, *input_shape), jnp.float32)
-    outputs = jax.eval_shape(
-        lambda p, x: apply_model(parts, p, x, LayerContext()), nnx.to_pure_dict(abstract_state), x_struct
-    )
+    try:
+        outputs = jax.eval_shape(
+            lambda p, x: apply_model(parts, p, x, LayerContext()), nnx.to_pure_dict(abstract_state), x_struct
+        )
+    except Exception as error:  # the user's layers, traced on shapes: one line saying so
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ConfigError(f"the model fails on inputs of shape {x_struct.shape}: {first}") from error
     return _Layout(graphdef, parts, state_sh, x_sh, y_sh, layer_params_sh, pipeline, outputs)
 
 

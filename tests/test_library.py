@@ -153,6 +153,19 @@ def test_bad_pieces_are_one_line_errors(kwargs, message):
         )
 
 
+class _NotALayer(nnx.Module):
+    """A model whose layer is a bare nnx.Linear: called as layer(h, ctx), ctx lands in its arguments."""
+
+    def __init__(self, rngs):
+        self.pre = Flatten()
+        self.layers = nnx.List([nnx.Linear(FEATURES, CLASSES, rngs=rngs)])
+
+
+def test_a_model_that_fails_on_its_input_is_one_line():
+    with pytest.raises(ConfigError, match=rf"the model fails on inputs of shape \({BATCH}, 12, 12, 1\)"):
+        build_program(Config().replace(batch_size=BATCH), single_device_mesh(), IMAGE, CLASSES, model_fn=_NotALayer)
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [

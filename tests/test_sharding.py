@@ -4,6 +4,8 @@ The expected tables are written out by hand from the design (column split = outp
 row split = input on ``tensor``), so a rules-table or model-annotation slip shows up as a diff.
 """
 
+import math
+
 import jax
 import pytest
 from flax import nnx
@@ -136,8 +138,16 @@ class _Named(nnx.Module):
     def __init__(self, rngs, hidden_name="hidden"):
         init = nnx.with_partitioning(nnx.initializers.lecun_normal(), ("features", hidden_name))
         self.pre = _Flat()
-        self.layers = nnx.List([nnx.Linear(64, 32, kernel_init=init, rngs=rngs)])
-        self.post = nnx.Linear(32, CLASSES, rngs=rngs)
+        self.layers = nnx.List([_Layer(nnx.Linear(math.prod(IMAGE), 32, kernel_init=init, rngs=rngs))])
+        self.post = _Layer(nnx.Linear(32, CLASSES, rngs=rngs))
+
+
+class _Layer(nnx.Module):
+    def __init__(self, linear):
+        self.linear = linear
+
+    def __call__(self, h, ctx):
+        return self.linear(h)
 
 
 class _Flat(nnx.Module):
@@ -148,18 +158,20 @@ class _Flat(nnx.Module):
 def _build_named(rules=None, mesh=None, **kw):
     cfg = small_config("mlp", "tp", batch_size=16)
     mesh = mesh or build_mesh(MeshShape(2, 4))
-    return build_program(cfg, mesh, (8, 8, 1), CLASSES, model_fn=lambda r: _Named(r, **kw), rules=rules)
+    return build_program(cfg, mesh, IMAGE, CLASSES, model_fn=lambda r: _Named(r, **kw), rules=rules)
 
 
 def test_a_logical_name_without_a_rule_is_named_with_its_parameter():
-    with pytest.raises(ConfigError, match=r"parameter layers\.0\.kernel: no rule maps its logical axis 'hidden'"):
+    with pytest.raises(
+        ConfigError, match=r"parameter layers\.0\.linear\.kernel: no rule maps its logical axis 'hidden'"
+    ):
         _build_named()
 
 
 @pytest.mark.parametrize(("rule", "spec"), [("tensor", (None, "tensor")), (None, (None, None))])
 def test_own_rules_extend_the_strategy(rule, spec):
     program = _build_named({"hidden": rule})
-    kernel = program.state_abstract.params["layers"][0]["kernel"]
+    kernel = program.state_abstract.params["layers"][0]["linear"]["kernel"]
     assert tuple(kernel.sharding.spec) == spec
 
 
