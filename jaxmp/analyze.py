@@ -29,7 +29,7 @@ import jax
 
 from jaxmp.analysis import AxisTotal, Collective, memory_and_flops, origin, per_axis, textbook_layer_exchange
 from jaxmp.cli import run_cli
-from jaxmp.config import Config, validate
+from jaxmp.config import Config, presets_only, validate
 from jaxmp.costs import Prediction, predict, textbook_layer
 from jaxmp.hlo_cost import hlo_cost
 
@@ -103,6 +103,7 @@ def setup(cfg: Config) -> tuple[jax.sharding.Mesh, tuple[int, ...], int]:
     from jaxmp.models import check_strategy
 
     validate(cfg)
+    presets_only(cfg, "jaxmp.analyze")
     check_strategy(cfg.model)
     if cfg.run.cpu_devices:
         simulate_cpu_devices(cfg.run.cpu_devices)

@@ -45,6 +45,11 @@ class ModelConfig:
     """Which network to build and how wide it is."""
 
     model: str = _opt("mlp", "model preset", choices=MODELS)
+    model_fn: str | None = _opt(
+        None,
+        "a model of your own instead of --model: FILE.py:NAME or MODULE:NAME, a callable rngs -> nnx model "
+        "written as a list of layers (see the README)",
+    )
     width: int = _opt(128, "mlp: residual stream width")
     hidden: int = _opt(512, "mlp: hidden width of each block (split over tensor)")
     depth: int = _opt(2, "mlp: number of residual blocks")
@@ -234,6 +239,10 @@ def validate(cfg: Config) -> Config:
                 raise ConfigError(f"{flag} {value!r} is not one of {', '.join(choices)}.")
     for name in ("width", "hidden", "depth"):
         _positive(name, getattr(cfg.model, name))
+    if cfg.model.model_fn is not None:
+        where, sep, name = cfg.model.model_fn.rpartition(":")
+        if not (sep and where and name.isidentifier()):
+            raise ConfigError(f"--model-fn {cfg.model.model_fn!r} is not FILE.py:NAME or MODULE:NAME.")
     for name in ("batch_size", "steps", "epochs", "cpu_devices"):
         _positive(name, getattr(cfg.run, name))
     _positive("lr", cfg.optim.lr)
@@ -283,6 +292,13 @@ def _validate_distributed(cfg: DistributedConfig) -> None:
     _positive("num_processes", cfg.num_processes)
     if not 0 <= cfg.process_id < cfg.num_processes:
         raise ConfigError(f"--process-id {cfg.process_id} is not in 0..{cfg.num_processes - 1} (--num-processes).")
+
+
+def presets_only(cfg: Config, tool: str) -> None:
+    """The cost tools predict from the presets' closed forms; refuse a model of the user's own rather
+    than answer for a preset."""
+    if cfg.model.model_fn is not None:
+        raise ConfigError(f"{tool} takes preset models only (--model), not --model-fn {cfg.model.model_fn!r}.")
 
 
 def parse_profile_steps(text: str) -> tuple[int, int]:

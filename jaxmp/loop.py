@@ -152,6 +152,8 @@ def prepare(cfg: Config, own: Own = PRESETS) -> Setup:
       ConfigError: any invalid input, with one sentence naming it.
     """
     validate(cfg)
+    if own.model_fn is None and cfg.model.model_fn is not None:
+        own = own._replace(model_fn=load_model_fn(cfg.model.model_fn))
     if own.model_fn is None:
         check_strategy(cfg.model)
     check_metrics_path(cfg.run.metrics_file)
@@ -176,6 +178,34 @@ def prepare(cfg: Config, own: Own = PRESETS) -> Setup:
     for function in (program.init, program.train_step, program.eval_step):
         function.compiled  # noqa: B018 (compile now, so no step time includes compilation)
     return Setup(cfg, dataset, program, steps, restored, profile, own)
+
+
+def load_model_fn(spec: str) -> Callable:
+    """``FILE.py:NAME`` or ``MODULE:NAME`` (``--model-fn``) -> the callable it names; ``ConfigError``
+    naming what is missing."""
+    import importlib
+    import importlib.util
+    import os
+
+    where, _, name = spec.rpartition(":")
+    flag = f"--model-fn {spec!r}"
+    try:
+        if where.endswith(".py"):
+            if not os.path.isfile(where):
+                raise ConfigError(f"{flag}: {where} is not a file.")
+            module_spec = importlib.util.spec_from_file_location(os.path.basename(where)[:-3], where)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(where)
+    except ConfigError:
+        raise
+    except Exception as error:  # the user's file: name it and its first line of trouble
+        raise ConfigError(f"{flag}: cannot import {where}: {type(error).__name__}: {error}".splitlines()[0]) from error
+    found = getattr(module, name, None)
+    if not callable(found):
+        raise ConfigError(f"{flag}: {where} has no callable {name}.")
+    return found
 
 
 def _check_start(cfg: Config, input_shape: tuple[int, ...], classes: int, steps: int, own: dict) -> int:

@@ -35,7 +35,7 @@ import jax
 
 from jaxmp.analysis import collectives, memory_and_flops, wire_bytes
 from jaxmp.cli import run_cli
-from jaxmp.config import Config, ConfigError
+from jaxmp.config import Config, ConfigError, presets_only
 from jaxmp.hardware import GIB, Hardware, get_hardware
 from jaxmp.hlo_cost import hlo_cost
 from jaxmp.mesh import MeshShape
@@ -132,6 +132,7 @@ def plan(
     factors: tuple[int, ...] = (1, 2, 4),
 ) -> list[PlanRow]:
     """Every factorisation of ``devices`` x micro-batch candidate, feasible ones by predicted step time first."""
+    presets_only(cfg, "jaxmp.plan")
     rows = []
     for shape in factorisations(devices):
         for m in microbatch_candidates(shape.pipe, factors):

@@ -265,3 +265,9 @@ def test_bad_flag_exit_code_of_the_process(tmp_path):
     assert result.returncode == 2
     assert_one_line_error(result.stderr)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_analyze_refuses_a_model_of_your_own_rather_than_answer_for_a_preset(capsys):
+    assert main(["--model-fn", "models.py:Mine"]) == 2
+    err = capsys.readouterr().err
+    assert "jaxmp.analyze takes preset models only (--model), not --model-fn 'models.py:Mine'" in err

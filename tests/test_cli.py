@@ -167,3 +167,83 @@ def test_default_run_learns_digits(tmp_path):
     assert steps[-1]["loss"] < steps[0]["loss"] / 5
     assert final["eval_accuracy"] >= 0.9
     assert "layers.0.layer.up.kernel" in result.stdout and "eval accuracy" in result.stdout
+
+
+MODELS_FILE = """
+import jax
+from flax import nnx
+
+
+class Dense(nnx.Module):
+    def __init__(self, fan_in, fan_out, rngs):
+        self.linear = nnx.Linear(fan_in, fan_out, rngs=rngs)
+
+    def __call__(self, h, ctx):
+        return self.linear(h.reshape(h.shape[0], -1))
+
+
+class Good(nnx.Module):
+    def __init__(self, rngs):
+        self.layers = nnx.List([Dense(64, 16, rngs), Dense(16, 10, rngs)])
+
+
+class NoLayers(nnx.Module):
+    def __init__(self, rngs):
+        self.body = Dense(64, 10, rngs)
+
+
+class Outside(nnx.Module):
+    def __init__(self, rngs):
+        self.layers = nnx.List([Dense(64, 10, rngs)])
+        self.extra = Dense(10, 10, rngs)
+"""
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("NoLayers", "has no layer list: give it self.layers = nnx.List"),
+        ("Outside", "parameter extra.linear.bias is outside pre, layers and post"),
+        ("Missing", "has no callable Missing"),
+    ],
+)
+def test_a_model_of_your_own_that_breaks_the_contract_is_one_line(name, message, tmp_path, capsys):
+    """``--model-fn FILE.py:NAME``: the contract errors reach the command line as one line, exit 2."""
+    path = tmp_path / "models.py"
+    path.write_text(MODELS_FILE)
+    metrics = tmp_path / "m.jsonl"
+    argv = [
+        "--model-fn",
+        f"{path}:{name}",
+        "--mesh",
+        "data=4,pipe=2",
+        "--microbatches",
+        "2",
+        "--batch-size",
+        "16",
+        "--no-report",
+    ]
+    assert exit_code([*argv, "--metrics-file", str(metrics), "--dataset", "digits"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    assert not metrics.exists()
+
+
+def test_a_model_of_your_own_trains_from_the_command_line(tmp_path):
+    path = tmp_path / "models.py"
+    path.write_text(MODELS_FILE)
+    argv = [
+        "--model-fn",
+        f"{path}:Good",
+        "--mesh",
+        "data=4,pipe=2",
+        "--microbatches",
+        "2",
+        "--steps",
+        "3",
+        "--batch-size",
+        "16",
+        "--no-report",
+    ]
+    assert exit_code([*argv, "--metrics-file", str(tmp_path / "m.jsonl")]) == 0
+    assert len([line for line in (tmp_path / "m.jsonl").read_text().splitlines() if '"loss"' in line]) == 3
