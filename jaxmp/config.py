@@ -18,6 +18,12 @@ class ConfigError(ValueError):
     """Invalid user input: one sentence that names the bad value and what would be valid."""
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an exception raised by the user's own code, for a one-line ``ConfigError``."""
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+
+
 class RunStopped(Exception):
     """A run that ended early (diverged, interrupted): one line for the user and the process exit code."""
 

@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 import jax
 
 from jaxmp.checkpoint import Restored, Saver, check_directory, check_resume, restore
-from jaxmp.config import Config, ConfigError, RunStopped, validate
+from jaxmp.config import Config, ConfigError, RunStopped, first_line, validate
 from jaxmp.data import Dataset, batch_rows, eval_batches, load_dataset, num_batches
 from jaxmp.distributed import initialize, is_main_process
 from jaxmp.mesh import mesh_from_spec, simulate_cpu_devices
@@ -102,6 +102,9 @@ class Own(NamedTuple):
 
     def program_options(self) -> dict:
         return dict(model_fn=self.model_fn, optimizer=self.optimizer, loss=self.loss, rules=self.rules)
+
+    def model_name(self, cfg: Config) -> str:
+        return cfg.model.model if self.model_fn is None else self.describe()["model"]["model"]
 
     def describe(self) -> dict:
         """What a checkpoint records of these parts, so a resume with other parts is refused."""
@@ -189,19 +192,17 @@ def load_model_fn(spec: str) -> Callable:
 
     where, _, name = spec.rpartition(":")
     flag = f"--model-fn {spec!r}"
+    if where.endswith(".py") and not os.path.isfile(where):
+        raise ConfigError(f"{flag}: {where} is not a file.")
     try:
         if where.endswith(".py"):
-            if not os.path.isfile(where):
-                raise ConfigError(f"{flag}: {where} is not a file.")
             module_spec = importlib.util.spec_from_file_location(os.path.basename(where)[:-3], where)
             module = importlib.util.module_from_spec(module_spec)
             module_spec.loader.exec_module(module)
         else:
             module = importlib.import_module(where)
-    except ConfigError:
-        raise
     except Exception as error:  # the user's file: name it and its first line of trouble
-        raise ConfigError(f"{flag}: cannot import {where}: {type(error).__name__}: {error}".splitlines()[0]) from error
+        raise ConfigError(f"{flag}: cannot import {where}: {first_line(error)}") from error
     found = getattr(module, name, None)
     if not callable(found):
         raise ConfigError(f"{flag}: {where} has no callable {name}.")
@@ -445,8 +446,7 @@ def _print_summary(console, cfg: Config, mesh: jax.sharding.Mesh, summary: Summa
     mesh_text = ",".join(f"{name}={size}" for name, size in mesh.shape.items())
     table = Table(title="summary", title_justify="left", show_header=False)
     rows = {
-        "model / strategy": f"{own.describe().get('model', {'model': cfg.model.model})['model']} / "
-        f"{cfg.model.strategy}",
+        "model / strategy": f"{own.model_name(cfg)} / {cfg.model.strategy}",
         "mesh": mesh_text,
         "steps": f"{summary.steps}",
         "final train loss": f"{summary.final_loss:.4f}",

@@ -20,7 +20,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxmp.config import Config, ConfigError, OptimConfig, validate
+from jaxmp.config import Config, ConfigError, OptimConfig, first_line, validate
 from jaxmp.models import build_model, check_strategy
 from jaxmp.models.contract import ModelParts, apply_model, model_parts
 from jaxmp.models.layers import LayerContext
@@ -151,8 +151,8 @@ def check_loss(loss, outputs: jax.ShapeDtypeStruct, labels: jax.ShapeDtypeStruct
     try:
         out = jax.eval_shape(loss, outputs, labels)
     except Exception as error:  # the user's function, traced on shapes: say what it was given
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ConfigError(f"loss failed on outputs {outputs.shape} and labels {labels.shape}: {first}") from None
+        message = f"loss failed on outputs {outputs.shape} and labels {labels.shape}: {first_line(error)}"
+        raise ConfigError(message) from error
     if getattr(out, "shape", None) != labels.shape[:1] or not jnp.issubdtype(out.dtype, jnp.floating):
         raise ConfigError(
             f"loss must give one float per example, shape {labels.shape[:1]}; it gave {getattr(out, 'shape', out)} "
@@ -246,8 +246,7 @@ def _layout(cfg: Config, mesh, rules, tx, make_model, input_shape) -> _Layout:
             lambda p, x: apply_model(parts, p, x, LayerContext()), nnx.to_pure_dict(abstract_state), x_struct
         )
     except Exception as error:  # the user's layers, traced on shapes: one line saying so
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise ConfigError(f"the model fails on inputs of shape {x_struct.shape}: {first}") from error
+        raise ConfigError(f"the model fails on inputs of shape {x_struct.shape}: {first_line(error)}") from error
     return _Layout(graphdef, parts, state_sh, x_sh, y_sh, layer_params_sh, pipeline, outputs)
 
 

@@ -61,7 +61,7 @@ class Plan(NamedTuple):
     message_dtype: jnp.dtype
     batch_axes: tuple[str, ...]  # manual in the shard_map, besides pipe
     inner_rules: dict | None  # the rules table without the manual axes
-    policy: object  # jax.checkpoint policy inside a chunk, or None
+    policy: object  # jax.checkpoint policy of a chunk's forward: what it keeps for its backward (--remat)
     unroll: bool
     poison: bool  # tests: stash and messages start as NaN
     masked: bool = True  # tests: False writes every message, needed or not (the poison must then show)
@@ -578,7 +578,7 @@ class _Chunk:
         return cotangents[0], cotangents[1].astype(tick.h.dtype)
 
     def add(self, g_params, g_p):
-        return g_params if g_p is None else self.access.add(self.c, g_params, g_p)
+        return self.access.add(self.c, g_params, g_p)
 
     def actions(self, stash: _Stash):
         plan, c = self.plan, self.c
