@@ -56,13 +56,14 @@ import optax
 from bench_step import loss_rtol  # the same loss check as the step benchmark
 from flax import nnx
 
-from jaxmp.analysis import collectives, memory_and_flops
 from jaxmp.config import Config
-from jaxmp.mesh import MeshShape, build_mesh, simulate_cpu_devices
+from jaxmp.inspection.collectives import collectives
+from jaxmp.inspection.compiled import memory_and_flops
 from jaxmp.models.contract import apply_model, model_parts
 from jaxmp.models.layers import LayerContext
+from jaxmp.parallel.mesh import MeshShape, build_mesh, simulate_cpu_devices
 from jaxmp.pipeline import gpipe
-from jaxmp.step import Program, build_program, cross_entropy, make_optimizer
+from jaxmp.training.step import Program, build_program, cross_entropy, make_optimizer
 
 HLO_OPS = ("dot", "copy", "transpose", "dynamic-slice", "dynamic-update-slice", "while", "fusion")
 MiB = 2**20
@@ -110,7 +111,7 @@ def make_loop_step(program: Program, cfg: Config, microbatches: int) -> Callable
             loss_m, grads_m = jax.value_and_grad(loss_fn)(params, x_MxbxF[m], y_Mxb[m])
             loss = loss + loss_m
             grads = grads_m if grads is None else jax.tree.map(jnp.add, grads, grads_m)
-        with jax.numpy_dtype_promotion("standard"):  # as jaxmp.step: optax promotes implicitly
+        with jax.numpy_dtype_promotion("standard"):  # as jaxmp.training.step: optax promotes implicitly
             updates, opt_state = tx.update(grads, opt_state, params)
         return (optax.apply_updates(params, updates), opt_state), {"loss": loss}
 

@@ -55,7 +55,7 @@ def pipelined(args, schedule: str, microbatches: int):
 
 
 def build(args, mesh, **overrides):
-    from jaxmp.step import build_program
+    from jaxmp.training.step import build_program
 
     return build_program(config(args, **overrides), mesh, (args.features,), args.classes)
 
@@ -65,7 +65,7 @@ def step_times(args) -> dict[str, float]:
     import jax
     import numpy as np
 
-    from jaxmp.mesh import MeshShape, build_mesh
+    from jaxmp.parallel.mesh import MeshShape, build_mesh
 
     one = build_mesh(MeshShape(), jax.devices()[:1])
     pipe = build_mesh(MeshShape(pipe=args.stages), jax.devices()[: args.stages])
@@ -98,8 +98,8 @@ def step_times(args) -> dict[str, float]:
 def memory_rows(args) -> list[list]:
     import jax
 
-    from jaxmp.analysis import memory_and_flops
-    from jaxmp.mesh import MeshShape, build_mesh
+    from jaxmp.inspection.compiled import memory_and_flops
+    from jaxmp.parallel.mesh import MeshShape, build_mesh
 
     pipe = build_mesh(MeshShape(pipe=args.stages), jax.devices()[: args.stages])
     rows = []
@@ -188,7 +188,7 @@ def main() -> None:
     p.add_argument("--torch-python", help="a Python with torch installed: adds the peer's column")
     p.add_argument("--out", help="write schedules_step.md and schedules_memory.md into this folder")
     args = p.parse_args()
-    from jaxmp.mesh import simulate_cpu_devices
+    from jaxmp.parallel.mesh import simulate_cpu_devices
 
     simulate_cpu_devices(args.stages)
     reports = {}

@@ -1,7 +1,7 @@
 """Time the jaxmp train step against a hand-written plain JAX + optax step for the same model.
 
 What it measures: the wall time of one training step (forward, backward, optimizer update) of
-``jaxmp.step.build_program(...).train_step`` on a one-device mesh, next to a twin written with pure
+``jaxmp.training.step.build_program(...).train_step`` on a one-device mesh, next to a twin written with pure
 ``jnp`` functions over a params dict (no Flax) and ``jax.jit(..., donate_argnums=0)``: same
 architecture, shapes, initial parameters, optimizer (``optax.adam``), loss (mean softmax
 cross-entropy over integer labels) and device batches. The ratio jaxmp/plain is the price of the
@@ -39,8 +39,8 @@ import numpy as np
 import optax
 
 from jaxmp.config import Config
-from jaxmp.mesh import MeshShape, build_mesh
-from jaxmp.step import Program, build_program
+from jaxmp.parallel.mesh import MeshShape, build_mesh
+from jaxmp.training.step import Program, build_program
 
 Params = dict[str, Any]
 PlainState = tuple[Params, optax.OptState]
@@ -155,7 +155,7 @@ def make_plain_step(forward: Callable[[Params, jax.Array], jax.Array], tx: optax
     def step(state: PlainState, x: jax.Array, y: jax.Array) -> tuple[PlainState, jax.Array]:
         params, opt_state = state
         loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
-        with jax.numpy_dtype_promotion("standard"):  # as jaxmp.step: optax promotes implicitly
+        with jax.numpy_dtype_promotion("standard"):  # as jaxmp.training.step: optax promotes implicitly
             updates, opt_state = tx.update(grads, opt_state, params)
         return (optax.apply_updates(params, updates), opt_state), loss
 
@@ -270,7 +270,7 @@ def build_runners(args: argparse.Namespace) -> tuple[list[Runner], Batches, list
     jaxmp = Runner("jaxmp", state, program.train_step, lambda metrics: metrics["loss"])
     plain = Runner("plain", (params, tx.init(params)), make_plain_step(plain_forward(args), tx), lambda x: x)
     batches = make_batches(program, args)
-    losses = [jaxmp.step(*batches[i % len(batches)]) for i in range(CHECK_STEPS)]
+    losses = [jaxmp.training.step(*batches[i % len(batches)]) for i in range(CHECK_STEPS)]
     plain_losses = [plain.step(*batches[i % len(batches)]) for i in range(CHECK_STEPS)]
     check_same_losses(losses, plain_losses, loss_rtol(args.dtype))
     return [jaxmp, plain], batches, losses

@@ -3,7 +3,7 @@
 What it writes (``--out-dir``, default ``experiments/results``):
 - ``exchange_table.md``: (1) Dettmers' 1000x500 layer, batch 128, 2 devices: elements exchanged per
   step by data parallelism (500,000), the column split (160,000) and the row split (128,000), each
-  read off the compiled forward + backward of the layer (``jaxmp.analysis.textbook_layer_exchange``)
+  read off the compiled forward + backward of the layer (``jaxmp.inspection.textbook.textbook_layer_exchange``)
   next to its closed form; (2) the sweep: batch size x square layer size, with the cheaper of column/row
   against data parallelism and the largest batch at which model parallelism still wins; (3) the
   conv-vs-dense contrast behind the ``hybrid`` strategy (Krizhevsky 2014): per layer of the MNIST CNN,
@@ -26,20 +26,20 @@ import sys
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from jaxmp.config import ConfigError  # noqa: E402
-from jaxmp.mesh import MeshShape, build_mesh, simulate_cpu_devices  # noqa: E402
+from jaxmp.parallel.mesh import MeshShape, build_mesh, simulate_cpu_devices  # noqa: E402
 
 STRATEGIES = ("dp", "column", "row")
 
 
 def layer_exchange(strategy: str, batch: int, fan_in: int, fan_out: int, mesh) -> int:
     """Elements one device exchanges per step for the layer inside a network, from the compiled program."""
-    from jaxmp.analysis import textbook_layer_exchange
+    from jaxmp.inspection.textbook import textbook_layer_exchange
 
     return sum(c.total_elements for c in textbook_layer_exchange(strategy, batch, fan_in, fan_out, mesh))
 
 
 def dettmers_table(mesh) -> list[str]:
-    from jaxmp.costs import textbook_layer
+    from jaxmp.inspection.textbook import textbook_layer
 
     lines = [
         "## Dettmers' layer: 1000x500, batch 128, 2 devices (`--mesh tensor=2`)",
@@ -86,12 +86,12 @@ def conv_dense_contrast(batch: int = 128) -> list[str]:
     import jax
     from flax import nnx
 
-    from jaxmp.analysis import collectives
     from jaxmp.config import Config
+    from jaxmp.inspection.collectives import collectives
     from jaxmp.models import build_model
     from jaxmp.models.contract import model_parts
     from jaxmp.pipeline import layer_flops
-    from jaxmp.step import build_program
+    from jaxmp.training.step import build_program
 
     cfg = Config().replace(model="mnist-cnn", batch_size=batch)
     model = nnx.eval_shape(lambda: build_model(cfg.model, (28, 28, 1), 10, nnx.Rngs(0)))

@@ -3,13 +3,14 @@
 Why frozen and hashable: a config can then be a static argument under ``jax.jit`` and can never be
 mutated behind a compiled step's back. Validation that needs no devices or data lives here
 (``validate``); checks that need the mesh or the dataset run before anything is written, in
-``jaxmp.loop``. Every invalid value raises :class:`ConfigError` with one sentence naming the value and
+``jaxmp.training.loop``. Every invalid value raises :class:`ConfigError` with one sentence naming the value and
 what would be valid; the CLI prints that sentence and exits with code 2.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 from dataclasses import dataclass, field
 
@@ -36,14 +37,33 @@ def _opt(default, help: str, **kw):
     return field(default=default, metadata={"help": help, **kw})
 
 
-MODELS = ("mlp", "mlp-1024", "mnist-cnn", "dense")
-STRATEGIES = ("dp", "tp", "hybrid", "column", "row")
-OPTIMIZERS = ("sgd", "adam", "adamw")
-DATASETS = ("digits", "fashion-mnist", "mnist", "synthetic")
-ACTIVATIONS = ("none", "relu", "gelu")
-SCHEDULES = ("1f1b", "gpipe", "interleaved-1f1b", "zb-h1", "naive")  # jaxmp.pipeline.schedule.SCHEDULES
-REMATS = ("none", "stage", "full")
-DTYPES = ("float32", "bfloat16")
+class Choices:
+    """The allowed values of an option, read from the table that implements them.
+
+    Why a reference and not a copy: adding a model, strategy, optimizer or schedule means adding it to
+    its table only. The table's module is imported when the values are first needed (validation,
+    ``--help``), so the schema itself imports nothing heavy and the tables may import the schema.
+    """
+
+    def __init__(self, module: str, table: str, *extra: str):
+        self.module, self.table, self.extra = module, table, extra
+
+    def __iter__(self):
+        yield from self.extra
+        yield from getattr(importlib.import_module(self.module), self.table)
+
+    def __contains__(self, value) -> bool:
+        return value in tuple(self)
+
+
+MODELS = Choices("jaxmp.models", "PRESETS")
+STRATEGIES = Choices("jaxmp.parallel.rules", "STRATEGY_RULES")
+OPTIMIZERS = Choices("jaxmp.training.step", "OPTIMIZERS")
+DATASETS = Choices("jaxmp.training.data", "DATASETS")
+ACTIVATIONS = Choices("jaxmp.models.layers", "ACTIVATIONS", "default")
+SCHEDULES = Choices("jaxmp.pipeline.schedule", "SCHEDULES")
+REMATS = Choices("jaxmp.pipeline", "REMAT_POLICIES")
+DTYPES = Choices("jaxmp.models.layers", "COMPUTE_DTYPES")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -61,8 +81,8 @@ class ModelConfig:
     depth: int = _opt(2, "mlp: number of residual blocks")
     activation: str = _opt(
         "default",
-        "activation: mlp uses gelu, mlp-1024 relu, mnist-cnn none (faithful) unless set",
-        choices=("default", *ACTIVATIONS),
+        "activation; default: each preset's own (jaxmp.models.PRESETS: mlp uses gelu)",
+        choices=ACTIVATIONS,
     )
     dtype: str = _opt(
         "float32",
@@ -298,13 +318,6 @@ def _validate_distributed(cfg: DistributedConfig) -> None:
     _positive("num_processes", cfg.num_processes)
     if not 0 <= cfg.process_id < cfg.num_processes:
         raise ConfigError(f"--process-id {cfg.process_id} is not in 0..{cfg.num_processes - 1} (--num-processes).")
-
-
-def presets_only(cfg: Config, tool: str) -> None:
-    """The cost tools predict from the presets' closed forms; refuse a model of the user's own rather
-    than answer for a preset."""
-    if cfg.model.model_fn is not None:
-        raise ConfigError(f"{tool} takes preset models only (--model), not --model-fn {cfg.model.model_fn!r}.")
 
 
 def parse_profile_steps(text: str) -> tuple[int, int]:

@@ -1,198 +1,21 @@
-"""``python -m jaxmp.plan``: rank every (data, tensor, pipe) mesh of N devices by a roofline step time.
+"""``python -m jaxmp.plan``: the trainer's flags, plus ``--devices`` and the hardware; ranks every
+(data, tensor, pipe) mesh of N devices by a roofline step time from compiled programs.
 
-For every factorisation ``data * tensor * pipe = N`` (and, with ``pipe > 1``, every candidate number of
-micro-batches ``M = f * pipe`` for ``f`` in ``--microbatch-factors``) the train step is compiled ahead of
-time (nothing runs) and timed by a roofline whose every input is read off the compiled program:
-
-    t_compute = matmul FLOPs per device / peak FLOP/s        (jaxmp.hlo_cost: dots and convolutions,
-                                                              loop trip counts applied)
-    t_memory  = bytes read and written per device / HBM bandwidth          (same walk of the HLO)
-    t_comm    = sum over collectives of ring bytes sent x executions / link bandwidth
-                (jaxmp.analysis.wire_bytes: all-reduce 2 (g-1)/g x array, others what they move)
-    t_step    = max(t_compute, t_memory) + t_comm
-
-Communication is assumed not to overlap computation (XLA may hide some of it, so t_comm is the
-pessimistic side). The pipeline bubble needs no extra term: the HLO walk charges every tick of the
-executor's loops its costliest branch (idle ticks included), so the FLOPs already hold about
-``1 / (1 - bubble)`` times the useful work; the schedule's bubble fraction (GPipe and 1F1B
-``(S-1)/(M*R+S-1)``) is printed next to each shape. Hardware
-numbers come from :mod:`jaxmp.hardware` (one table, with sources).
-
-A shape is infeasible when the configuration does not build (a parameter or the batch does not divide
-its mesh axes, too few layers for the stages, micro-batches that do not divide the batch: the trainer's
-own ``ConfigError`` sentence) or when its peak memory per device (``memory_analysis()``: arguments +
-outputs not aliased to them + temporaries) exceeds the device memory. Feasible shapes are ranked by
-``t_step``; infeasible ones follow with their reason.
+The planner itself is :func:`jaxmp.inspection.planner.plan`; this module only parses flags and prints.
+Invalid input: one line, exit code 2.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from typing import Any, NamedTuple
 
 import jax
 
-from jaxmp.analysis import collectives, memory_and_flops, wire_bytes
 from jaxmp.cli import run_cli
-from jaxmp.config import Config, ConfigError, presets_only
-from jaxmp.hardware import GIB, Hardware, get_hardware
-from jaxmp.hlo_cost import hlo_cost
-from jaxmp.mesh import MeshShape
-
-
-class PlanRow(NamedTuple):
-    """One candidate shape: feasibility, the measured inputs of the roofline and its terms (seconds)."""
-
-    mesh: MeshShape
-    microbatches: int  # 0: infeasible for every candidate
-    feasible: bool
-    reason: str  # why infeasible; "" when feasible
-    peak_bytes: int | None = None
-    flops: float | None = None
-    memory_bytes: float | None = None
-    comm_bytes: int | None = None
-    bubble: float = 0.0
-    t_compute: float | None = None
-    t_memory: float | None = None
-    t_comm: float | None = None
-
-    @property
-    def t_step(self) -> float | None:
-        """The roofline step time of the module docstring (None when infeasible or not compiled)."""
-        if self.t_compute is None:
-            return None
-        return max(self.t_compute, self.t_memory) + self.t_comm
-
-
-def factorisations(devices: int) -> list[MeshShape]:
-    """Every ``MeshShape(data, tensor, pipe)`` whose sizes multiply to ``devices``, data-major order."""
-    divisors = [d for d in range(1, devices + 1) if devices % d == 0]
-    return [
-        MeshShape(data, tensor, devices // (data * tensor))
-        for data in reversed(divisors)
-        for tensor in divisors
-        if (devices // data) % tensor == 0
-    ]
-
-
-def microbatch_candidates(pipe: int, factors: tuple[int, ...]) -> list[int]:
-    """``M = f * pipe`` for each factor (GPipe's bubble shrinks as M grows); 1 without a pipeline."""
-    return [1] if pipe == 1 else sorted({f * pipe for f in factors})
-
-
-def evaluate(
-    cfg: Config, shape: MeshShape, microbatches: int, input_shape: tuple[int, ...], classes: int, hw: Hardware
-) -> PlanRow:
-    """Compile ``cfg`` on ``shape`` with ``microbatches`` and apply the roofline; never raises ConfigError."""
-    from jaxmp.mesh import build_mesh
-    from jaxmp.pipeline import is_pipelined, schedule_for
-    from jaxmp.step import build_program
-
-    cfg = cfg.replace(mesh=str(shape), microbatches=microbatches)
-    mesh = build_mesh(shape)
-    try:
-        compiled = build_program(cfg, mesh, input_shape, classes).train_step.compiled
-    except ConfigError as err:
-        label = "does not divide" if "divi" in str(err) else "cannot run"
-        return PlanRow(shape, microbatches, False, f"{label}: {err}")
-    text = compiled.as_text()
-    cost = hlo_cost(text)
-    peak = memory_and_flops(compiled).peak_bytes
-    comm = sum(wire_bytes(c) * c.count for c in collectives(text, mesh))
-    piped = shape.pipe > 1 and is_pipelined(cfg.pipeline, shape.pipe)
-    bubble = schedule_for(cfg.pipeline, shape.pipe).bubble_fraction if piped else 0.0
-    dtype = cfg.model.dtype  # the matmuls' dtype (parameters stay float32)
-    row = PlanRow(
-        shape,
-        microbatches,
-        True,
-        "",
-        peak,
-        cost.flops,
-        cost.bytes_accessed,
-        comm,
-        bubble,
-        t_compute=cost.flops / hw.flops_for(dtype),
-        t_memory=cost.bytes_accessed / hw.memory_bandwidth,
-        t_comm=comm / hw.link_bandwidth,
-    )
-    if peak is not None and peak > hw.memory_bytes:
-        reason = f"does not fit: needs {peak / GIB:.3g} GiB per device, {hw.name} has {hw.memory_bytes / GIB:.3g} GiB"
-        return row._replace(feasible=False, reason=reason)
-    return row
-
-
-def plan(
-    cfg: Config,
-    devices: int,
-    hw: Hardware,
-    input_shape: tuple[int, ...],
-    classes: int,
-    factors: tuple[int, ...] = (1, 2, 4),
-) -> list[PlanRow]:
-    """Every factorisation of ``devices`` x micro-batch candidate, feasible ones by predicted step time first."""
-    presets_only(cfg, "jaxmp.plan")
-    rows = []
-    for shape in factorisations(devices):
-        for m in microbatch_candidates(shape.pipe, factors):
-            row = evaluate(cfg, shape, m, input_shape, classes, hw)
-            if not row.feasible and row.peak_bytes is None and "micro-batch" not in row.reason:
-                rows.append(row._replace(microbatches=0))  # fails whatever M is: one row for the shape
-                break
-            rows.append(row)
-    return sorted(rows, key=lambda r: (not r.feasible, r.t_step if r.t_step is not None else 0.0))
-
-
-def parse_factors(text: str) -> tuple[int, ...]:
-    """``"1,2,4"`` -> ``(1, 2, 4)``; raises ConfigError unless every item is a positive integer."""
-    try:
-        factors = tuple(int(item) for item in text.split(","))
-    except ValueError:
-        factors = ()
-    if not factors or min(factors) < 1:
-        raise ConfigError(f"--microbatch-factors {text!r} is not a comma-separated list of positive integers.")
-    return factors
-
-
-def to_json(rows: list[PlanRow], hw: Hardware) -> dict[str, Any]:
-    """The ranking as plain JSON types."""
-    shapes = [
-        {**row._asdict(), "mesh": row.mesh._asdict(), "t_step": row.t_step, "peak_gib": (row.peak_bytes or 0) / GIB}
-        for row in rows
-    ]
-    return {"hardware": hw._asdict(), "roofline": "max(flops/peak, bytes/hbm_bw) + comm/link_bw", "shapes": shapes}
-
-
-def print_plan(rows: list[PlanRow], hw: Hardware, console) -> None:
-    """The ranking as a rich table, then the hardware numbers and their source."""
-    from rich.table import Table
-
-    table = Table(title=f"mesh plan on {hw.name}: t_step = max(compute, memory) + comm", title_justify="left")
-    for column in ("rank", "data", "tensor", "pipe", "M", "bubble", "peak/device", "compute", "memory", "comm"):
-        table.add_column(column, justify="right")
-    table.add_column("t_step", justify="right", style="bold")
-    table.add_column("infeasible because", justify="left", overflow="fold")
-
-    def ms(seconds: float | None) -> str:
-        return "" if seconds is None else f"{seconds * 1e3:.3f} ms"
-
-    for rank, row in enumerate(rows, 1):
-        peak = "" if row.peak_bytes is None else f"{row.peak_bytes / 2**20:,.1f} MiB"
-        table.add_row(
-            str(rank) if row.feasible else "-",
-            *(str(v) for v in row.mesh),
-            str(row.microbatches or "any"),
-            f"{row.bubble:.0%}" if row.mesh.pipe > 1 and row.flops is not None else "",
-            peak,
-            ms(row.t_compute),
-            ms(row.t_memory),
-            ms(row.t_comm),
-            ms(row.t_step if row.feasible else None),
-            row.reason,
-        )
-    console.print(table)
-    console.print(f"hardware {hw.name}: {hw.source}", highlight=False)
+from jaxmp.config import Config, ConfigError
+from jaxmp.inspection.hardware import get_hardware
+from jaxmp.inspection.planner import parse_factors, plan, print_plan, to_json
 
 
 def _add_flags(group) -> None:
@@ -208,7 +31,7 @@ def _add_flags(group) -> None:
 def _run(cfg: Config, extras) -> None:
     from rich.console import Console
 
-    from jaxmp.analyze import setup
+    from jaxmp.inspection.step_report import setup
 
     hw = get_hardware(extras.hardware, extras.memory_gib)
     factors = parse_factors(extras.microbatch_factors)

@@ -9,7 +9,7 @@ from jaxmp.cli import run_cli
 
 def main(argv: list[str] | None = None) -> int:
     """Train from command-line flags; returns the exit code (2 for invalid input)."""
-    from jaxmp.loop import run
+    from jaxmp.training.loop import run
 
     return run_cli(run, argv, "jaxmp.train", "Train a model with data, tensor or hybrid parallelism.")
 

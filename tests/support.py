@@ -12,8 +12,8 @@ import jax
 import numpy as np
 
 from jaxmp.config import Config
-from jaxmp.mesh import MeshShape, build_mesh
-from jaxmp.step import build_program
+from jaxmp.parallel.mesh import MeshShape, build_mesh
+from jaxmp.training.step import build_program
 
 IMAGE = (12, 12, 1)
 CLASSES = 10
@@ -87,7 +87,7 @@ def loss_and_grads(
     cfg: Config, mesh: jax.sharding.Mesh, *, poison: bool = False, seed: int = 0, model: str = "", masked: bool = True
 ):
     """Loss and gradients of one batch at initialisation, as host numpy (grads keyed by param name)."""
-    from jaxmp.sharding import path_name
+    from jaxmp.parallel.sharding import path_name
 
     program = build(cfg, mesh, model, poison=poison, masked=masked)
     xs, ys = fixed_batches(1, cfg.run.batch_size, seed)

@@ -1,4 +1,4 @@
-"""Tests for jaxmp.analysis: the communication we report must be the communication XLA compiled.
+"""Tests for jaxmp.inspection.collectives: the communication we report must be the communication XLA compiled.
 
 Why each group exists: the textbook tests pin Dettmers' data-vs-model-parallelism numbers to what XLA
 actually emits; the axis tests check that device ids in compiled HLO map onto the right mesh axes (the
@@ -15,18 +15,10 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxmp.analysis import (
-    Collective,
-    MemoryAndFlops,
-    collectives,
-    compile_sharded,
-    compiled_text,
-    memory_and_flops,
-    replica_groups,
-    summarize,
-    textbook_layer_exchange,
-)
-from jaxmp.mesh import MeshShape, build_mesh
+from jaxmp.inspection.collectives import Collective, collectives, replica_groups, summarize
+from jaxmp.inspection.compiled import MemoryAndFlops, compile_sharded, compiled_text, memory_and_flops
+from jaxmp.inspection.textbook import textbook_layer_exchange
+from jaxmp.parallel.mesh import MeshShape, build_mesh
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """``jaxmp.analyze``: the closed form must equal what XLA compiled, and the CLI must say so.
 
 Why each group exists: the textbook tests pin Dettmers' numbers as ``python -m jaxmp.analyze`` reports
-them; the prediction tests compare each strategy's closed form (:mod:`jaxmp.costs`) with the compiled
+them; the prediction tests compare each strategy's closed form (:mod:`jaxmp.inspection.closed_forms`) with the compiled
 train step, element for element, so a wrong formula or a regression in the sharding shows up as a
 difference; the cost tests check the loop-aware FLOP count that the planner relies on, against
 arithmetic; the notes tests feed hand-made collectives to the rules that explain differences.
@@ -17,13 +17,15 @@ import jax.numpy as jnp
 import pytest
 from support import CLASSES, IMAGE, assert_one_line_error, run_module, small_config
 
-from jaxmp.analysis import Collective, compile_sharded
-from jaxmp.analyze import Row, _row_note, _weight_moves, analyze_program, compare, layer_table, main
-from jaxmp.costs import predict
-from jaxmp.hlo_cost import hlo_cost
-from jaxmp.mesh import MeshShape, build_mesh
+from jaxmp.analyze import main
+from jaxmp.inspection.closed_forms import predict
+from jaxmp.inspection.collectives import Collective
+from jaxmp.inspection.compiled import compile_sharded
+from jaxmp.inspection.flops import hlo_cost
+from jaxmp.inspection.step_report import Row, _row_note, _weight_moves, analyze_program, compare, layer_table
+from jaxmp.parallel.mesh import MeshShape, build_mesh
 from jaxmp.pipeline import one_f_one_b
-from jaxmp.step import build_program
+from jaxmp.training.step import build_program
 
 WIDTH, HIDDEN = 32, 64  # small_config's
 
@@ -31,7 +33,7 @@ WIDTH, HIDDEN = 32, 64  # small_config's
 def report_for(shape: MeshShape, model: str = "mlp", strategy: str = "tp", **overrides):
     cfg = small_config(model, strategy, **overrides)
     program = build_program(cfg, build_mesh(shape), IMAGE, CLASSES)
-    return cfg, program, analyze_program(cfg, program, IMAGE, CLASSES)
+    return cfg, program, analyze_program(cfg, program)
 
 
 def row(report, kind: str, axes: tuple[str, ...]) -> Row:
@@ -194,7 +196,7 @@ def test_note_for_a_moved_weight():
 
 
 def test_compare_marks_each_status():
-    from jaxmp.costs import Expected, Prediction
+    from jaxmp.inspection.closed_forms import Expected, Prediction
 
     prediction = Prediction(
         [Expected("a", "all-reduce", ("data",), 10, ""), Expected("b", "all-gather", ("tensor",), 6, "")], (), 0.0
@@ -267,7 +269,33 @@ def test_bad_flag_exit_code_of_the_process(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_analyze_refuses_a_model_of_your_own_rather_than_answer_for_a_preset(capsys):
-    assert main(["--model-fn", "models.py:Mine"]) == 2
-    err = capsys.readouterr().err
-    assert "jaxmp.analyze takes preset models only (--model), not --model-fn 'models.py:Mine'" in err
+OWN_MODEL = """
+from flax import nnx
+
+
+class Dense(nnx.Module):
+    def __init__(self, fan_in, fan_out, names, rngs):
+        init = nnx.with_partitioning(nnx.initializers.lecun_normal(), names)
+        self.linear = nnx.Linear(fan_in, fan_out, kernel_init=init, rngs=rngs)
+
+    def __call__(self, h, ctx):
+        return self.linear(h.reshape(h.shape[0], -1))
+
+
+class Mine(nnx.Module):
+    def __init__(self, rngs):
+        self.layers = nnx.List([Dense(64, 32, (None, "mlp"), rngs), Dense(32, 10, ("mlp", None), rngs)])
+"""
+
+
+def test_analyze_takes_a_model_of_your_own_from_the_command_line(tmp_path, capsys):
+    """``--model-fn``: the report is the user's model's (its name, its collectives), not a preset's; its
+    layers are jaxmp-unknown kinds, so the tensor axis has no closed form and says so."""
+    (tmp_path / "models.py").write_text(OWN_MODEL)
+    argv = ["--model-fn", f"{tmp_path / 'models.py'}:Mine", "--mesh", "data=2,tensor=4", "--batch-size", "16"]
+    assert main([*argv, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["model"] == "Mine"
+    kinds = {(c["kind"], tuple(c["axes"])) for c in report["collectives"] if c["elements"]}
+    assert ("all-reduce", ("tensor",)) in kinds and ("all-reduce", ("data",)) in kinds
+    assert report["prediction"]["uncovered"] == ["tensor"]

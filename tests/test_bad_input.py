@@ -18,10 +18,10 @@ import pytest
 from flax import nnx
 from support import IMAGE, small_config
 
-from jaxmp.checkpoint import Saver
-from jaxmp.mesh import MeshShape, build_mesh, mesh_from_spec
-from jaxmp.step import build_program
+from jaxmp.parallel.mesh import MeshShape, build_mesh, mesh_from_spec
 from jaxmp.train import main
+from jaxmp.training.checkpoint import Saver
+from jaxmp.training.step import build_program
 
 SMALL = ["--width", "32", "--hidden", "64", "--batch-size", "16", "--no-report"]
 PRECIOUS = "a file the user saved\n"

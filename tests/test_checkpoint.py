@@ -18,11 +18,11 @@ import pytest
 from rich.console import Console
 from support import CLASSES, IMAGE, fixed_batches, small_config
 
-from jaxmp.checkpoint import Saver, complete_steps, restore
-from jaxmp.loop import run
-from jaxmp.mesh import MeshShape, build_mesh, mesh_from_spec
-from jaxmp.step import build_program
+from jaxmp.parallel.mesh import MeshShape, build_mesh, mesh_from_spec
 from jaxmp.train import main
+from jaxmp.training.checkpoint import Saver, complete_steps, restore
+from jaxmp.training.loop import run
+from jaxmp.training.step import build_program
 
 QUIET = Console(quiet=True)
 SAVE_MESH = "data=2,tensor=2,pipe=2"

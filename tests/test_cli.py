@@ -10,7 +10,7 @@ import os
 import pytest
 from support import assert_one_line_error, run_module
 
-import jaxmp.loop
+import jaxmp.training.loop
 from jaxmp.train import main
 
 PRECIOUS = "a file the user saved\n"
@@ -114,7 +114,7 @@ def test_failed_run_keeps_the_old_metrics_file(metrics, monkeypatch):
     def broken_evaluate(*args, **kwargs):
         raise RuntimeError("device lost")
 
-    monkeypatch.setattr(jaxmp.loop, "evaluate", broken_evaluate)
+    monkeypatch.setattr(jaxmp.training.loop, "evaluate", broken_evaluate)
     with pytest.raises(RuntimeError):
         main(["--steps", "3", "--metrics-file", str(metrics), "--no-report"])
     assert metrics.read_text() == PRECIOUS
@@ -250,3 +250,28 @@ def test_a_model_of_your_own_trains_from_the_command_line(tmp_path):
     ]
     assert exit_code([*argv, "--metrics-file", str(tmp_path / "m.jsonl")]) == 0
     assert len([line for line in (tmp_path / "m.jsonl").read_text().splitlines() if '"loss"' in line]) == 3
+
+
+@pytest.mark.parametrize(
+    ("module", "table", "option", "entry"),
+    [
+        ("jaxmp.training.step", "OPTIMIZERS", "optimizer", lambda cfg: __import__("optax").lion(cfg.lr)),
+        ("jaxmp.parallel.rules", "STRATEGY_RULES", "strategy", {"batch": "data"}),
+        ("jaxmp.pipeline.schedule", "SCHEDULES", "schedule", None),
+    ],
+)
+def test_an_entry_added_to_a_table_is_offered_by_the_cli(module, table, option, entry, monkeypatch, capsys):
+    """One source for each set of choices: the table. A new entry is a valid value and is listed in --help,
+    with nothing else to edit; a name in no table stays refused."""
+    import importlib
+
+    from jaxmp.config import Config, ConfigError, validate
+
+    monkeypatch.setitem(getattr(importlib.import_module(module), table), "new-one", entry)
+    validate(Config().replace(**{option: "new-one"}))
+    with pytest.raises(ConfigError, match=f"--{option} 'other' is not one of .*new-one"):
+        validate(Config().replace(**{option: "other"}))
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "new-one" in " ".join(out[out.index(f"\n  --{option} ") :].split("\n  --")[1].split())

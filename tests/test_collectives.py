@@ -12,9 +12,9 @@ import jax
 import pytest
 from support import CLASSES, IMAGE, small_config
 
-from jaxmp.analysis import collectives
-from jaxmp.mesh import MeshShape, build_mesh
-from jaxmp.step import build_program
+from jaxmp.inspection.collectives import collectives
+from jaxmp.parallel.mesh import MeshShape, build_mesh
+from jaxmp.training.step import build_program
 
 DEPTH = 3
 

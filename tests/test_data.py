@@ -1,4 +1,4 @@
-"""Tests for jaxmp.data: loaders, the IDX parser and its error messages, and batch streams."""
+"""Tests for jaxmp.training.data: loaders, the IDX parser and its error messages, and batch streams."""
 
 import gzip
 import os
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from jaxmp.config import ConfigError, DataConfig
-from jaxmp.data import (
+from jaxmp.training.data import (
     IDX_FILES,
     Dataset,
     epoch_order,

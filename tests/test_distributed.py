@@ -14,10 +14,10 @@ import jax
 import numpy as np
 from support import small_config
 
-from jaxmp.checkpoint import restore
-from jaxmp.mesh import mesh_from_spec
-from jaxmp.step import build_program
+from jaxmp.parallel.mesh import mesh_from_spec
 from jaxmp.train import main
+from jaxmp.training.checkpoint import restore
+from jaxmp.training.step import build_program
 
 MESH = "data=2,tensor=2,pipe=2"
 FLAGS = ["--mesh", MESH, "--microbatches", "2", "--depth", "4", "--width", "32", "--hidden", "64"]

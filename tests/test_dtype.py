@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from support import CLASSES, IMAGE, losses_on, single_device_mesh, small_config
 
-from jaxmp.mesh import MeshShape, build_mesh
-from jaxmp.step import build_program
+from jaxmp.parallel.mesh import MeshShape, build_mesh
+from jaxmp.training.step import build_program
 
 
 def bfloat16_arrays(hlo: str) -> int:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from support import build, fixed_batches, losses_on, reference_losses, single_device_mesh, small_config
 
-from jaxmp.mesh import MeshShape, build_mesh
+from jaxmp.parallel.mesh import MeshShape, build_mesh
 
 MESHES = [MeshShape(8, 1), MeshShape(4, 2), MeshShape(2, 4), MeshShape(1, 8)]
 # tp splits weights over tensor and the batch over data: every factorisation; dp and hybrid split the

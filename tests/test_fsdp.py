@@ -9,9 +9,9 @@ import pytest
 from jax.sharding import PartitionSpec as P
 from support import CLASSES, IMAGE, assert_same, loss_and_grads, single_device_mesh, small_config
 
-from jaxmp.mesh import MeshShape, build_mesh
-from jaxmp.sharding import sharding_report
-from jaxmp.step import build_program
+from jaxmp.parallel.mesh import MeshShape, build_mesh
+from jaxmp.parallel.sharding import sharding_report
+from jaxmp.training.step import build_program
 
 
 def params_of(program):

@@ -16,8 +16,8 @@ from flax import nnx
 from support import CLASSES, IMAGE, fixed_batches, single_device_mesh
 
 from jaxmp.config import Config, ConfigError
-from jaxmp.mesh import mesh_from_spec
-from jaxmp.step import build_program
+from jaxmp.parallel.mesh import mesh_from_spec
+from jaxmp.training.step import build_program
 
 STEPS, BATCH, FEATURES = 20, 16, math.prod(IMAGE)
 
@@ -241,7 +241,7 @@ def test_fit_trains_resumes_on_another_mesh_and_refuses_another_model(tmp_path):
 
 def test_fit_stops_a_run_that_diverges_naming_the_step(tmp_path):
     from jaxmp import fit
-    from jaxmp.loop import Diverged
+    from jaxmp.training.loop import Diverged
 
     with pytest.raises(Diverged, match=r"loss is nan at step \d+"):
         fit(ResidualMLP, _data(nan_at=range(64)), steps=3, batch_size=BATCH, report=False, rules={"hidden": None})
@@ -260,3 +260,22 @@ def test_fit_refuses_data_that_does_not_pair_up(train, message):
 
     with pytest.raises(ConfigError, match=message):
         fit(ResidualMLP, train)
+
+
+def test_the_readme_layout_lists_every_module_and_nothing_else():
+    """The README's layout section is the package: every module under jaxmp/ listed, none invented."""
+    import pathlib
+    import re
+
+    root = pathlib.Path(__file__).parents[1]
+    text = (root / "README.md").read_text()
+    block = text[text.index("## Layout") :].split("```text\n", 1)[1].split("\n```", 1)[0]
+    listed, stack = set(), []
+    for line in block.splitlines():
+        indent, name = len(line) - len(line.lstrip()), line.split()[0]
+        stack = [*stack[: indent // 2], name]
+        if stack[0] == "jaxmp/" and name.endswith(".py"):
+            listed.add("".join(stack))
+    modules = {str(p.relative_to(root)) for p in (root / "jaxmp").rglob("*.py") if "__pycache__" not in p.parts}
+    modules = {m for m in modules if not re.fullmatch(r"jaxmp/\w+/__init__\.py", m)}
+    assert listed == modules

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from support import OWN, assert_same, build, loss_and_grads, single_device_mesh, small_config
 
-from jaxmp.analysis import collectives
 from jaxmp.config import ConfigError
-from jaxmp.mesh import MeshShape, build_mesh
+from jaxmp.inspection.collectives import collectives
+from jaxmp.parallel.mesh import MeshShape, build_mesh
 
 RTOL = 1e-5
 

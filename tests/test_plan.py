@@ -10,9 +10,10 @@ from __future__ import annotations
 import pytest
 from support import CLASSES, IMAGE, assert_one_line_error, run_module, small_config
 
-from jaxmp.hardware import HARDWARE, get_hardware
-from jaxmp.mesh import MeshShape
-from jaxmp.plan import PlanRow, factorisations, main, microbatch_candidates, parse_factors, plan
+from jaxmp.inspection.hardware import HARDWARE, get_hardware
+from jaxmp.inspection.planner import PlanRow, factorisations, microbatch_candidates, parse_factors, plan
+from jaxmp.parallel.mesh import MeshShape
+from jaxmp.plan import main
 
 TRIPLES_OF_8 = {
     (8, 1, 1), (4, 2, 1), (4, 1, 2), (2, 4, 1), (2, 2, 2), (2, 1, 4), (1, 8, 1), (1, 4, 2), (1, 2, 4), (1, 1, 8),

@@ -183,13 +183,6 @@ def test_zb_h1_messages_keep_cotangents_until_their_weight_gradient():
         assert slot not in later.tolist()
 
 
-def test_the_cli_offers_exactly_the_schedules_there_are():
-    from jaxmp.config import SCHEDULES as OFFERED
-    from jaxmp.pipeline import SCHEDULES
-
-    assert sorted(OFFERED) == sorted(SCHEDULES)
-
-
 @pytest.mark.parametrize("schedule", [gpipe(4, 8), one_f_one_b(4, 8), zb_h1(4, 8), one_f_one_b(2, 6, 2)])
 def test_residual_slots_hold_each_forward_until_its_last_backward(schedule):
     """Every forward's residuals stay in their slot, untouched by other forwards, until its B (and W)

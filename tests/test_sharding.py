@@ -12,9 +12,9 @@ from flax import nnx
 from support import CLASSES, IMAGE, small_config
 
 from jaxmp.config import ConfigError
-from jaxmp.mesh import MeshShape, build_mesh
-from jaxmp.sharding import path_name, sharding_report
-from jaxmp.step import build_program
+from jaxmp.parallel.mesh import MeshShape, build_mesh
+from jaxmp.parallel.sharding import path_name, sharding_report
+from jaxmp.training.step import build_program
 
 P = jax.P
 T = "tensor"
@@ -194,3 +194,17 @@ def test_a_mesh_with_foreign_axis_names_is_refused():
         ConfigError, match=r"mesh axes \('data', 'model'\): jaxmp meshes have the axes data, tensor, pipe"
     ):
         _build_named({"hidden": "tensor"}, mesh=mesh)
+
+
+def test_a_mesh_of_some_of_the_axes_gets_the_others_as_size_one():
+    from jaxmp.parallel.mesh import as_mesh
+
+    mesh = jax.make_mesh((2, 4), ("data", "tensor"), devices=jax.devices()[:8])
+    full = as_mesh(mesh)
+    assert full.axis_names == ("data", "tensor", "pipe") and dict(full.shape) == {"data": 2, "tensor": 4, "pipe": 1}
+    assert list(full.devices.flat) == list(mesh.devices.flat)
+    swapped = jax.make_mesh((2, 4), ("tensor", "data"), devices=jax.devices()[:8])
+    with pytest.raises(ConfigError, match=r"mesh axes \('tensor', 'data'\): .* \(in that order"):
+        as_mesh(swapped)
+    with pytest.raises(ConfigError, match="got int"):
+        as_mesh(8)

@@ -1,8 +1,15 @@
-"""Model presets: name -> Flax NNX module, and which strategies each one supports."""
+"""Model presets: one registry, name -> how to build it, which strategies it supports, its defaults.
+
+Adding a preset means adding one :class:`Preset` to :data:`PRESETS`: ``--model`` offers it, the
+checkpoint records its options, and the cost tools read its closed forms off its layer kinds
+(:mod:`jaxmp.inspection.closed_forms`), as they do for a model of your own.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import NamedTuple
 
 from flax import nnx
 
@@ -11,22 +18,62 @@ from jaxmp.models.cnn import MnistCNN, TextbookDense
 from jaxmp.models.layers import COMPUTE_DTYPES
 from jaxmp.models.mlp import MLP1024, MegatronBlock, ResidualMLP
 
-__all__ = ["MLP1024", "MegatronBlock", "MnistCNN", "ResidualMLP", "TextbookDense", "build_model"]
+__all__ = ["MLP1024", "PRESETS", "MegatronBlock", "MnistCNN", "Preset", "ResidualMLP", "TextbookDense", "build_model"]
 
-DEFAULT_ACTIVATION = {"mlp": "gelu", "mlp-1024": "relu", "mnist-cnn": "none", "dense": "none"}
-MODEL_STRATEGIES = {
-    "mlp": ("dp", "tp", "hybrid"),
-    "mlp-1024": ("dp", "tp", "hybrid"),
-    "mnist-cnn": ("dp", "tp", "hybrid"),
-    "dense": ("dp", "column", "row"),
+
+class Preset(NamedTuple):
+    """One ``--model``: ``build(cfg, input_shape, classes, activation, dtype, rngs)``."""
+
+    build: Callable[..., nnx.Module]
+    strategies: tuple[str, ...]
+    activation: str  # what --activation default means for it
+    options: tuple[str, ...] = ()  # the ModelConfig fields that shape it (recorded in checkpoints)
+
+
+def _mlp(cfg: ModelConfig, input_shape, classes, activation, dtype, rngs) -> nnx.Module:
+    sizes = dict(width=cfg.width, hidden=cfg.hidden, depth=cfg.depth)
+    return ResidualMLP(math.prod(input_shape), classes, **sizes, activation=activation, rngs=rngs, dtype=dtype)
+
+
+def _mlp_1024(cfg: ModelConfig, input_shape, classes, activation, dtype, rngs) -> nnx.Module:
+    return MLP1024(math.prod(input_shape), classes, activation=activation, rngs=rngs, dtype=dtype)
+
+
+def _mnist_cnn(cfg: ModelConfig, input_shape, classes, activation, dtype, rngs) -> nnx.Module:
+    if len(input_shape) != 3:
+        raise ConfigError(f"--model mnist-cnn needs images (H, W, C), the data has shape {input_shape}.")
+    return MnistCNN(input_shape, classes, activation=activation, rngs=rngs, dtype=dtype)
+
+
+def _dense(cfg: ModelConfig, input_shape, classes, activation, dtype, rngs) -> nnx.Module:
+    return TextbookDense(math.prod(input_shape), classes, rngs=rngs, dtype=dtype)
+
+
+PRESETS: dict[str, Preset] = {
+    "mlp": Preset(_mlp, ("dp", "tp", "hybrid"), "gelu", ("width", "hidden", "depth")),
+    "mlp-1024": Preset(_mlp_1024, ("dp", "tp", "hybrid"), "relu"),
+    "mnist-cnn": Preset(_mnist_cnn, ("dp", "tp", "hybrid"), "none"),
+    "dense": Preset(_dense, ("dp", "column", "row"), "none"),
 }
+
+
+def preset(cfg: ModelConfig) -> Preset:
+    """The registry entry of ``cfg.model``; ``ConfigError`` when there is none."""
+    if cfg.model not in PRESETS:
+        raise ConfigError(f"--model {cfg.model!r} is not one of {', '.join(PRESETS)}.")
+    return PRESETS[cfg.model]
 
 
 def check_strategy(cfg: ModelConfig) -> None:
     """Raise ``ConfigError`` when the model has no such strategy."""
-    allowed = MODEL_STRATEGIES[cfg.model]
+    allowed = preset(cfg).strategies
     if cfg.strategy not in allowed:
         raise ConfigError(f"--strategy {cfg.strategy} does not apply to --model {cfg.model}; use {', '.join(allowed)}.")
+
+
+def activation_of(cfg: ModelConfig) -> str:
+    """The activation ``cfg`` asks for, ``default`` resolved to the preset's own."""
+    return preset(cfg).activation if cfg.activation == "default" else cfg.activation
 
 
 def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], classes: int, rngs: nnx.Rngs) -> nnx.Module:
@@ -36,24 +83,4 @@ def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], classes: int, rn
       ConfigError: unknown model or strategy, or inputs the model cannot take.
     """
     check_strategy(cfg)
-    activation = DEFAULT_ACTIVATION[cfg.model] if cfg.activation == "default" else cfg.activation
-    features = math.prod(input_shape)
-    dtype = COMPUTE_DTYPES[cfg.dtype]
-    if cfg.model == "mlp":
-        return ResidualMLP(
-            features,
-            classes,
-            width=cfg.width,
-            hidden=cfg.hidden,
-            depth=cfg.depth,
-            activation=activation,
-            rngs=rngs,
-            dtype=dtype,
-        )
-    if cfg.model == "mlp-1024":
-        return MLP1024(features, classes, activation=activation, rngs=rngs, dtype=dtype)
-    if cfg.model == "mnist-cnn":
-        if len(input_shape) != 3:
-            raise ConfigError(f"--model mnist-cnn needs images (H, W, C), the data has shape {input_shape}.")
-        return MnistCNN(input_shape, classes, activation=activation, rngs=rngs, dtype=dtype)
-    return TextbookDense(features, classes, rngs=rngs, dtype=dtype)
+    return preset(cfg).build(cfg, input_shape, classes, activation_of(cfg), COMPUTE_DTYPES[cfg.dtype], rngs)

@@ -13,7 +13,7 @@ from flax import nnx
 from jaxmp.config import ConfigError
 from jaxmp.models.layers import LayerContext, activation_fn, channel_dropout, conv3x3, flatten_features
 from jaxmp.models.mlp import Dense, FlatInput
-from jaxmp.sharding import constrain
+from jaxmp.parallel.rules import constrain
 
 
 class ConvDropout(nnx.Module):

@@ -20,13 +20,14 @@ says where the cuts may go; the layer count comes from the list, with no dispatc
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxmp.config import ConfigError
+from jaxmp.config import ConfigError, first_line
 from jaxmp.models.layers import LayerContext, Stacked, scan_layers
 
 
@@ -50,6 +51,10 @@ class ModelParts(NamedTuple):
     def units(self) -> list[tuple[int, int]]:
         """``(layer index, position in its stack)`` of every unit, in order."""
         return [(i, k) for i, part in enumerate(self.layers) for k in range(part.depth or 1)]
+
+    def parts(self) -> list[Part]:
+        """Every part in the order data flows through them: ``pre``, the layers, ``post``."""
+        return [p for p in (self.pre, *self.layers, self.post) if p is not None]
 
     def unit_names(self) -> list[str]:
         return [self.layers[i].name + (f"[{k}]" if self.layers[i].depth else "") for i, k in self.units]
@@ -146,3 +151,37 @@ def part_bytes(params: dict, part: Part, stack_len: int | None = None) -> int:
     leaves = jax.tree.leaves(sub_params(params, part.key))
     total = sum(math.prod(leaf.shape) * jnp.dtype(leaf.dtype).itemsize for leaf in leaves)
     return total * (stack_len or 1) // (part.depth or 1)
+
+
+def load_model_fn(spec: str) -> Callable:
+    """``FILE.py:NAME`` or ``MODULE:NAME`` (``--model-fn``) -> the callable it names; ``ConfigError``
+    naming what is missing."""
+    import importlib
+    import importlib.util
+    import os
+
+    where, _, name = spec.rpartition(":")
+    flag = f"--model-fn {spec!r}"
+    if where.endswith(".py") and not os.path.isfile(where):
+        raise ConfigError(f"{flag}: {where} is not a file.")
+    try:
+        if where.endswith(".py"):
+            module_spec = importlib.util.spec_from_file_location(os.path.basename(where)[:-3], where)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(where)
+    except Exception as error:  # the user's file: name it and its first line of trouble
+        raise ConfigError(f"{flag}: cannot import {where}: {first_line(error)}") from error
+    found = getattr(module, name, None)
+    if not callable(found):
+        raise ConfigError(f"{flag}: {where} has no callable {name}.")
+    return found
+
+
+def own_model_fn(cfg, model_fn: Callable | None) -> Callable | None:
+    """The model of the user's own a run builds: ``model_fn`` if given, else the one ``--model-fn``
+    names (loaded), else None (the preset ``--model``)."""
+    if model_fn is None and cfg.model.model_fn is not None:
+        return load_model_fn(cfg.model.model_fn)
+    return model_fn

@@ -2,7 +2,7 @@
 
 Eager sharding is switched off on purpose: parameters are created inside ``jax.jit`` with
 ``out_shardings`` computed from the rules table, so they are born sharded and never exist whole on one
-device (see ``jaxmp.step.init_state``).
+device (see ``jaxmp.training.step.init_state``).
 """
 
 from __future__ import annotations

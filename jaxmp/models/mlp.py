@@ -20,7 +20,7 @@ from jaxmp.models.layers import (
     pad_features,
     partitioned,
 )
-from jaxmp.sharding import constrain
+from jaxmp.parallel.rules import constrain
 
 
 class MegatronBlock(nnx.Module):
@@ -115,14 +115,14 @@ class ResidualMLP(nnx.Module):
         rngs: nnx.Rngs,
         dtype=jnp.float32,
     ):
-        self.pre = _Embed(features, width, rngs=rngs, dtype=dtype)
+        self.pre = Embed(features, width, rngs=rngs, dtype=dtype)
         self.layers = nnx.List(
             [Stacked(lambda r: MegatronBlock(width, hidden, activation, rngs=r, dtype=dtype), depth, rngs=rngs)]
         )
         self.post = Dense(width, classes, ("embed", "classes"), rngs=rngs, dtype=dtype)
 
 
-class _Embed(nnx.Module):
+class Embed(nnx.Module):
     """Inputs -> residual stream ``[B, D]``."""
 
     def __init__(self, features: int, width: int, *, rngs: nnx.Rngs, dtype=jnp.float32):

@@ -15,6 +15,8 @@ import jax
 from jaxmp.config import ConfigError, PipelineConfig
 from jaxmp.models.contract import ModelParts, apply_part, part_bytes
 from jaxmp.models.layers import LayerContext
+from jaxmp.parallel.rules import active_rules, rules_without_axes
+from jaxmp.parallel.sharding import axis_size
 from jaxmp.pipeline.engine import Plan, make_plan, run, split_microbatches
 from jaxmp.pipeline.packing import Packing, Piece, piece_params
 from jaxmp.pipeline.partition import chunks_and_placement
@@ -30,7 +32,6 @@ from jaxmp.pipeline.schedule import (
     validate,
     zb_h1,
 )
-from jaxmp.sharding import active_rules, axis_size, rules_without_axes
 
 __all__ = [
     "SCHEDULES",

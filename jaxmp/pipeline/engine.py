@@ -41,10 +41,10 @@ from jax.sharding import PartitionSpec as P
 from jaxmp.config import ConfigError
 from jaxmp.models.contract import apply_part
 from jaxmp.models.layers import LayerContext
+from jaxmp.parallel.rules import use_rules
 from jaxmp.pipeline.packing import Packing
 from jaxmp.pipeline.schedule import BACKWARD, FORWARD, IDLE, WEIGHT, Schedule
 from jaxmp.pipeline.transfers import Transfers, plan_transfers
-from jaxmp.sharding import use_rules
 
 Head = Callable[[jax.Array, jax.Array, jax.Array], dict]  # (outputs_bxK, labels_b, weights_b) -> sums
 
@@ -697,10 +697,26 @@ def _example_ids(plan: Plan, b: int):
 
 
 def _flatten_pad(h: jax.Array, plan: Plan) -> jax.Array:
-    flat = h.reshape(h.shape[0], -1).astype(plan.message_dtype)
-    return jnp.pad(flat, ((0, 0), (0, plan.width - flat.shape[1])))
+    flat = _whole(h.reshape(h.shape[0], -1).astype(plan.message_dtype))
+    return _whole(jnp.pad(flat, ((0, 0), (0, plan.width - flat.shape[1]))))
 
 
 def _unflatten(h_bxA: jax.Array, plan: Plan, c: int) -> jax.Array:
     boundary = plan.boundaries[c - 1]
-    return h_bxA[:, : math.prod(boundary.shape)].reshape(h_bxA.shape[0], *boundary.shape).astype(boundary.dtype)
+    h = h_bxA[:, : math.prod(boundary.shape)].reshape(h_bxA.shape[0], *boundary.shape).astype(boundary.dtype)
+    return _whole(h)
+
+
+def _whole(x: jax.Array) -> jax.Array:
+    """A chunk's input and output stay whole over the mesh axes left automatic (``tensor``).
+
+    Why: left free, XLA may split a boundary activation of a model of your own along a feature or
+    spatial dimension (a flat message reshaped to an image splits its height), and then exchange halos
+    with collective-permutes inside the stage's ``lax.switch`` branch, which XLA:CPU cannot run there
+    (every permute waits for all devices, only the stage's take the branch). Megatron-style layers
+    already end whole, so the presets' collectives do not change.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not any(mesh.shape[axis] > 1 for axis in mesh.auto_axes):
+        return x
+    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec())

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from jaxmp.models.contract import ModelParts, Part, sub_params
-from jaxmp.sharding import as_axes
+from jaxmp.parallel.rules import as_axes
 
 
 class Piece(NamedTuple):

@@ -5,7 +5,7 @@ record of what a sharded step exchanges is the optimised HLO of the compiled exe
 (``jax.jit(f, in_shardings=..., out_shardings=...).lower(*args).compile().as_text()``). This module
 parses that text into :class:`Collective` records (kind, mesh axes, shape, elements moved) so tests can
 assert exactly which communication a strategy costs, e.g. the Dettmers data-vs-model-parallelism numbers
-(:func:`textbook_layer_exchange`).
+(:func:`jaxmp.inspection.textbook.textbook_layer_exchange`).
 
 Device ids. In an SPMD-partitioned program the ids in ``replica_groups`` / ``source_target_pairs`` are
 logical ids: positions in ``mesh.devices.flat`` (the executable's device assignment), not
@@ -44,16 +44,26 @@ reduce-scatter and all-to-all ``elements`` as counted above, collective-permute 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Iterable, Sequence
+from typing import NamedTuple
 
-import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh
 
-from jaxmp.mesh import MeshShape, build_mesh
-from jaxmp.sharding import logical_to_spec, rules_for
+from jaxmp.inspection.hlo import (
+    DTYPE_NAMES,
+    IOTA,
+    Array,
+    Instruction,
+    Shape,
+    array_leaves,
+    attribute,
+    close_bracket,
+    execution_counts,
+    itemsize_bits,
+    lines_by_computation,
+    parse_instruction,
+)
 
 KINDS = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
 
@@ -78,183 +88,19 @@ class Collective(NamedTuple):
         return self.elements * self.count
 
 
-class MemoryAndFlops(NamedTuple):
-    """Per-device memory (bytes) and flops XLA reports for a compiled program; None when unavailable.
-
-    ``flops`` and ``bytes_accessed`` are ``cost_analysis()``'s: XLA counts each while-loop body once
-    (checked on jax 0.10 CPU), so for scanned layers or pipelines use :mod:`jaxmp.hlo_cost`. Peak
-    memory is ``argument + output - alias + temp`` (donated inputs alias outputs).
-    """
-
-    argument_bytes: int | None
-    output_bytes: int | None
-    temp_bytes: int | None
-    flops: float | None
-    alias_bytes: int | None = None
-    bytes_accessed: float | None = None
-
-    @property
-    def peak_bytes(self) -> int | None:
-        """Live bytes at the program's peak: arguments, outputs not aliased to arguments, temporaries."""
-        parts = (self.argument_bytes, self.output_bytes, self.temp_bytes)
-        if any(part is None for part in parts):
-            return None
-        return self.argument_bytes + self.output_bytes - (self.alias_bytes or 0) + self.temp_bytes
-
-
-# ----------------------------------------------------------------------------------------- HLO syntax
-
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?(?P<name>[\w.\-]+)\s*=\s*")
-_OPCODE = re.compile(r"\s*(?P<opcode>[a-z][\w\-]*)\(")
-_LEAF = re.compile(r"\s*(?P<dtype>[a-z][a-z0-9]*)\[(?P<dims>[^\]]*)\]")
-_IOTA = re.compile(r"\[(?P<dims>[\d,\s]+)\]<=\[(?P<reshape>[\d,\s]+)\](?:T\((?P<perm>[\d,\s]+)\))?")
 _DEVICE_IOTA = re.compile(r"\[(?P<first>[\d,\s]+)\](?:<=\[(?P<reshape>[\d,\s]+)\])?(?:T\((?P<perm>[\d,\s]+)\))?$")
+
+
 _AXIS_REF = re.compile(r"'?(?P<name>[^':,\s]+)'?(?::\((?P<pre>\d+)\)(?P<size>\d+))?")
-_COMMENT = re.compile(r"/\*.*?\*/")
+
+
 _OP_NAME = re.compile(r'metadata=\{[^\n]*?\bop_name="(?P<op>(?:[^"\\]|\\.)*)"')
-_OPENERS = {"(": ")", "{": "}", "[": "]"}
-
-_DTYPES = {
-    "pred": "bool",
-    "s4": "int4",
-    "s8": "int8",
-    "s16": "int16",
-    "s32": "int32",
-    "s64": "int64",
-    "u4": "uint4",
-    "u8": "uint8",
-    "u16": "uint16",
-    "u32": "uint32",
-    "u64": "uint64",
-    "f16": "float16",
-    "bf16": "bfloat16",
-    "f32": "float32",
-    "f64": "float64",
-    "c64": "complex64",
-    "c128": "complex128",
-    "f8e4m3fn": "float8_e4m3fn",
-    "f8e5m2": "float8_e5m2",
-}
 
 
-class _Array(NamedTuple):
-    dtype: str
-    dims: tuple[int, ...]
-
-
-Shape = _Array | list  # a list is an HLO tuple shape (of shapes)
-
-
-class _Instruction(NamedTuple):
-    name: str
-    shape: Shape
-    opcode: str
-    operands: list[str]
-    attrs: str
-    count: int = 1
-
-
-def _close(text: str, pos: int) -> int:
-    """Index just past the bracket that closes the one at ``text[pos]``."""
-    stack = []
-    for i in range(pos, len(text)):
-        char = text[i]
-        if char in _OPENERS:
-            stack.append(_OPENERS[char])
-        elif stack and char == stack[-1]:
-            stack.pop()
-            if not stack:
-                return i + 1
-    raise ValueError(f"unbalanced {text[pos]!r} in HLO: {text[pos : pos + 80]!r}")
-
-
-def _parse_shape(text: str, pos: int = 0) -> tuple[Shape, int]:
-    """Parse an HLO shape (``f32[4,8]{1,0}`` or a tuple of shapes) starting at ``pos``."""
-    while text[pos] == " ":
-        pos += 1
-    if text[pos] == "(":
-        items: list[Shape] = []
-        pos += 1
-        while True:
-            while text[pos] in " ,":
-                pos += 1
-            if text[pos] == ")":
-                return items, pos + 1
-            item, pos = _parse_shape(text, pos)
-            items.append(item)
-    match = _LEAF.match(text, pos)
-    if match is None:
-        raise ValueError(f"cannot parse HLO shape at {text[pos : pos + 80]!r}")
-    dims = tuple(int(d.replace("<=", "")) for d in match["dims"].split(",") if d.strip())
-    pos = match.end()
-    if pos < len(text) and text[pos] == "{":
-        pos = _close(text, pos)
-    return _Array(match["dtype"], dims), pos
-
-
-def _split_operands(text: str) -> list[str]:
-    """Top-level comma-separated items of ``text``; each reduced to its last token (the name)."""
-    items, depth, start = [], 0, 0
-    for i, char in enumerate(text + ","):
-        if char in _OPENERS:
-            depth += 1
-        elif char in ")}]":
-            depth -= 1
-        elif char == "," and depth == 0:
-            token = text[start:i].strip()
-            if token:
-                items.append(token.split()[-1].lstrip("%"))
-            start = i + 1
-    return items
-
-
-def parse_instruction(line: str) -> _Instruction | None:
-    """The HLO instruction on ``line`` (name, result shape, opcode, operands, attributes), else None."""
-    line = _COMMENT.sub("", line)  # long tuples carry /*index=5*/ markers
-    head = _INSTRUCTION.match(line)
-    if head is None:
-        return None
-    try:
-        shape, pos = _parse_shape(line, head.end())
-    except (ValueError, IndexError):
-        return None
-    opcode = _OPCODE.match(line, pos)
-    if opcode is None:
-        return None
-    open_at = opcode.end() - 1
-    end = _close(line, open_at)
-    operands = _split_operands(line[open_at + 1 : end - 1])
-    return _Instruction(head["name"], shape, opcode["opcode"], operands, line[end:])
-
-
-def _parse_instruction(line: str) -> _Instruction | None:
+def _parse_instruction(line: str) -> Instruction | None:
     """The instruction on ``line`` if it is a collective (or an async part of one), else None."""
     inst = parse_instruction(line)
     return inst if inst is not None and _kind(inst.opcode)[0] is not None else None
-
-
-def _attr(attrs: str, key: str) -> str | None:
-    """The raw value of ``key=...`` in an instruction's attributes (balanced brackets), if present."""
-    match = re.search(rf"(?:^|[\s,]){re.escape(key)}=", attrs)
-    if match is None:
-        return None
-    start = match.end()
-    iota = _IOTA.match(attrs, start)
-    if iota:
-        return iota[0]
-    if attrs[start] in _OPENERS:
-        return attrs[start : _close(attrs, start)]
-    if attrs.startswith("mesh[", start):  # mesh[...][, device_ids=(...)] {axes}
-        pos = _close(attrs, start + 4)
-        devices = re.match(r",\s*device_ids=", attrs[pos:])
-        if devices:
-            pos = _close(attrs, pos + devices.end())
-        brace = attrs.index("{", pos)
-        return attrs[start : _close(attrs, brace)]
-    return re.match(r"[^,\s]*", attrs[start:])[0]
-
-
-# ------------------------------------------------------------------------------------ device groups
 
 
 def _ints(text: str) -> list[int]:
@@ -281,7 +127,7 @@ def _device_ids(text: str) -> np.ndarray:
 
 def _mesh_form_groups(text: str) -> np.ndarray:
     """Groups (rows) of logical ids from ``mesh['a'=4,'b'=2], device_ids=(...) {'b'}``."""
-    spec = text[5 : _close(text, 4) - 1]
+    spec = text[5 : close_bracket(text, 4) - 1]
     names, sizes = [], []
     for item in filter(None, (part.strip() for part in spec.split(","))):
         name, _, size = item.rpartition("=")
@@ -291,7 +137,7 @@ def _mesh_form_groups(text: str) -> np.ndarray:
     total = int(np.prod(sizes))
     if devices_at >= 0:
         open_at = text.index("(", devices_at)
-        devices = _device_ids(text[open_at + 1 : _close(text, open_at) - 1])
+        devices = _device_ids(text[open_at + 1 : close_bracket(text, open_at) - 1])
     else:
         devices = np.arange(total)
     refs = [
@@ -329,7 +175,7 @@ def replica_groups(text: str | None, num_devices: int) -> np.ndarray:
         return np.arange(num_devices).reshape(1, -1)
     if text.startswith("mesh["):
         return _mesh_form_groups(text)
-    iota = _IOTA.fullmatch(text.strip())
+    iota = IOTA.fullmatch(text.strip())
     if iota:
         array = _iota(_ints(iota["reshape"]), _ints(iota["perm"]) if iota["perm"] else None)
         return array.reshape(_ints(iota["dims"]))
@@ -345,9 +191,6 @@ def replica_groups(text: str | None, num_devices: int) -> np.ndarray:
 def source_target_pairs(text: str) -> np.ndarray:
     """``{{0,1},{1,0}}`` as an array of (source, target) rows."""
     return np.asarray([_ints(pair) for pair in re.findall(r"\{([\d,\s]*)\}", text)], dtype=int).reshape(-1, 2)
-
-
-# ------------------------------------------------------------------------------- ids to mesh axes
 
 
 def _coordinates(ids: np.ndarray, mesh: Mesh) -> np.ndarray:
@@ -389,16 +232,9 @@ def _largest_component(pairs: np.ndarray) -> int:
     return max(sizes.values(), default=1)
 
 
-# ------------------------------------------------------------------------------------- collectives
-
-
-def _leaves(shape: Shape) -> list[_Array]:
-    return [shape] if isinstance(shape, _Array) else [leaf for item in shape for leaf in _leaves(item)]
-
-
 def _start_result(kind: str, shape: Shape) -> Shape:
     """Result shape of an async ``-start`` whose ``-done`` is missing (XLA's start tuple layouts)."""
-    if isinstance(shape, _Array) or kind == "all-reduce":
+    if isinstance(shape, Array) or kind == "all-reduce":
         return shape
     return shape[1] if len(shape) > 1 else shape[0]  # ((operands), result, ...) or (operand, result, ...)
 
@@ -413,27 +249,20 @@ def _moved(kind: str, elements: int, group_size: int) -> int:
     return elements
 
 
-def _itemsize_bits(dtype: str) -> int:
-    if dtype == "pred":
-        return 8
-    match = re.match(r"[a-z]+?(\d+)", dtype)
-    return int(match[1]) if match else 8
-
-
-def _records(inst: _Instruction, kind: str, result: Shape, mesh: Mesh) -> list[Collective]:
+def _records(inst: Instruction, kind: str, result: Shape, mesh: Mesh) -> list[Collective]:
     num_devices = mesh.devices.size
     if kind == "collective-permute":
-        pairs = source_target_pairs(_attr(inst.attrs, "source_target_pairs") or "{}")
+        pairs = source_target_pairs(attribute(inst.attrs, "source_target_pairs") or "{}")
         axes, group_size = _axes_of_pairs(pairs, mesh), _largest_component(pairs)
     else:
-        groups = replica_groups(_attr(inst.attrs, "replica_groups"), num_devices)
+        groups = replica_groups(attribute(inst.attrs, "replica_groups"), num_devices)
         axes, group_size = _axes_of_groups(groups, mesh), groups.shape[1]
-    arrays = _leaves(result)
+    arrays = array_leaves(result)
     if kind == "all-to-all" and len(arrays) > 1:  # one operand per peer: a single exchange
         first = arrays[0]
         same = all(a.dims == first.dims for a in arrays)
         total = sum(int(np.prod(a.dims, dtype=int)) for a in arrays)
-        arrays = [_Array(first.dtype, (len(arrays), *first.dims) if same else (total,))]
+        arrays = [Array(first.dtype, (len(arrays), *first.dims) if same else (total,))]
     op = _OP_NAME.search(inst.attrs)
     records = []
     for array in arrays:
@@ -443,10 +272,10 @@ def _records(inst: _Instruction, kind: str, result: Shape, mesh: Mesh) -> list[C
                 kind=kind,
                 axes=axes,
                 shape=array.dims,
-                dtype=_DTYPES.get(array.dtype, array.dtype),
+                dtype=DTYPE_NAMES.get(array.dtype, array.dtype),
                 group_size=int(group_size),
                 elements=elements,
-                bytes=elements * _itemsize_bits(array.dtype) // 8,
+                bytes=elements * itemsize_bits(array.dtype) // 8,
                 name=inst.name,
                 op_name=op["op"] if op else "",
             )
@@ -475,9 +304,9 @@ def collectives(hlo_text: str, mesh: Mesh) -> list[Collective]:
       once; ``count`` is how often it runs per execution: the product of the known trip counts of the
       ``while`` loops around it (1 where XLA does not know a trip count).
     """
-    multipliers = _execution_counts(hlo_text)
+    multipliers = execution_counts(hlo_text)
     instructions = []
-    for computation, line in _lines_by_computation(hlo_text):
+    for computation, line in lines_by_computation(hlo_text):
         inst = _parse_instruction(line)
         if inst:
             instructions.append(inst._replace(count=multipliers.get(computation, 1)))
@@ -501,50 +330,6 @@ def collectives(hlo_text: str, mesh: Mesh) -> list[Collective]:
             result = done_shape.get(inst.name) or _start_result(kind, inst.shape)
         records += [r._replace(count=inst.count) for r in _records(inst, kind, result, mesh)]
     return records
-
-
-_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?(?P<name>[\w.\-]+)\s.*\{\s*$")
-_CALLEE = re.compile(
-    r"\b(?P<key>body|condition|calls|to_apply|branch_computations|async_execution_thread)=(?P<value>\{[^}]*\}|%?[\w.\-]+)"
-)
-_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(?P<n>\d+)"\}')
-
-
-def _lines_by_computation(hlo_text: str):
-    """``(computation name, line)`` for every line; ``ENTRY`` (and loose instruction lines) is ``"ENTRY"``."""
-    current = None
-    for line in hlo_text.splitlines():
-        if current is None:
-            match = _COMPUTATION.match(line)
-            if match and not line.startswith(" "):
-                current = "ENTRY" if line.startswith("ENTRY") else match["name"]
-            else:
-                yield "ENTRY", line
-            continue
-        if line.startswith("}"):
-            current = None
-            continue
-        yield current, line
-
-
-def _execution_counts(hlo_text: str) -> dict[str, int]:
-    """How many times each computation runs per execution of ``ENTRY``: while bodies run their trip count."""
-    calls: dict[str, list[tuple[str, int]]] = {}
-    for computation, line in _lines_by_computation(hlo_text):
-        trip = _TRIP_COUNT.search(line)
-        for callee in _CALLEE.finditer(_COMMENT.sub("", line)):
-            times = int(trip["n"]) if trip and callee["key"] == "body" else 1
-            for name in re.findall(r"%?([\w.\-]+)", callee["value"]):
-                calls.setdefault(computation, []).append((name, times))
-    counts: dict[str, int] = {}
-
-    def visit(name: str, times: int, depth: int = 0) -> None:
-        counts[name] = counts.get(name, 0) + times
-        for callee, factor in calls.get(name, ()) if depth < 64 else ():
-            visit(callee, times * factor, depth + 1)
-
-    visit("ENTRY", 1)
-    return counts
 
 
 def summarize(colls: Iterable[Collective], *, per_run: bool = False) -> dict[tuple[str, tuple[str, ...]], int]:
@@ -602,128 +387,3 @@ def origin(op_name: str) -> str:
         if not wrappers.match(token) and token not in scopes:
             scopes.append(token)
     return f"{phase}: {'/'.join(scopes[-3:])}"
-
-
-# ------------------------------------------------------------------------------------ compilation
-
-
-def compile_sharded(
-    fn: Callable, *args: Any, in_shardings: Any = None, out_shardings: Any = None
-) -> jax.stages.Compiled:
-    """``jax.jit(fn, ...).lower(*args).compile()``; ``None`` shardings are left to XLA (not replicated)."""
-    kwargs = {}
-    if in_shardings is not None:
-        kwargs["in_shardings"] = in_shardings
-    if out_shardings is not None:
-        kwargs["out_shardings"] = out_shardings
-    return jax.jit(fn, **kwargs).lower(*args).compile()
-
-
-def compiled_text(fn: Callable, *args: Any, in_shardings: Any = None, out_shardings: Any = None) -> str:
-    """The optimised HLO text of ``fn`` compiled with the given shardings (args may be ShapeDtypeStructs)."""
-    return compile_sharded(fn, *args, in_shardings=in_shardings, out_shardings=out_shardings).as_text()
-
-
-def memory_and_flops(compiled: jax.stages.Compiled) -> MemoryAndFlops:
-    """Per-device argument / output / temp bytes and flops XLA reports; fields are None when missing."""
-    try:
-        memory = compiled.memory_analysis()
-    except (NotImplementedError, RuntimeError):
-        memory = None
-    try:
-        cost = compiled.cost_analysis()
-    except (NotImplementedError, RuntimeError):
-        cost = None
-    if isinstance(cost, list | tuple):  # older jax: one dict per program
-        cost = cost[0] if cost else None
-    flops = cost.get("flops") if cost else None
-    accessed = cost.get("bytes accessed") if cost else None
-
-    def field(name: str) -> int | None:
-        value = getattr(memory, name, None)
-        return None if value is None else int(value)
-
-    return MemoryAndFlops(
-        argument_bytes=field("argument_size_in_bytes"),
-        output_bytes=field("output_size_in_bytes"),
-        temp_bytes=field("temp_size_in_bytes"),
-        flops=None if flops is None else float(flops),
-        alias_bytes=field("alias_size_in_bytes"),
-        bytes_accessed=None if accessed is None else float(accessed),
-    )
-
-
-# ------------------------------------------------------------------------ Dettmers' textbook layer
-
-_TEXTBOOK_AXIS = {"dp": "data", "column": "tensor", "row": "tensor"}
-
-
-def _textbook_specs(strategy: str) -> tuple[P, P, P, P]:
-    """(activation, weight, x where the matmul uses it, y where the matmul makes it) from the rules table.
-
-    The batch axis of the activations and the weight's ``(dense_in, dense_out)`` axes come from
-    :func:`jaxmp.sharding.rules_for`, so the layer is split exactly as the ``dense`` model is.
-    """
-    rules = rules_for(strategy)
-    batch = rules.get("batch")
-    weight = logical_to_spec(("dense_in", "dense_out"), rules)
-    w_in, w_out = (tuple(weight) + (None, None))[:2]
-    return P(batch, None), weight, P(batch, w_in), P(batch, w_out)
-
-
-def textbook_layer_exchange(
-    strategy: str, batch: int = 128, fan_in: int = 1000, fan_out: int = 500, mesh: Mesh | None = None
-) -> list[Collective]:
-    """Collectives XLA emits for forward + backward of one bias-free dense layer ``y = x @ W``.
-
-    Dettmers' example (ANCHORS.md): batch 128, W 1000x500, two devices. The step returns ``y`` and, for
-    an output cotangent ``dy``, ``dx = dy @ W.T`` and ``dW = x.T @ dy`` (via ``jax.vjp``): the layer as
-    it runs inside a network, where the input gradient is needed. Strategies (the ``dense`` model's
-    rules table, :mod:`jaxmp.sharding`), with ``g`` devices on the split axis:
-      - "dp": x, dy, y, dx split by batch; W, dW replicated -> all-reduce dW: ``fan_in*fan_out``
-        (500,000);
-      - "column": W, dW split by output over ``tensor``; activations whole -> all-gather y
-        ``batch*fan_out*(g-1)/g`` (32,000 received) + all-reduce of the partial dx ``batch*fan_in``
-        (128,000) = 160,000;
-      - "row": W, dW split by input -> all-reduce of the partial y ``batch*fan_out`` (64,000) +
-        all-gather dx ``batch*fan_in*(g-1)/g`` (64,000) = 128,000.
-    Sharding constraints pin where the matmul works (x used column-split for "row", y produced
-    column-split for "column"); their transposes pin the backward the same way (dx made column-split
-    for "row", dy sliced for "column"). The CPU compiler emits exactly the textbook pattern with or
-    without them.
-
-    Args:
-      strategy: "dp", "column" or "row".
-      mesh: default: a 2-device mesh, ``data=2`` for "dp" and ``tensor=2`` otherwise; any mesh works
-        (e.g. ``tensor=2`` for all three: "dp" then splits the batch over ``tensor`` as the trainer does).
-    """
-    if strategy not in _TEXTBOOK_AXIS:
-        raise ValueError(f"strategy {strategy!r} is not one of {', '.join(_TEXTBOOK_AXIS)}")
-    act, weight, x_use, y_made = _textbook_specs(strategy)
-    mesh = build_mesh(MeshShape(**{_TEXTBOOK_AXIS[strategy]: 2})) if mesh is None else mesh
-
-    def named(spec: P) -> NamedSharding:
-        return NamedSharding(mesh, spec)
-
-    def layer(x: jax.Array, w: jax.Array) -> jax.Array:
-        x = jax.lax.with_sharding_constraint(x, named(x_use))
-        return jax.lax.with_sharding_constraint(x @ w, named(y_made))
-
-    def step(x: jax.Array, w: jax.Array, dy: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        y, vjp = jax.vjp(layer, x, w)
-        dx, dw = vjp(dy)
-        return y, dx, dw
-
-    f32 = np.float32
-    args = (
-        jax.ShapeDtypeStruct((batch, fan_in), f32),
-        jax.ShapeDtypeStruct((fan_in, fan_out), f32),
-        jax.ShapeDtypeStruct((batch, fan_out), f32),
-    )
-    text = compiled_text(
-        step,
-        *args,
-        in_shardings=(named(act), named(weight), named(act)),
-        out_shardings=(named(act), named(act), named(weight)),
-    )
-    return collectives(text, mesh)

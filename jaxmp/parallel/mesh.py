@@ -115,3 +115,32 @@ def mesh_from_spec(spec: str, devices=None):
 
     devices = jax.devices() if devices is None else devices
     return build_mesh(parse_mesh(spec, len(devices)), devices)
+
+
+def as_mesh(mesh):
+    """A jaxmp mesh from a spec (``"data=2,tensor=4"``) or a ``jax.sharding.Mesh`` of your own.
+
+    A ``Mesh`` whose axes are some of data, tensor, pipe, in that order, gets the others as size-1 axes
+    (``jax.make_mesh((8,), ("data",))`` works); its devices keep their order. Any other axis names are a
+    ``ConfigError``: map your model's logical names to jaxmp's axes in the rules table instead.
+    """
+    import jax
+    from jax.sharding import AxisType
+
+    if isinstance(mesh, str):
+        return mesh_from_spec(mesh)
+    if not isinstance(mesh, jax.sharding.Mesh):
+        raise ConfigError(
+            f"expected a mesh spec such as 'data=2,tensor=4' or a jax.sharding.Mesh, got {type(mesh).__name__}."
+        )
+    names = tuple(mesh.axis_names)
+    if names == AXES and all(t == AxisType.Auto for t in mesh.axis_types):
+        return mesh
+    if not set(names) <= set(AXES) or list(names) != [a for a in AXES if a in names]:
+        raise ConfigError(
+            f"mesh axes {names}: jaxmp meshes have the axes {', '.join(AXES)} (in that order, any may be left "
+            "out); build one with jaxmp.mesh_from_spec('data=2,tensor=4') and map your logical names to those "
+            "axes in rules."
+        )
+    sizes = tuple(mesh.shape.get(a, 1) for a in AXES)
+    return jax.sharding.Mesh(mesh.devices.reshape(sizes), AXES, axis_types=(AxisType.Auto,) * len(AXES))

@@ -24,15 +24,15 @@ import math
 import re
 from typing import NamedTuple
 
-from jaxmp.analysis import (
-    _CALLEE,
-    _TRIP_COUNT,
+from jaxmp.inspection.hlo import (
+    CALLEE,
+    TRIP_COUNT,
+    Array,
+    Instruction,
     Shape,
-    _Array,
-    _Instruction,
-    _itemsize_bits,
-    _leaves,
-    _lines_by_computation,
+    array_leaves,
+    itemsize_bits,
+    lines_by_computation,
     parse_instruction,
 )
 
@@ -60,11 +60,11 @@ class HloCost(NamedTuple):
 
 
 def _elements(shape: Shape) -> int:
-    return sum(math.prod(leaf.dims) for leaf in _leaves(shape))
+    return sum(math.prod(leaf.dims) for leaf in array_leaves(shape))
 
 
 def _bytes(shape: Shape) -> int:
-    return sum(math.prod(leaf.dims) * _itemsize_bits(leaf.dtype) // 8 for leaf in _leaves(shape))
+    return sum(math.prod(leaf.dims) * itemsize_bits(leaf.dtype) // 8 for leaf in array_leaves(shape))
 
 
 def _dims(attrs: str, key: str) -> list[int]:
@@ -72,9 +72,9 @@ def _dims(attrs: str, key: str) -> list[int]:
     return [int(d) for d in match[1].split(",") if d.strip()] if match else []
 
 
-def _dot_flops(inst: _Instruction, shapes: dict[str, Shape]) -> float:
+def _dot_flops(inst: Instruction, shapes: dict[str, Shape]) -> float:
     lhs = shapes.get(inst.operands[0]) if inst.operands else None
-    if not isinstance(lhs, _Array):
+    if not isinstance(lhs, Array):
         return 0.0
     contracting = _dims(inst.attrs, "lhs_contracting_dims")
     if inst.opcode == "custom-call":  # GPU gemm: dimension numbers live in the backend config JSON
@@ -85,29 +85,29 @@ def _dot_flops(inst: _Instruction, shapes: dict[str, Shape]) -> float:
     return 2.0 * _elements(inst.shape) * math.prod(lhs.dims[d] for d in contracting)
 
 
-def _conv_flops(inst: _Instruction, shapes: dict[str, Shape]) -> float:
+def _conv_flops(inst: Instruction, shapes: dict[str, Shape]) -> float:
     kernel = shapes.get(inst.operands[1]) if len(inst.operands) > 1 else None
     labels = re.search(r"dim_labels=\w+_(\w+)->", inst.attrs)
-    if not isinstance(kernel, _Array) or labels is None or "o" not in labels[1]:
+    if not isinstance(kernel, Array) or labels is None or "o" not in labels[1]:
         return 0.0
     outputs = kernel.dims[labels[1].index("o")]
     return 2.0 * _elements(inst.shape) * math.prod(kernel.dims) / max(outputs, 1)
 
 
-def _computations(hlo_text: str) -> dict[str, list[_Instruction]]:
-    bodies: dict[str, list[_Instruction]] = {}
-    for computation, line in _lines_by_computation(hlo_text):
+def _computations(hlo_text: str) -> dict[str, list[Instruction]]:
+    bodies: dict[str, list[Instruction]] = {}
+    for computation, line in lines_by_computation(hlo_text):
         inst = parse_instruction(line)
         if inst:
             bodies.setdefault(computation, []).append(inst)
     return bodies
 
 
-def _callees(inst: _Instruction) -> list[tuple[str, str, int]]:
+def _callees(inst: Instruction) -> list[tuple[str, str, int]]:
     """(key, computation, times per call) for every computation ``inst`` calls."""
-    trip = _TRIP_COUNT.search(inst.attrs)
+    trip = TRIP_COUNT.search(inst.attrs)
     found = []
-    for callee in _CALLEE.finditer(inst.attrs):
+    for callee in CALLEE.finditer(inst.attrs):
         times = int(trip["n"]) if trip and callee["key"] in ("body", "condition") else 1
         for name in re.findall(r"%?([\w.\-]+)", callee["value"]):
             found.append((callee["key"], name, times))

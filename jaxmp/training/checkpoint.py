@@ -30,26 +30,25 @@ import jax
 import numpy as np
 
 from jaxmp.config import Config, ConfigError
-from jaxmp.metrics import check_output_dir
-from jaxmp.models import DEFAULT_ACTIVATION
-from jaxmp.sharding import path_name
-from jaxmp.step import Program, TrainState
+from jaxmp.models import activation_of, preset
+from jaxmp.parallel.sharding import path_name
+from jaxmp.training.metrics import check_output_dir
+from jaxmp.training.step import Program, TrainState
 
 FORMAT = 1  # bump when the layout of ``state`` or ``meta`` changes
 
 
 def signature(cfg: Config, input_shape: tuple[int, ...], classes: int, own: dict | None = None) -> dict[str, Any]:
     """What a checkpoint must agree on with the run that restores it (JSON-ready); ``own`` replaces
-    the description of the parts the user brought (``jaxmp.loop.Own.describe``)."""
-    model = {"model": cfg.model.model, "activation": cfg.model.activation}
-    if model["activation"] == "default" and "model" not in (own or {}):
-        model["activation"] = DEFAULT_ACTIVATION[cfg.model.model]
-    if cfg.model.model == "mlp" and "model" not in (own or {}):
-        model.update(width=cfg.model.width, hidden=cfg.model.hidden, depth=cfg.model.depth)
+    the description of the parts the user brought (``jaxmp.training.loop.Own.describe``)."""
     own = own or {}
+    model = own.get("model")
+    if model is None:
+        model = {"model": cfg.model.model, "activation": activation_of(cfg.model)}
+        model.update({name: getattr(cfg.model, name) for name in preset(cfg.model).options})
     return {
         "format": FORMAT,
-        "model": own.get("model", model),
+        "model": model,
         "optimizer": own.get("optimizer", cfg.optim.optimizer),
         "data": {"dataset": own.get("dataset", cfg.data.dataset), "input_shape": list(input_shape), "classes": classes},
         "batch": {"batch_size": cfg.run.batch_size, "seed": cfg.run.seed},

@@ -24,20 +24,11 @@ from jaxmp.config import Config, ConfigError, OptimConfig, first_line, validate
 from jaxmp.models import build_model, check_strategy
 from jaxmp.models.contract import ModelParts, apply_model, model_parts
 from jaxmp.models.layers import LayerContext
+from jaxmp.parallel.mesh import as_mesh
+from jaxmp.parallel.rules import as_axes, logical_to_spec, rules_for, rules_without_axes, use_rules
+from jaxmp.parallel.sharding import axis_size, check_divisible, fsdp_specs, param_specs
 from jaxmp.pipeline import Pipeline, build_pipeline, is_pipelined, split_microbatches
 from jaxmp.pipeline import run as run_pipeline
-from jaxmp.sharding import (
-    as_axes,
-    axis_size,
-    check_divisible,
-    check_mesh,
-    fsdp_specs,
-    logical_to_spec,
-    param_specs,
-    rules_for,
-    rules_without_axes,
-    use_rules,
-)
 
 
 class TrainState(NamedTuple):
@@ -66,6 +57,8 @@ class Program(NamedTuple):
     to_saved: Any = None  # state -> saved form (pipelined: the stage buffers unpacked into layer order)
     from_saved: Any = None  # saved form -> state
     pipeline: Any = None  # the pipeline's plans and packing (jaxmp.pipeline.Pipeline), when pipelined
+    model: Any = None  # the model as shapes (nnx.eval_shape): its layers and parameter names, for inspection
+    rules: Mapping | None = None  # the whole rules table the program was built with
 
     def put_batch(self, x, y) -> tuple[jax.Array, jax.Array]:
         """Place a host batch on the mesh with the shardings the compiled steps expect."""
@@ -103,15 +96,19 @@ def put_rows(source, rows, sharding: NamedSharding) -> jax.Array:
     return jax.make_array_from_callback(shape, sharding, shard)
 
 
+# --optimizer: name -> the optax transformation of the run's learning rate and weight decay.
+OPTIMIZERS: dict[str, Callable[[OptimConfig], optax.GradientTransformation]] = {
+    "sgd": lambda cfg: optax.sgd(cfg.lr),
+    "adam": lambda cfg: optax.adam(cfg.lr),
+    "adamw": lambda cfg: optax.adamw(cfg.lr, weight_decay=cfg.weight_decay),
+}
+
+
 def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
     """The optax transformation named by ``cfg.optimizer``."""
-    if cfg.optimizer == "sgd":
-        return optax.sgd(cfg.lr)
-    if cfg.optimizer == "adam":
-        return optax.adam(cfg.lr)
-    if cfg.optimizer == "adamw":
-        return optax.adamw(cfg.lr, weight_decay=cfg.weight_decay)
-    raise ConfigError(f"--optimizer {cfg.optimizer!r} is not one of sgd, adam, adamw.")
+    if cfg.optimizer not in OPTIMIZERS:
+        raise ConfigError(f"--optimizer {cfg.optimizer!r} is not one of {', '.join(OPTIMIZERS)}.")
+    return OPTIMIZERS[cfg.optimizer](cfg)
 
 
 def cross_entropy(logits_BxC: jax.Array, y_B: jax.Array) -> jax.Array:
@@ -198,6 +195,7 @@ class _Layout(NamedTuple):
     layer_params: Any  # NamedSharding per parameter in the model's own layer order (the saved form)
     pipeline: Pipeline | None  # the pipeline's plans and packing, when pipelined
     outputs: jax.ShapeDtypeStruct  # the model's outputs for one global batch
+    model: nnx.Module  # the model as shapes
 
 
 def _layout(cfg: Config, mesh, rules, tx, make_model, input_shape) -> _Layout:
@@ -247,7 +245,7 @@ def _layout(cfg: Config, mesh, rules, tx, make_model, input_shape) -> _Layout:
         )
     except Exception as error:  # the user's layers, traced on shapes: one line saying so
         raise ConfigError(f"the model fails on inputs of shape {x_struct.shape}: {first_line(error)}") from error
-    return _Layout(graphdef, parts, state_sh, x_sh, y_sh, layer_params_sh, pipeline, outputs)
+    return _Layout(graphdef, parts, state_sh, x_sh, y_sh, layer_params_sh, pipeline, outputs, abstract_model)
 
 
 def build_program(
@@ -283,7 +281,7 @@ def build_program(
         is invalid (``jaxmp.config.validate``, the CLI's checks).
     """
     validate(cfg)
-    check_mesh(mesh)
+    mesh = as_mesh(mesh)
     rules = rules_for(cfg.model.strategy, rules)
     tx = make_optimizer(cfg.optim) if optimizer is None else optimizer
     check_optimizer(tx)
@@ -445,6 +443,8 @@ def _compile_program(mesh, rules, layout: _Layout, steps: _Steps, batch, input_s
         to_saved,
         from_saved,
         layout.pipeline,
+        layout.model,
+        rules,
     )
 
 

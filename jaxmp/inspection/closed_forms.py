@@ -1,15 +1,16 @@
 """Closed-form communication of a train step: what the textbooks say each strategy exchanges.
 
 Shapes: B = global batch, b = rows one data replica (or one micro-batch) sees, D = residual width,
+A = the widest activation between two pipeline chunks (one example, flattened),
 F = flattened features, t = devices on ``tensor``, S = stages, M = micro-batches, R = repeats,
 T = the schedule's ticks (GPipe and 1F1B: ``2*(M*R + S - 1)`` when S divides M), L = layers.
 
-Per device and per step, in elements (the counting conventions of :mod:`jaxmp.analysis`):
+Per device and per step, in elements (the counting conventions of :mod:`jaxmp.inspection.collectives`):
 
 - data parallelism (Dettmers; Scaling Book): every gradient is all-reduced once over the mesh axes
   that split the batch where its layer runs and that its own sharding does not use: the parameter's
   elements per device. Conv layers use the ``conv_batch`` axes, dense layers ``batch``. Scalars (the
-  mean loss, metrics such as the gradient norm) are not predicted: :func:`jaxmp.analyze.compare` counts
+  mean loss, metrics such as the gradient norm) are not predicted: :func:`jaxmp.inspection.step_report.compare` counts
   them apart.
 - tensor parallelism, per dense layer with b rows (Megatron-LM sec. 3):
   column (output split): forward all-gather ``b*fan_out*(t-1)/t`` unless a row layer follows
@@ -20,9 +21,9 @@ Per device and per step, in elements (the counting conventions of :mod:`jaxmp.an
   ``2*b*D``. ``hybrid`` adds the all-gather of the flattened conv features from the conv batch split
   to the dense one: ``b*F*(g-1)/g`` over the extra axes (Krizhevsky 2014).
 - pipeline (any schedule table as one SPMD program, :mod:`jaxmp.pipeline.engine`): each tick of the
-  table's loops is one collective-permute that moves one micro-batch activation or cotangent ``b*D``
+  table's loops is one collective-permute that moves one micro-batch activation or cotangent ``b*A``
   per device (an activation one stage on, or a cotangent one stage back, whichever the device's action
-  sends): ``T*b*D`` for GPipe, 1F1B and ZB-H1 (``T`` their ticks), more where a table has a stage
+  sends): ``T*b*A`` for GPipe, 1F1B and ZB-H1 (``T`` their ticks), more where a table has a stage
   hear from two others in one tick (a second round). The textbook's minimum is ``b*D`` per boundary
   per micro-batch each way (the extra ticks are the bubble's share). The bubble is
   ``(S-1)/(M*R+S-1)`` of the stage-ticks (ZB-H1: ``(S-1)/(3M+S-1)``). No weight or gradient crosses ``pipe``; the
@@ -30,8 +31,10 @@ Per device and per step, in elements (the counting conventions of :mod:`jaxmp.an
   layers inside stages run in per-stage branches, whose collectives the loop counts of the compiled
   program cannot attribute to ticks, so pipelined runs leave ``tensor`` uncovered.
 
-Where a model/strategy has no closed form here (convolutions split by channel, heterogeneous pipeline
-buffers), the axis is listed in ``Prediction.uncovered`` and only measured numbers are shown.
+The tensor terms follow the layer kinds (:data:`DENSE_MAPS`: jaxmp's ``Dense``, ``Embed`` and
+``MegatronBlock``), so a model of your own built from them has closed forms too. Where a model has none
+(a layer kind jaxmp does not know, convolutions split by channel, tensor parallelism inside pipeline
+stages), the axis is listed in ``Prediction.uncovered`` and only measured numbers are shown.
 """
 
 from __future__ import annotations
@@ -43,12 +46,12 @@ import jax
 from flax import nnx
 
 from jaxmp.config import Config
-from jaxmp.models import build_model
-from jaxmp.models.cnn import MnistCNN, TextbookDense
-from jaxmp.models.mlp import MLP1024, ResidualMLP
-from jaxmp.pipeline import is_pipelined, schedule_for
+from jaxmp.models.contract import model_parts
+from jaxmp.models.mlp import Dense, Embed, MegatronBlock
+from jaxmp.parallel.rules import rules_without_axes
+from jaxmp.parallel.sharding import axis_size, param_specs, path_name
+from jaxmp.pipeline import is_pipelined
 from jaxmp.pipeline.engine import plan_exchange
-from jaxmp.sharding import axis_size, param_specs, path_name, rules_for
 
 
 class Expected(NamedTuple):
@@ -104,11 +107,11 @@ def _shard_elements(mesh, shape: tuple[int, ...], spec) -> int:
     return math.prod(dim // axis_size(mesh, axes) for dim, axes in zip(shape, tuple(spec) + (None,) * 8, strict=False))
 
 
-def _context(cfg: Config, mesh: jax.sharding.Mesh, input_shape: tuple[int, ...], classes: int) -> _Context:
-    rules = rules_for(cfg.model.strategy)
-    model = nnx.eval_shape(lambda: build_model(cfg.model, input_shape, classes, nnx.Rngs(0)))
-    abstract = nnx.state(model, nnx.Param)
-    specs = param_specs(abstract, rules)
+def _context(cfg: Config, program) -> _Context:
+    """The parameters of ``program`` by name: global shape, PartitionSpec (in the model's layer order),
+    logical names."""
+    abstract = nnx.state(program.model, nnx.Param)
+    specs = param_specs(abstract, rules_without_axes(program.rules, {"pipe"}) if program.pipeline else program.rules)
     params = {}
     for (path, var), (_, spec) in zip(
         jax.tree_util.tree_flatten_with_path(abstract, is_leaf=lambda x: isinstance(x, nnx.Variable))[0],
@@ -117,12 +120,7 @@ def _context(cfg: Config, mesh: jax.sharding.Mesh, input_shape: tuple[int, ...],
     ):
         names = tuple(var.get_metadata().get("out_sharding") or ())
         params[path_name(path)] = (tuple(var.get_value().shape), spec, names)
-    pipeline = None
-    if is_pipelined(cfg.pipeline, mesh.shape["pipe"]):
-        from jaxmp.step import build_program  # builds the layout only; nothing is compiled
-
-        pipeline = build_program(cfg, mesh, input_shape, classes).pipeline
-    return _Context(cfg, mesh, rules, model, params, pipeline)
+    return _Context(cfg, program.mesh, program.rules, program.model, params, program.pipeline)
 
 
 def _stage_buffer_terms(ctx: _Context) -> list[Expected]:
@@ -167,43 +165,101 @@ class _Run(NamedTuple):
     chain: list[_Dense]
     rows: int
     times: int
-    where: str  # formula prefix, e.g. "2*L*" or "T*L/(S*R)*"
+    where: str  # formula prefix, e.g. "L*"
+
+
+# Layer kinds with a closed form: the attributes that hold their dense maps, in the order data flows
+# through them. A layer of another kind with parameters has none (its axis is reported uncovered).
+DENSE_MAPS: dict[type, tuple[str, ...]] = {Dense: ("linear",), Embed: ("linear",), MegatronBlock: ("up", "down")}
+CHAINED = (Dense,)  # consecutive layers of these kinds form one chain (Megatron pairs across layers)
+
+
+def _module_parts(model) -> list[tuple[str, nnx.Module, int]]:
+    """``(parameter path, module, times it runs)`` of the model's parts in data-flow order (a stack's
+    layer once, ``times`` its depth)."""
+    parts = []
+    for part in model_parts(model).parts():
+        module = model
+        for key in part.key:
+            module = module[key] if isinstance(key, int) else getattr(module, key)
+        parts.append((".".join(map(str, part.key)), module, part.depth or 1))
+    return parts
+
+
+def _has_params(module) -> bool:
+    return bool(jax.tree.leaves(nnx.state(module, nnx.Param)))
 
 
 def _dense_runs(ctx: _Context) -> list[_Run] | None:
-    """The dense layers in the order data flows through them, or None if there is no closed form.
+    """The dense layers in the order data flows through them, or None if a layer has no closed form.
 
     Pipelined programs have none: their tensor-parallel layers run inside per-stage branches, which the
-    compiled program's loop counts cannot attribute to ticks (see :mod:`jaxmp.analysis`).
+    compiled program's loop counts cannot attribute to ticks (see :mod:`jaxmp.inspection.collectives`).
+    Convolutions (a ``channels`` kernel) add no tensor term unless ``tensor`` splits them (no closed form).
     """
-    model, mesh, cfg = ctx.model, ctx.mesh, ctx.cfg
+    mesh = ctx.mesh
+    if is_pipelined(ctx.cfg.pipeline, mesh.shape["pipe"]):
+        return None
 
-    def layer(name: str, first: bool) -> _Dense:
+    def dense(name: str, first: bool) -> _Dense:
         shape, spec, _ = ctx.params[name + ".kernel"]
         in_axes, out_axes = (tuple(spec) + (None,) * len(shape))[len(shape) - 2 : len(shape)]
         split = [mesh.shape["tensor"] > 1 and "tensor" in _spec_axes((axes,)) for axes in (in_axes, out_axes)]
         return _Dense(name, shape[-2], shape[-1], col=split[1], row=split[0], first=first)
 
-    rows = _batch_rows(ctx)
-    if is_pipelined(cfg.pipeline, mesh.shape["pipe"]):
-        return None
-    if isinstance(model, TextbookDense):
-        return [_Run([layer("layers.0.linear", True)], rows, 1, "")]
-    if isinstance(model, MLP1024):
-        return [_Run([layer(f"layers.{k}.linear", k == 0) for k in range(len(model.layers))], rows, 1, "")]
-    if isinstance(model, MnistCNN):
-        if "tensor" in _spec_axes(ctx.params["layers.0.conv.kernel"][1]):
-            return None  # conv channels split over tensor: no closed form here
-        return [_Run([layer(f"layers.{k}.linear", False) for k in (3, 4, 5)], rows, 1, "")]
-    if isinstance(model, ResidualMLP):
-        depth = ctx.params[f"{_BLOCKS}.up.kernel"][0][0]
-        blocks = [layer(f"{_BLOCKS}.up", False), layer(f"{_BLOCKS}.down", False)]
-        ends = [_Run([layer("pre.linear", True)], rows, 1, ""), _Run([layer("post.linear", False)], rows, 1, "")]
-        return [*ends, _Run(blocks, rows, depth, "L*")]
-    return None
+    runs: list[_Run] = []
+    rows, seen_params, chained = _batch_rows(ctx), False, False
+    for path, module, times in _module_parts(ctx.model):
+        kind = next((k for k in DENSE_MAPS if type(module) is k), None)
+        if kind is None:
+            if _has_params(module) and not _is_replicated_conv(ctx, path):
+                return None
+            seen_params, chained = seen_params or _has_params(module), False
+            continue
+        names = [f"{path}.{attr}" for attr in DENSE_MAPS[kind]]
+        chain = [dense(name, first=not seen_params and i == 0) for i, name in enumerate(names)]
+        if chained and kind in CHAINED and times == 1:
+            runs[-1].chain.extend(chain)
+        else:
+            runs.append(_Run(chain, rows, times, "L*" if times > 1 else ""))
+        seen_params, chained = True, kind in CHAINED and times == 1
+    return runs
 
 
-_BLOCKS = "layers.0.layer"  # the stacked Megatron blocks of ResidualMLP
+def _is_replicated_conv(ctx: _Context, path: str) -> bool:
+    """A conv layer (``channels`` kernel) that ``tensor`` does not split: data-parallel terms only."""
+    kernels = [(spec, names) for name, (_, spec, names) in ctx.params.items() if name.startswith(path + ".")]
+    convs = [spec for spec, names in kernels if "channels" in names]
+    return bool(convs) and not any("tensor" in _spec_axes(spec) for spec, _ in kernels)
+
+
+def _conv_to_dense_gather(ctx: _Context) -> list[Expected]:
+    """Hybrid (Krizhevsky 2014): the flattened conv features move from the conv batch split to the dense
+    one, an all-gather over the extra axes, at the first dense layer after a conv layer."""
+    extra = tuple(
+        a for a in _axes(ctx.mesh, ctx.rules.get("conv_batch")) if a not in _axes(ctx.mesh, ctx.rules.get("batch"))
+    )
+    if not extra:
+        return []
+    after_conv = False
+    for path, module, _ in _module_parts(ctx.model):
+        if after_conv and type(module) in DENSE_MAPS:
+            first = f"{path}.{DENSE_MAPS[type(module)][0]}"
+            features = ctx.params[first + ".kernel"][0][-2]
+            g = axis_size(ctx.mesh, extra)
+            return [
+                Expected(
+                    "conv -> dense features",
+                    "all-gather",
+                    extra,
+                    _batch_rows(ctx) * features * (g - 1) // g,
+                    "b*F*(g-1)/g",
+                )
+            ]
+        after_conv = after_conv or any(
+            "channels" in names for name, (_, _, names) in ctx.params.items() if name.startswith(path + ".")
+        )
+    return []
 
 
 def tensor_terms(ctx: _Context) -> list[Expected] | None:
@@ -213,16 +269,7 @@ def tensor_terms(ctx: _Context) -> list[Expected] | None:
         return None
     t = ctx.mesh.shape["tensor"]
     terms = [term for run in runs for term in _dense_terms(run.chain, run.rows, run.times, t, run.where)]
-    if isinstance(ctx.model, MnistCNN):
-        extra = [
-            a for a in _axes(ctx.mesh, ctx.rules.get("conv_batch")) if a not in _axes(ctx.mesh, ctx.rules.get("batch"))
-        ]
-        if extra:
-            shape = ctx.params["layers.3.linear.kernel"][0]
-            g = axis_size(ctx.mesh, tuple(extra))
-            elements = _batch_rows(ctx) * shape[0] * (g - 1) // g
-            terms.append(Expected("conv -> dense features", "all-gather", tuple(extra), elements, "b*F*(g-1)/g"))
-    return terms
+    return terms + _conv_to_dense_gather(ctx)
 
 
 def _dense_terms(chain: list[_Dense], rows: int, times: int, t: int, where: str) -> list[Expected]:
@@ -272,54 +319,40 @@ def _dense_terms(chain: list[_Dense], rows: int, times: int, t: int, where: str)
 
 
 def pipeline_terms(ctx: _Context) -> list[Expected] | None:
-    """Activations and cotangents between stages over ``pipe``; None if unknown (stages of other shapes).
+    """Activations and cotangents between stages over ``pipe``: any model.
 
-    One collective-permute of one micro-batch message (``b*D``) per tick of the executor's loops (see
-    :attr:`jaxmp.pipeline.transfers.Transfers.permutes`). No parameter or gradient crosses ``pipe``:
-    each stage's are on its own devices.
+    One collective-permute of one micro-batch message per tick of the executor's loops (see
+    :attr:`jaxmp.pipeline.transfers.Transfers.permutes`): ``b`` rows of the widest activation between
+    two chunks, ``A`` elements per example (the executor pads every message to it). No parameter or
+    gradient crosses ``pipe``: each stage's are on its own devices.
     """
-    stages = ctx.mesh.shape["pipe"]
-    if stages == 1 or not is_pipelined(ctx.cfg.pipeline, stages):
+    if ctx.pipeline is None:
         return []
-    if not isinstance(ctx.model, ResidualMLP):
-        return None
-    schedule = schedule_for(ctx.cfg.pipeline, stages)
-    b = _batch_rows(ctx) // schedule.microbatches
-    width = ctx.params[f"{_BLOCKS}.up.kernel"][0][-2]
-    permutes = plan_exchange(schedule).permutes
-    return [Expected("activations and cotangents", "collective-permute", ("pipe",), permutes * b * width, "T*b*D")]
+    plan = ctx.pipeline.train
+    rows = ctx.cfg.run.batch_size // axis_size(ctx.mesh, plan.batch_axes)
+    b = rows // plan.schedule.microbatches
+    permutes = plan_exchange(plan.schedule).permutes
+    return [Expected("activations and cotangents", "collective-permute", ("pipe",), permutes * b * plan.width, "T*b*A")]
 
 
-def predict(cfg: Config, mesh: jax.sharding.Mesh, input_shape: tuple[int, ...], classes: int) -> Prediction:
-    """The closed-form terms of ``cfg``'s train step on ``mesh`` (see the module docstring)."""
-    ctx = _context(cfg, mesh, input_shape, classes)
+def predict(cfg: Config, mesh: jax.sharding.Mesh, input_shape: tuple[int, ...], classes: int, **pieces) -> Prediction:
+    """The closed-form terms of ``cfg``'s train step on ``mesh`` (see the module docstring); nothing is
+    compiled. ``pieces``: a model of your own and its rules (``model_fn=``, ``rules=``), as
+    :func:`jaxmp.training.step.build_program` takes them."""
+    from jaxmp.training.step import build_program  # builds the layout only; nothing is compiled
+
+    return predict_program(cfg, build_program(cfg, mesh, input_shape, classes, **pieces))
+
+
+def predict_program(cfg: Config, program) -> Prediction:
+    """The closed-form terms of a built program (any model: layer kinds without one leave their axis
+    in ``Prediction.uncovered``)."""
+    ctx = _context(cfg, program)
     terms = data_parallel_terms(ctx)
     uncovered: list[str] = []
     for axis, found in (("tensor", tensor_terms(ctx)), ("pipe", pipeline_terms(ctx))):
-        if found is None and mesh.shape[axis] > 1:
+        if found is None and ctx.mesh.shape[axis] > 1:
             uncovered.append(axis)
         terms += found or []
-    stages = mesh.shape["pipe"]
-    bubble = schedule_for(cfg.pipeline, stages).bubble_fraction if is_pipelined(cfg.pipeline, stages) else 0.0
+    bubble = program.pipeline.train.schedule.bubble_fraction if program.pipeline else 0.0
     return Prediction(terms, tuple(uncovered), bubble)
-
-
-def textbook_layer(strategy: str, batch: int, fan_in: int, fan_out: int, devices: int) -> list[Expected]:
-    """Dettmers' closed form for one layer inside a network (input gradient needed), per device."""
-    g = devices
-    if strategy == "dp":
-        return [Expected("weight gradient", "all-reduce", (), fan_in * fan_out, "fan_in*fan_out")]
-    gathered = "b*{}*(g-1)/g"
-    if strategy == "column":
-        return [
-            Expected(
-                "output y (forward)", "all-gather", (), batch * fan_out * (g - 1) // g, gathered.format("fan_out")
-            ),
-            Expected("input gradient dx (backward)", "all-reduce", (), batch * fan_in, "b*fan_in"),
-        ]
-    return [
-        Expected("output y (forward)", "all-reduce", (), batch * fan_out, "b*fan_out"),
-        Expected(
-            "input gradient dx (backward)", "all-gather", (), batch * fan_in * (g - 1) // g, gathered.format("fan_in")
-        ),
-    ]

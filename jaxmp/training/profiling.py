@@ -15,7 +15,7 @@ import os
 import jax
 
 from jaxmp.config import Config, ConfigError, parse_profile_steps
-from jaxmp.metrics import check_output_dir
+from jaxmp.training.metrics import check_output_dir
 
 
 def check_profile(cfg: Config, start_step: int, total_steps: int) -> tuple[int, int] | None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import gzip
 import os
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import numpy as np
@@ -96,22 +96,25 @@ def load_dataset(cfg: DataConfig, seed: int) -> Dataset:
     Raises:
         ConfigError: unknown dataset, missing/corrupt IDX files, or a bad synthetic shape.
     """
-    if cfg.dataset == "digits":
-        return load_digits()
-    if cfg.dataset in ("mnist", "fashion-mnist"):
-        data_dir = cfg.data_dir
-        if data_dir is None and cfg.dataset == "fashion-mnist":
-            data_dir = FASHION_MNIST_DIR
-        if data_dir is None:
-            raise ConfigError(
-                f"--dataset {cfg.dataset} needs --data-dir, a folder with the IDX files "
-                f"{', '.join(IDX_FILES.values())} (plain or .gz)."
-            )
-        return load_idx_dataset(data_dir, cfg.dataset)
-    if cfg.dataset == "synthetic":
-        shape = parse_synthetic_shape(cfg.synthetic_shape)
-        return make_synthetic(shape, cfg.synthetic_size, cfg.synthetic_classes, seed)
-    raise ConfigError(f"--dataset {cfg.dataset!r} is not one of digits, fashion-mnist, mnist, synthetic.")
+    if cfg.dataset not in DATASETS:
+        raise ConfigError(f"--dataset {cfg.dataset!r} is not one of {', '.join(DATASETS)}.")
+    return DATASETS[cfg.dataset](cfg, seed)
+
+
+def _load_idx(cfg: DataConfig, seed: int) -> Dataset:
+    data_dir = cfg.data_dir
+    if data_dir is None and cfg.dataset == "fashion-mnist":
+        data_dir = FASHION_MNIST_DIR
+    if data_dir is None:
+        raise ConfigError(
+            f"--dataset {cfg.dataset} needs --data-dir, a folder with the IDX files "
+            f"{', '.join(IDX_FILES.values())} (plain or .gz)."
+        )
+    return load_idx_dataset(data_dir, cfg.dataset)
+
+
+def _load_synthetic(cfg: DataConfig, seed: int) -> Dataset:
+    return make_synthetic(parse_synthetic_shape(cfg.synthetic_shape), cfg.synthetic_size, cfg.synthetic_classes, seed)
 
 
 def load_digits() -> Dataset:
@@ -421,3 +424,12 @@ def eval_batches(x: np.ndarray, y: np.ndarray, batch_size: int) -> Iterator[tupl
             yield xb, yb, mask
 
     return stream()
+
+
+# --dataset: name -> loader of (data options, run seed).
+DATASETS: dict[str, Callable[[DataConfig, int], Dataset]] = {
+    "digits": lambda cfg, seed: load_digits(),
+    "fashion-mnist": _load_idx,
+    "mnist": _load_idx,
+    "synthetic": _load_synthetic,
+}

@@ -25,18 +25,19 @@ from typing import Any, NamedTuple
 
 import jax
 
-from jaxmp.checkpoint import Restored, Saver, check_directory, check_resume, restore
-from jaxmp.config import Config, ConfigError, RunStopped, first_line, validate
-from jaxmp.data import Dataset, batch_rows, eval_batches, load_dataset, num_batches
-from jaxmp.distributed import initialize, is_main_process
-from jaxmp.mesh import mesh_from_spec, simulate_cpu_devices
-from jaxmp.metrics import MetricsWriter, carried_records, check_metrics_path, check_tensorboard
+from jaxmp.config import Config, ConfigError, RunStopped, validate
 from jaxmp.models import check_strategy
+from jaxmp.models.contract import own_model_fn
+from jaxmp.parallel.mesh import MeshShape, as_mesh, mesh_from_spec, simulate_cpu_devices
+from jaxmp.parallel.sharding import print_sharding_report
 from jaxmp.pipeline.packing import print_stage_report
 from jaxmp.pipeline.plot import check_plot_path, save_schedule_plot
-from jaxmp.profiling import StepProfiler, check_profile
-from jaxmp.sharding import print_sharding_report
-from jaxmp.step import Program, TrainState, build_program, put_global
+from jaxmp.training.checkpoint import Restored, Saver, check_directory, check_resume, restore
+from jaxmp.training.data import Dataset, batch_rows, eval_batches, load_dataset, num_batches
+from jaxmp.training.distributed import initialize, is_main_process
+from jaxmp.training.metrics import MetricsWriter, carried_records, check_metrics_path, check_tensorboard
+from jaxmp.training.profiling import StepProfiler, check_profile
+from jaxmp.training.step import Program, TrainState, build_program, put_global
 
 STOP_SYNC_EVERY = 10  # multi-process runs agree on a stop request every this many steps
 
@@ -64,7 +65,8 @@ def fit(
       optimizer: an optax ``GradientTransformation``; default: the one ``config`` names.
       loss: ``(outputs, labels) -> per-example loss``; default: cross-entropy.
       rules: logical axis name -> mesh axes, over the strategy's table (e.g. ``{"hidden": "tensor"}``).
-      config: the run's options; ``options`` override its fields by name (``mesh="data=2,pipe=2"``,
+      config: the run's options; ``options`` override its fields by name (``mesh="data=2,pipe=2"`` or a
+        ``jax.sharding.Mesh`` with axes among data, tensor, pipe,
         ``microbatches=4``, ``steps=100``, ``checkpoint_dir=...``, ``resume=True``, ...).
 
     Returns:
@@ -74,9 +76,13 @@ def fit(
       ConfigError: invalid input (one sentence, before anything is written).
       Diverged, Interrupted: as :func:`train`.
     """
+    mesh = None
+    if not isinstance(options.get("mesh", ""), str):  # a jax.sharding.Mesh of the user's own
+        mesh = as_mesh(options["mesh"])
+        options["mesh"] = str(MeshShape(*mesh.shape.values()))
     cfg = (config or Config()).replace(**options)
     dataset = Dataset.of(train, test, classes=classes)
-    return run(cfg, console, Own(model_fn, optimizer, loss, rules, dataset))
+    return run(cfg, console, Own(model_fn, optimizer, loss, rules, dataset, mesh))
 
 
 class Summary(NamedTuple):
@@ -98,7 +104,8 @@ class Own(NamedTuple):
     optimizer: Any = None  # an optax GradientTransformation
     loss: Callable | None = None  # (outputs, labels) -> per-example loss
     rules: Mapping | None = None  # logical name -> mesh axes, over the strategy's table
-    dataset: Dataset | None = None  # host arrays (jaxmp.data.Dataset.of)
+    dataset: Dataset | None = None  # host arrays (jaxmp.training.data.Dataset.of)
+    mesh: jax.sharding.Mesh | None = None  # a mesh of the user's own, in place of the --mesh spec
 
     def program_options(self) -> dict:
         return dict(model_fn=self.model_fn, optimizer=self.optimizer, loss=self.loss, rules=self.rules)
@@ -155,8 +162,7 @@ def prepare(cfg: Config, own: Own = PRESETS) -> Setup:
       ConfigError: any invalid input, with one sentence naming it.
     """
     validate(cfg)
-    if own.model_fn is None and cfg.model.model_fn is not None:
-        own = own._replace(model_fn=load_model_fn(cfg.model.model_fn))
+    own = own._replace(model_fn=own_model_fn(cfg, own.model_fn))
     if own.model_fn is None:
         check_strategy(cfg.model)
     check_metrics_path(cfg.run.metrics_file)
@@ -166,7 +172,7 @@ def prepare(cfg: Config, own: Own = PRESETS) -> Setup:
     if cfg.run.cpu_devices:
         simulate_cpu_devices(cfg.run.cpu_devices)
     initialize(cfg.distributed)
-    mesh = mesh_from_spec(cfg.run.mesh)
+    mesh = own.mesh if own.mesh is not None else mesh_from_spec(cfg.run.mesh)
     dataset = own.dataset if own.dataset is not None else load_dataset(cfg.data, cfg.run.seed)
     batch_rows(dataset, cfg.run.batch_size, cfg.run.seed)  # raises if one batch does not fit
     steps = cfg.run.steps or cfg.run.epochs * num_batches(len(dataset.x_train), cfg.run.batch_size)
@@ -181,32 +187,6 @@ def prepare(cfg: Config, own: Own = PRESETS) -> Setup:
     for function in (program.init, program.train_step, program.eval_step):
         function.compiled  # noqa: B018 (compile now, so no step time includes compilation)
     return Setup(cfg, dataset, program, steps, restored, profile, own)
-
-
-def load_model_fn(spec: str) -> Callable:
-    """``FILE.py:NAME`` or ``MODULE:NAME`` (``--model-fn``) -> the callable it names; ``ConfigError``
-    naming what is missing."""
-    import importlib
-    import importlib.util
-    import os
-
-    where, _, name = spec.rpartition(":")
-    flag = f"--model-fn {spec!r}"
-    if where.endswith(".py") and not os.path.isfile(where):
-        raise ConfigError(f"{flag}: {where} is not a file.")
-    try:
-        if where.endswith(".py"):
-            module_spec = importlib.util.spec_from_file_location(os.path.basename(where)[:-3], where)
-            module = importlib.util.module_from_spec(module_spec)
-            module_spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(where)
-    except Exception as error:  # the user's file: name it and its first line of trouble
-        raise ConfigError(f"{flag}: cannot import {where}: {first_line(error)}") from error
-    found = getattr(module, name, None)
-    if not callable(found):
-        raise ConfigError(f"{flag}: {where} has no callable {name}.")
-    return found
 
 
 def _check_start(cfg: Config, input_shape: tuple[int, ...], classes: int, steps: int, own: dict) -> int:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from jaxmp.analysis import origin
+from jaxmp.inspection.collectives import origin
 
 MIB = 2**20
 
@@ -16,7 +16,7 @@ def _mib(value: int | None) -> str:
 
 
 def print_report(report, console) -> None:
-    """Print a :class:`jaxmp.analyze.StepReport`: collectives, per-axis totals, comparison, memory, notes."""
+    """Print a :class:`~jaxmp.inspection.step_report.StepReport`: collectives, axis totals, comparison, memory."""
     from rich.table import Table
 
     mesh = ",".join(f"{k}={v}" for k, v in report.mesh.items())
