@@ -49,7 +49,7 @@ BAD_INPUTS = [
     (["--mesh", "data=4,pipe=2", "--model", "mnist-cnn", "--stage-split", "4,4"], "adding up to the model's 6 layers"),
     (["--mesh", "data=4,pipe=2", "--microbatches", "3"], "cannot be split into 3 micro-batches"),
     (["--schedule", "naive", "--microbatches", "4"], "--schedule naive runs one micro-batch"),
-    (["--schedule", "pipedream"], "--schedule 'pipedream' is not one of 1f1b, gpipe, interleaved-1f1b, zb-h1"),
+    (["--schedule", "pipedream"], "--schedule 'pipedream' is not one of gpipe, 1f1b, interleaved-1f1b, zb-h1"),
     (["--mesh", "data=4,pipe=2", "--schedule", "zb-h1", "--repeats", "2", "--depth", "4"], "zb-h1 runs one chunk"),
     (
         ["--mesh", "data=4,pipe=2", "--model", "mlp-1024", "--placement", "0,1,1,0", "--microbatches", "2"],

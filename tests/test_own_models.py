@@ -167,3 +167,17 @@ def test_fit_on_a_flax_mesh_resumes_on_another_and_stops_on_nan(tmp_path):
     x[:] = np.nan
     with pytest.raises(jaxmp.training.loop.Diverged, match=r"loss is nan at step 1\b"):
         jaxmp.fit(SmallCNN, (x, y), steps=3, batch_size=BATCH, report=False, rules=RULES, mesh="data=8")
+
+
+def test_plan_ranks_the_meshes_of_a_model_of_your_own():
+    """``plan`` compiles the user's program on every mesh of 2 devices; each shape is feasible and its
+    roofline inputs come from that program (the MLP's hidden axis split over tensor moves data there)."""
+    from jaxmp.inspection.hardware import get_hardware
+    from jaxmp.inspection.planner import plan
+
+    cfg = jaxmp.Config().replace(batch_size=BATCH)
+    rows = plan(cfg, 2, get_hardware("cpu"), IMAGE, CLASSES, (1,), model_fn=BlockMLP, rules=RULES)
+    assert sorted(str(r.mesh) for r in rows) == sorted(str(s) for s in factorisations(2))
+    assert all(r.feasible and r.flops > 0 for r in rows), rows
+    comm = {str(r.mesh): r.comm_bytes for r in rows}
+    assert comm["data=1,tensor=2,pipe=1"] > 0 and comm["data=2,tensor=1,pipe=1"] > 0

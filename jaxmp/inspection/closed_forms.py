@@ -226,11 +226,18 @@ def _dense_runs(ctx: _Context) -> list[_Run] | None:
     return runs
 
 
+def _layer_params(ctx: _Context, path: str) -> list[tuple]:
+    """``(spec, logical names)`` of every parameter of the part at ``path``."""
+    return [(spec, names) for name, (_, spec, names) in ctx.params.items() if name.startswith(path + ".")]
+
+
+def _is_conv(ctx: _Context, path: str) -> bool:
+    return any("channels" in names for _, names in _layer_params(ctx, path))
+
+
 def _is_replicated_conv(ctx: _Context, path: str) -> bool:
     """A conv layer (``channels`` kernel) that ``tensor`` does not split: data-parallel terms only."""
-    kernels = [(spec, names) for name, (_, spec, names) in ctx.params.items() if name.startswith(path + ".")]
-    convs = [spec for spec, names in kernels if "channels" in names]
-    return bool(convs) and not any("tensor" in _spec_axes(spec) for spec, _ in kernels)
+    return _is_conv(ctx, path) and not any("tensor" in _spec_axes(spec) for spec, _ in _layer_params(ctx, path))
 
 
 def _conv_to_dense_gather(ctx: _Context) -> list[Expected]:
@@ -256,9 +263,7 @@ def _conv_to_dense_gather(ctx: _Context) -> list[Expected]:
                     "b*F*(g-1)/g",
                 )
             ]
-        after_conv = after_conv or any(
-            "channels" in names for name, (_, _, names) in ctx.params.items() if name.startswith(path + ".")
-        )
+        after_conv = after_conv or _is_conv(ctx, path)
     return []
 
 
