@@ -223,7 +223,7 @@ def layer_table(cfg: Config, mesh: jax.sharding.Mesh) -> list[LayerRow]:
     from jaxmp.parallel.rules import rules_for
     from jaxmp.parallel.sharding import axis_size
 
-    if cfg.model.model != "dense" or cfg.model.model_fn is not None:
+    if cfg.model.model != "dense":
         return []
     strategy = cfg.model.strategy
     fan_in, fan_out = TextbookDense.FAN_IN, TextbookDense.FAN_OUT

@@ -714,7 +714,7 @@ def _whole(x: jax.Array) -> jax.Array:
     spatial dimension (a flat message reshaped to an image splits its height), and then exchange halos
     with collective-permutes inside the stage's ``lax.switch`` branch, which XLA:CPU cannot run there
     (every permute waits for all devices, only the stage's take the branch). Megatron-style layers
-    already end whole, so the presets' collectives do not change.
+    already end whole: their collective counts are unchanged (``tests/test_pipeline.py`` asserts them).
     """
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or not any(mesh.shape[axis] > 1 for axis in mesh.auto_axes):
