@@ -131,9 +131,14 @@ def sub_params(params: dict, key: tuple):
 
 
 def apply_part(part: Part, params, h: jax.Array, ctx: LayerContext, *, unroll: bool = False, policy=None):
-    """Run one part on ``h``; for a stack, ``params`` holds any contiguous run of its layers."""
+    """Run one part on ``h``; for a stack, ``params`` holds any contiguous run of its layers, stacked or
+    as a list of one tree per layer (run in order, unrolled)."""
     if part.depth is None:
         return nnx.merge(part.graphdef, params)(h, ctx)
+    if isinstance(params, list):
+        for layer_params in params:
+            h = nnx.merge(part.graphdef, layer_params)(h, ctx)
+        return h
     return scan_layers(part.graphdef, params, h, ctx, unroll=unroll, policy=policy)
 
 

@@ -164,7 +164,8 @@ class _Tick(NamedTuple):
     h: jax.Array  # the stashed input activation [b, A]
     g: jax.Array  # the output cotangent [b, A]
     ids: jax.Array  # global example ids [b]
-    res: tuple = ()  # the residuals in this action's slot, one value per stash buffer
+    res: tuple = ()  # the residual stash buffers [residual slots + 1, ...], read-only in an action
+    slot: jax.Array | int = 0  # this action's residual slot (a forward writes it, its B and W read it)
 
 
 def run(plan: Plan, buffers: dict, x_MxB, y_MxB, w_MxB, key, head: Head, *, train: bool):
@@ -237,52 +238,56 @@ def _device_program(plan: Plan, head: Head, train: bool, manual: frozenset[str])
 class _Params(NamedTuple):
     """How the actions read a chunk's parameters and add up its gradients.
 
-    Stages whose chunks all share one layout (one device, or a stack split evenly) unpack their
-    parameters once per step and sum gradients in the layer tree, packed once after the loop. Otherwise
-    every action unpacks its chunk from the stage buffers and adds into them slot by slot: the only
-    form with one shape on every stage. The packed sums cost a read-modify-write of each slot per
-    action, which XLA:CPU does not do in place; the tree form runs as fast as a plain scan.
+    The pieces every stage has at the same offsets (:meth:`Packing.shared_params`: a stack split evenly;
+    on one stage, everything) are unpacked once per step, a short stack already cut into its layers
+    (:func:`_unrolls`), and their gradients summed in the layer tree, packed once after the loop: as fast
+    as a plain step. The other pieces (``pre``, ``post``, layers of their own) are unpacked by each action
+    from the stage buffers and added into them segment by segment: the only form with one shape on every
+    stage.
     """
 
     packing: Packing
     local: dict  # this device's buffers, manual tiles gathered
     manual: frozenset
-    tree: list | None  # the one layout's unpacked parameters, or None
+    shared: dict  # signature -> unpacked tree (a list of one tree per layer for an unrolled stack)
 
     @staticmethod
     def of(plan: Plan, local: dict, manual: frozenset) -> _Params:
-        single = len(set(_branch_keys(plan))) == 1
-        tree = plan.packing.chunk_params(0, local, manual) if single else None
-        return _Params(plan.packing, local, manual, tree)
+        shared = plan.packing.shared_params(local, manual)
+        for sig, tree in shared.items():
+            rows = sig[-1]
+            if rows is not None and _unrolls(plan, rows):
+                shared[sig] = [jax.tree.map(lambda a, i=i: a[i], tree) for i in range(rows)]
+        return _Params(plan.packing, local, manual, shared)
 
     def params(self, c: int) -> list:
-        return self.tree if self.tree is not None else self.packing.chunk_params(c, self.local, self.manual)
+        return self.packing.chunk_params(c, self.local, self.manual, self.shared)
 
     def zeros(self):
-        return jax.tree.map(jnp.zeros_like, self.tree if self.tree is not None else self.local)
+        return self.packing.zero_grads(self.shared, self.local)
 
     def add(self, c: int, sums, grads: list):
-        if self.tree is not None:
-            return jax.tree.map(jnp.add, sums, grads)
         return self.packing.add_chunk_grads(c, sums, grads, self.manual)
 
     def packed(self, sums) -> dict:
-        if self.tree is None:
-            return sums
-        return self.packing.add_chunk_grads(0, jax.tree.map(jnp.zeros_like, self.local), sums, self.manual)
+        stacked = {sig: _stack(tree) if isinstance(tree, list) else tree for sig, tree in sums.shared.items()}
+        return self.packing.packed_grads(sums._replace(shared=stacked), self.manual)
 
 
-UNROLLED_LAYERS = 8  # on one stage, a chunk's stacked layers are unrolled by default up to this many
+def _stack(rows: list):
+    return jax.tree.map(lambda *a: jnp.stack(a), *rows)
 
 
-def _unrolls_layers(plan: Plan, c: int) -> bool:
-    """On one stage (gradient accumulation over micro-batches) a chunk of a few stacked layers runs them
-    unrolled inside its tick: there a ``lax.scan`` over layers inside the tick loop costs ~20% of the
-    step on XLA:CPU, while compile time grows only up to ``UNROLLED_LAYERS`` copies of a layer (the
-    tick loop stays rolled: flat in M). On several stages it measured no faster and compile time would
-    grow with the layers per chunk, so only ``--unroll`` unrolls there."""
-    rows = sum(p.rows[1] - p.rows[0] for p in plan.packing.chunks[c].pieces if p.rows is not None)
-    return plan.unroll or (plan.schedule.stages == 1 and rows <= UNROLLED_LAYERS)
+UNROLLED_LAYERS = 8  # a chunk's run of stacked layers is unrolled by default up to this many
+
+
+def _unrolls(plan: Plan, rows: int) -> bool:
+    """Whether a chunk runs ``rows`` stacked layers unrolled inside its tick (the tick loop stays rolled:
+    compile time flat in M). Inside the tick loop, a ``lax.scan`` over layers costs XLA:CPU a slice of
+    every layer's weights and a zeroed gradient stack per action, a large share of a micro-batch's work;
+    unrolled, a short stack is cut into its layers once per step. Compile time grows only up to
+    ``UNROLLED_LAYERS`` copies of a layer; ``--unroll`` unrolls every stack and the tick loops."""
+    return plan.unroll or rows <= UNROLLED_LAYERS
 
 
 def _no_ops(schedule: Schedule, fuse_last: bool) -> np.ndarray:
@@ -389,7 +394,7 @@ class _Out(NamedTuple):
     sums: dict
     send: jax.Array  # [b, A] the activation sent on or the input cotangent sent back (blank if none)
     keep: jax.Array  # [b, A] written back into the input's stash slot (fused last chunk: its cotangent)
-    res: tuple  # per stash buffer: written back into the action's residual slot (a forward's: its own)
+    res: tuple  # per stash buffer: (value, slot) to write after the action (a forward's residuals; else the spare slot)
 
 
 def _sample_tick(plan: Plan, x_MxB, y_MxB, w_MxB) -> _Tick:
@@ -413,7 +418,7 @@ def _branches(plan: Plan, access: _Params, head: Head, train: bool, key, sample:
 
     def idle(g_params, sums, tick):
         blank = jnp.full(tick.h.shape, fill, tick.h.dtype)
-        return _Out(g_params, sums, blank, tick.h, tick.res)
+        return _Out(g_params, sums, blank, tick.h, _Stash.nothing(tick.res))
 
     branches = [idle]
     for chunk in chunks.values():
@@ -461,25 +466,33 @@ class _Stash(NamedTuple):
     def empty(self, slots: int, poison: bool) -> tuple:
         def fill(kind):
             value = jnp.nan if poison and jnp.issubdtype(kind.dtype, jnp.floating) else 0
-            return jnp.full((slots, *kind.shape), value, kind.dtype)
+            return jnp.full((slots + 1, *kind.shape), value, kind.dtype)
 
         return tuple(fill(kind) for kind in self.kinds)
 
-    def put(self, c: int, vjp, known: list, res: tuple) -> tuple:
-        """``res`` with chunk ``c``'s stashed closure leaves written into their buffers."""
-        layout, out = self.layouts[c], list(res)
+    def put(self, c: int, vjp, known: list, res: tuple, slot) -> tuple:
+        """Per buffer, ``(value, slot)``: chunk ``c``'s stashed closure leaves to write into ``slot``."""
+        layout, out = self.layouts[c], list(self.nothing(res))
         where, stashed = _classify(vjp, known)
         shapes = [(x.shape, x.dtype) for x in stashed]
         if where != layout.where or shapes != [(x.shape, x.dtype) for x in layout.stashed]:
             raise AssertionError(f"chunk {c}: the forward's residuals differ from those traced before the loop")
         for leaf, i in zip(stashed, self.buffer_of[c], strict=True):
-            out[i] = leaf
+            out[i] = (leaf, slot)
         return tuple(out)
 
-    def pullback(self, c: int, known: list, res: tuple):
+    @staticmethod
+    def nothing(res: tuple) -> tuple:
+        """Per buffer, a write that changes nothing that is read: zeros into the spare last slot.
+
+        Why a spare slot: the write then happens outside the action's ``lax.switch``, in place, and the
+        buffers enter the switch read-only (a branch that returned them would cost XLA a copy of each)."""
+        return tuple((jnp.zeros(b.shape[1:], b.dtype), b.shape[0] - 1) for b in res)
+
+    def pullback(self, c: int, known: list, res: tuple, slot):
         """Chunk ``c``'s ``jax.vjp`` closure, from the values its backward has and its stashed residuals."""
         layout = self.layouts[c]
-        stashed = [res[i] for i in self.buffer_of[c]]
+        stashed = [res[i][slot] for i in self.buffer_of[c]]
         leaves = [known[w] if w >= 0 else stashed[-1 - w] for w in layout.where]
         return jax.tree.unflatten(layout.treedef, leaves)
 
@@ -517,7 +530,6 @@ class _Chunk:
         self.plan, self.c, self.access, self.head, self.train, self.key = plan, c, access, head, train, key
         self.last = c == len(plan.packing.chunks) - 1
         self.fill = jnp.nan if plan.poison else 0.0
-        self.unroll_layers = _unrolls_layers(plan, c)
 
     def run(self, params, h, tick: _Tick):
         """The chunk from its input (the micro-batch for chunk 0) to its flat output, or to the head."""
@@ -526,7 +538,8 @@ class _Chunk:
         if c > 0:
             h = _unflatten(h, plan, c)
         for piece, piece_params in zip(plan.packing.chunks[c].pieces, params, strict=True):
-            h = apply_part(piece.part, piece_params, h, ctx, unroll=self.unroll_layers)
+            unroll = piece.rows is not None and _unrolls(plan, piece.rows[1] - piece.rows[0])
+            h = apply_part(piece.part, piece_params, h, ctx, unroll=unroll)
         if self.last:
             return self.head(h, tick.y, tick.weights)
         return _flatten_pad(h, plan)
@@ -589,33 +602,33 @@ class _Chunk:
             if not self.train:
                 out = self.run(self.access.params(c), self.primal(tick), tick)
                 if self.last:
-                    return _Out(g_params, jax.tree.map(jnp.add, sums, out), self.blank(tick), tick.h, tick.res)
-                return _Out(g_params, sums, out, tick.h, tick.res)
+                    return _Out(g_params, jax.tree.map(jnp.add, sums, out), self.blank(tick), tick.h, _Stash.nothing(tick.res))
+                return _Out(g_params, sums, out, tick.h, _Stash.nothing(tick.res))
             out, vjp, params = self.linearize(tick)
             if fused:
                 g_p, g_h = self.split(vjp(self.seed(out, tick)), tick)
                 keep = g_h if c > 0 else tick.h
-                return _Out(self.add(g_params, g_p), jax.tree.map(jnp.add, sums, out), self.blank(tick), keep, tick.res)
-            res = stash.put(c, vjp, self.known(params, tick), tick.res)
+                return _Out(self.add(g_params, g_p), jax.tree.map(jnp.add, sums, out), self.blank(tick), keep, _Stash.nothing(tick.res))
+            res = stash.put(c, vjp, self.known(params, tick), tick.res, tick.slot)
             if self.last:
                 return _Out(g_params, jax.tree.map(jnp.add, sums, out), self.blank(tick), tick.h, res)
             return _Out(g_params, sums, out, tick.h, res)
 
         def pull(tick: _Tick):
-            vjp = stash.pullback(c, self.known(self.access.params(c), tick), tick.res)
+            vjp = stash.pullback(c, self.known(self.access.params(c), tick), tick.res, tick.slot)
             return self.split(vjp(self.seed(stash.layouts[c].out, tick)), tick)
 
         def backward(g_params, sums, tick: _Tick):
             if fused or not self.train:  # fused: the forward left the cotangent in the input's slot
-                return _Out(g_params, sums, tick.h if fused else self.blank(tick), tick.h, tick.res)
+                return _Out(g_params, sums, tick.h if fused else self.blank(tick), tick.h, _Stash.nothing(tick.res))
             g_p, g_h = pull(tick)
-            return _Out(g_params if split else self.add(g_params, g_p), sums, g_h, tick.h, tick.res)
+            return _Out(g_params if split else self.add(g_params, g_p), sums, g_h, tick.h, _Stash.nothing(tick.res))
 
         def weight(g_params, sums, tick: _Tick):
             if fused or not self.train:
-                return _Out(g_params, sums, self.blank(tick), tick.h, tick.res)
+                return _Out(g_params, sums, self.blank(tick), tick.h, _Stash.nothing(tick.res))
             g_p, _ = pull(tick)
-            return _Out(self.add(g_params, g_p), sums, self.blank(tick), tick.h, tick.res)
+            return _Out(self.add(g_params, g_p), sums, self.blank(tick), tick.h, _Stash.nothing(tick.res))
 
         return [forward, backward, weight]
 
@@ -655,7 +668,8 @@ def _tick_fn(plan: Plan, branches, tables: _Tables, data, stage, tick_ids: np.nd
             inputs[jnp.maximum(tables.read_input[t], 0)],
             grads[jnp.maximum(tables.read_grad[t], 0)],
             ids_of(m),
-            tuple(buffer[tables.residual_slot[t]] for buffer in carry.residuals),
+            carry.residuals,
+            tables.residual_slot[t],
         )
         if len(mine) == 1:
             out = mine[0](carry.g_params, carry.sums, step)
@@ -663,10 +677,9 @@ def _tick_fn(plan: Plan, branches, tables: _Tables, data, stage, tick_ids: np.nd
             out = jax.lax.switch(remap[tables.branch[t]], mine, carry.g_params, carry.sums, step)
         if plan.fuse_last:
             inputs = inputs.at[jnp.maximum(tables.read_input[t], 0)].set(out.keep)
-        slot = tables.residual_slot[t]  # a forward's own slot; any other action writes back what it read
-        residuals = tuple(buffer.at[slot].set(value) for buffer, value in zip(carry.residuals, out.res, strict=True))
         sent = tuple(jax.lax.ppermute(out.send, "pipe", list(pairs)) for pairs in rounds)
         arrived = sent + carry.arrived[len(sent) :]
+        residuals = tuple(b.at[slot].set(value) for b, (value, slot) in zip(carry.residuals, out.res, strict=True))
         return _Carry(inputs, grads, arrived, out.g_params, out.sums, residuals)
 
     return tick

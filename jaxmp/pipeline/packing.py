@@ -70,6 +70,7 @@ class ChunkLayout(NamedTuple):
     stage: int
     pieces: list[Piece]
     slots: list[Slot]
+    shared: tuple = ()  # per piece: its signature if every stage has it at the same offsets, else None
 
 
 class Buffer(NamedTuple):
@@ -113,26 +114,51 @@ class Packing:
     def __init__(self, parts: ModelParts, abstract, specs, bounds, chunk_stage, mesh):
         self.parts, self.stages, self.mesh = parts, mesh.shape["pipe"], mesh
         self.chunk_stage = tuple(chunk_stage)
-        used: dict[tuple[int, str], int] = {}
+        last = len(bounds) - 1
+        pieces_of = [
+            chunk_pieces(parts, first, end, with_pre=c == 0, with_post=c == last) for c, (first, end) in enumerate(bounds)
+        ]
+        local = _local_index(self.chunk_stage)
+        shared = _shared_signatures(pieces_of, local, self.chunk_stage, self.stages)
+        used: dict[tuple[int, str], int] = {}  # (stage, buffer) -> elements placed so far
         kinds: dict[str, tuple] = {}  # buffer name -> (dtype, tile axes)
+        self.shared_size: dict[str, int] = {}  # per buffer: the elements of the shared region
+        self.shared: dict[tuple, list[Slot]] = {}  # signature -> the piece's slots (piece index 0)
+        for sig, piece in _by_signature(pieces_of, local).items():
+            if sig in shared:
+                self.shared[sig] = self._place(piece, 0, abstract, specs, mesh, self.shared_size, kinds)
         self.chunks: list[ChunkLayout] = []
-        for c, (first, end) in enumerate(bounds):
-            pieces = chunk_pieces(parts, first, end, with_pre=c == 0, with_post=c == len(bounds) - 1)
-            slots = []
+        for c, pieces in enumerate(pieces_of):
+            stage = self.chunk_stage[c]
+            offsets = {name: used.get((stage, name), self.shared_size.get(name, 0)) for name in kinds}
+            slots, signatures = [], []
             for i, piece in enumerate(pieces):
-                for path, leaf, spec in _leaves(abstract, specs, piece):
-                    tile = _tile_of(leaf.shape, spec, mesh)
-                    name = _buffer_name(leaf.dtype, tile.tile_axes)
-                    offset = used.get((chunk_stage[c], name), 0)
-                    used[(chunk_stage[c], name)] = offset + tile.size
-                    slots.append(Slot(i, path, name, offset, tile))
-                    kinds[name] = (leaf.dtype, tile.tile_axes)
-            self.chunks.append(ChunkLayout(chunk_stage[c], pieces, slots))
+                sig = _signature(local[c], piece)
+                signatures.append(sig if sig in shared else None)
+                if sig in shared:
+                    slots += [slot._replace(piece=i) for slot in self.shared[sig]]
+                else:
+                    slots += self._place(piece, i, abstract, specs, mesh, offsets, kinds)
+            used.update({(stage, name): n for name, n in offsets.items()})
+            self.chunks.append(ChunkLayout(stage, pieces, slots, tuple(signatures)))
         self.buffers = {
-            name: Buffer(axes, dtype, max(n for (_, b), n in used.items() if b == name))
+            name: Buffer(axes, dtype, max([self.shared_size.get(name, 0), *(n for (_, b), n in used.items() if b == name)]))
             for name, (dtype, axes) in sorted(kinds.items())
         }
         self._stage_elements = used
+
+    @staticmethod
+    def _place(piece: Piece, index: int, abstract, specs, mesh, offsets: dict, kinds: dict) -> list[Slot]:
+        """Slots for ``piece``'s parameters at the next free ``offsets`` of their buffers (updated)."""
+        slots = []
+        for path, leaf, spec in _leaves(abstract, specs, piece):
+            tile = _tile_of(leaf.shape, spec, mesh)
+            name = _buffer_name(leaf.dtype, tile.tile_axes)
+            offset = offsets.get(name, 0)
+            offsets[name] = offset + tile.size
+            slots.append(Slot(index, path, name, offset, tile))
+            kinds[name] = (leaf.dtype, tile.tile_axes)
+        return slots
 
     def buffer_specs(self) -> dict[str, P]:
         return {name: b.spec() for name, b in self.buffers.items()}
@@ -145,17 +171,17 @@ class Packing:
 
     def pack(self, params) -> dict[str, jax.Array]:
         """Layer-order parameters -> per-stage buffers (under jit: out_shardings place them)."""
-        pieces: dict[tuple[int, str], list[jax.Array]] = {}
+        pieces: dict[tuple[int, str], list[tuple[int, jax.Array]]] = {}
         for chunk in self.chunks:
             for slot in chunk.slots:
                 leaf = _leaf(params, chunk.pieces[slot.piece], slot.path)
-                pieces.setdefault((chunk.stage, slot.buffer), []).append(slot.tile.tile(leaf))
+                pieces.setdefault((chunk.stage, slot.buffer), []).append((slot.offset, slot.tile.tile(leaf)))
         out = {}
         for name, b in self.buffers.items():
             tiles = tuple(self.mesh.shape[a] for a in b.tile_axes)
             rows = []
             for s in range(self.stages):
-                parts = pieces.get((s, name), [])
+                parts = [tile for _, tile in sorted(pieces.get((s, name), []), key=lambda p: p[0])]
                 flat = jnp.concatenate(parts, axis=-1) if parts else jnp.zeros((*tiles, 0), b.dtype)
                 rows.append(jnp.pad(flat, [(0, 0)] * len(tiles) + [(0, b.size - flat.shape[-1])]))
             out[name] = jnp.stack(rows)
@@ -177,12 +203,27 @@ class Packing:
             _set(tree, key, value)
         return tree
 
-    def chunk_params(self, c: int, local, manual: frozenset[str]) -> list:
-        """Inside the executor: chunk ``c``'s parameters, one tree per piece, from this device's buffers
+    def shared_params(self, local, manual: frozenset[str]) -> dict:
+        """Inside the executor: the shared pieces' parameters (signature -> tree), unpacked once per step.
+
+        Why: every stage holds a shared piece (its stack rows, the same count on every stage) at the same
+        offsets, so one unpacking serves every action of the step, and its gradient can be summed in the
+        layer tree, where an add costs what it costs in a plain step."""
+        return {sig: self._unpack(slots, local, manual) for sig, slots in self.shared.items()}
+
+    def chunk_params(self, c: int, local, manual: frozenset[str], shared: dict) -> list:
+        """Inside the executor: chunk ``c``'s parameters, one tree per piece: the shared pieces from
+        ``shared`` (:meth:`shared_params`), the others sliced from this device's buffers
         (``[1, tiles..., N]``, every manual tile axis already gathered)."""
         chunk = self.chunks[c]
-        trees: list[dict] = [{} for _ in chunk.pieces]
-        for slot in chunk.slots:
+        return [
+            shared[sig] if sig is not None else self._unpack([s for s in chunk.slots if s.piece == i], local, manual)
+            for i, sig in enumerate(chunk.shared)
+        ]
+
+    def _unpack(self, slots: list[Slot], local, manual: frozenset[str]) -> dict:
+        tree: dict = {}
+        for slot in slots:
             flat = self._pinned(slot.buffer, local[slot.buffer], manual)[
                 0, ..., slot.offset : slot.offset + slot.tile.size
             ]
@@ -191,35 +232,59 @@ class Packing:
             # split the flat buffer with it, whose unaligned slices then cost collective-permutes inside
             # a stage's branch (a deadlock on XLA:CPU, where a permute waits for every device)
             leaf = jax.lax.with_sharding_constraint(leaf, P(*(_without(entry, manual) for entry in slot.tile.spec)))
-            _set(trees[slot.piece], slot.path, leaf)
-        return trees
+            _set(tree, slot.path, leaf)
+        return tree
 
     def _pinned(self, name: str, value: jax.Array, manual: frozenset[str]) -> jax.Array:
         """A local buffer ``[1, tiles..., N]`` split over its automatic tile axes only, never along N."""
         axes = [None if a in manual else a for a in self.buffers[name].tile_axes]
         return jax.lax.with_sharding_constraint(value, P(None, *axes, None))
 
-    def add_chunk_grads(self, c: int, sums: dict, grads: list, manual: frozenset[str]) -> dict:
-        """Inside the executor: add chunk ``c``'s parameter cotangents (one tree per piece, as
-        :meth:`chunk_params` gave them) into this device's running sums (``[1, tiles..., N]``).
+    def zero_grads(self, shared: dict, local: dict) -> GradSums:
+        """Running gradient sums at zero: trees for the shared pieces, flat for the rest of each buffer."""
+        rest = {}
+        for name, value in local.items():
+            rest[name] = jnp.zeros((*value.shape[:-1], value.shape[-1] - self.shared_size.get(name, 0)), value.dtype)
+        return GradSums(jax.tree.map(jnp.zeros_like, shared), rest)
 
-        A chunk's slots in one buffer are contiguous, so each buffer gets one read-add-write of the
-        chunk's segment (per-slot updates each cost XLA:CPU a copy of the whole buffer).
+    def add_chunk_grads(self, c: int, sums: GradSums, grads: list, manual: frozenset[str]) -> GradSums:
+        """Inside the executor: add chunk ``c``'s parameter cotangents (one tree per piece, as
+        :meth:`chunk_params` gave them) into this device's running sums.
+
+        Shared pieces add in the tree. The others: a chunk's slots in one buffer are contiguous, so each
+        buffer gets one read-add-write of the chunk's segment (per-slot updates each cost XLA:CPU a copy
+        of the whole buffer).
         """
-        sums = dict(sums)
+        chunk = self.chunks[c]
+        shared, rest = dict(sums.shared), dict(sums.rest)
         by_buffer: dict[str, list[Slot]] = {}
-        for slot in self.chunks[c].slots:
-            by_buffer.setdefault(slot.buffer, []).append(slot)
+        for i, sig in enumerate(chunk.shared):
+            if sig is not None:
+                shared[sig] = jax.tree.map(lambda a, g: a + g.astype(a.dtype), shared[sig], grads[i])
+        for slot in chunk.slots:
+            if chunk.shared[slot.piece] is None:
+                by_buffer.setdefault(slot.buffer, []).append(slot)
         for name, slots in by_buffer.items():
-            total = sums[name]
+            total = rest[name]
             parts = [slot.tile.tile(_get(grads[slot.piece], slot.path)).astype(total.dtype) for slot in slots]
-            first = slots[0].offset
+            first = slots[0].offset - self.shared_size.get(name, 0)
             assert all(a.offset + a.tile.size == b.offset for a, b in zip(slots, slots[1:], strict=False))
             segment = jnp.concatenate(parts, axis=-1)[None] if len(parts) > 1 else parts[0][None]
             segment, total = self._pinned(name, segment, manual), self._pinned(name, total, manual)
             old = jax.lax.slice_in_dim(total, first, first + segment.shape[-1], axis=-1)
-            sums[name] = jax.lax.dynamic_update_slice_in_dim(total, old + segment, first, axis=-1)
-        return sums
+            rest[name] = jax.lax.dynamic_update_slice_in_dim(total, old + segment, first, axis=-1)
+        return GradSums(shared, rest)
+
+    def packed_grads(self, sums: GradSums, manual: frozenset[str]) -> dict[str, jax.Array]:
+        """The running sums as buffers ``[1, tiles..., N]`` (the shared region first, as packed)."""
+        regions: dict[str, list[jax.Array]] = {name: [] for name in sums.rest}
+        for sig, slots in self.shared.items():
+            for slot in slots:
+                regions[slot.buffer].append(slot.tile.tile(_get(sums.shared[sig], slot.path))[None])
+        return {
+            name: self._pinned(name, jnp.concatenate([*regions[name], rest], axis=-1), manual)
+            for name, rest in sums.rest.items()
+        }
 
     def stage_table(self) -> list[dict]:
         """Per stage: its chunks' layers and parameter bytes per device (unpadded, and as stored)."""
@@ -231,6 +296,47 @@ class Packing:
             stored = sum(b.size * b.dtype.itemsize for b in self.buffers.values())
             rows.append({"stage": s, "chunks": chunks, "layers": " | ".join(layers), "bytes": used, "stored": stored})
         return rows
+
+
+class GradSums(NamedTuple):
+    """A stage's running gradient sums: shared pieces as trees, the rest of each buffer flat."""
+
+    shared: dict  # signature -> tree
+    rest: dict  # buffer -> [1, tiles..., N - shared size]
+
+
+def _signature(local: int, piece: Piece) -> tuple:
+    """What makes a piece the same on every stage: the chunk's place among its stage's chunks, the part
+    and, for a stack, its number of rows."""
+    return (local, piece.part.key, None if piece.rows is None else piece.rows[1] - piece.rows[0])
+
+
+def _local_index(chunk_stage: tuple[int, ...]) -> list[int]:
+    """Each chunk's place among the chunks of its stage (0 for the first it runs)."""
+    seen: dict[int, int] = {}
+    out = []
+    for stage in chunk_stage:
+        out.append(seen.get(stage, 0))
+        seen[stage] = out[-1] + 1
+    return out
+
+
+def _by_signature(pieces_of: list[list[Piece]], local: list[int]) -> dict[tuple, Piece]:
+    """Every signature, in chunk order, with the first piece that has it."""
+    out: dict[tuple, Piece] = {}
+    for c, pieces in enumerate(pieces_of):
+        for piece in pieces:
+            out.setdefault(_signature(local[c], piece), piece)
+    return out
+
+
+def _shared_signatures(pieces_of: list[list[Piece]], local: list[int], chunk_stage, stages: int) -> set[tuple]:
+    """The signatures found on every stage (a stack split evenly; on one stage, every piece)."""
+    found: dict[tuple, set[int]] = {}
+    for c, pieces in enumerate(pieces_of):
+        for piece in pieces:
+            found.setdefault(_signature(local[c], piece), set()).add(chunk_stage[c])
+    return {sig for sig, where in found.items() if len(where) == stages}
 
 
 def _piece_name(piece: Piece) -> str:

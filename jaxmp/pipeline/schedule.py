@@ -25,11 +25,11 @@ schedule prefers.
 - ``interleaved-1f1b`` (Megatron, Narayanan et al. 2021), ``R`` chunks per stage placed circularly:
   forwards in groups of ``S`` micro-batches per chunk, a backward first when ready, at most
   ``2(S - s - 1) + (R - 1)S + 1`` in flight. Bubble ``(S-1)/(R*M+S-1)`` when ``S`` divides ``M``.
-- ``zb-h1`` (Qi et al. 2024, "Zero Bubble Pipeline Parallelism"): 1F1B's order and stash limit (a
-  micro-batch's input is freed by its ``W``), with ``W`` taken only when no ``B`` or ``F`` can run, so
-  the weight gradients fill the warm-up and cool-down bubbles. In ticks (one action each, ``3M`` per
-  stage) the bubble is ``(S-1)/(3M+S-1)``: a third of 1F1B's ``3(S-1)`` idle action-slots when
-  ``F``, ``B`` and ``W`` cost the same.
+- ``zb-h1`` (Qi et al. 2024, "Zero Bubble Pipeline Parallelism"): 1F1B's warm-up, and at most ``S``
+  micro-batches in flight on every stage (a micro-batch's stash is freed by its ``W``): 1F1B's peak
+  stash. Stage 0 runs ``F B W`` in turn; the later stages put off their ``W`` s into the cool-down,
+  where 1F1B idles. In ticks (one action each, ``3M`` per stage) the bubble is ``(S-1)/(3M+S-1)``:
+  a third of 1F1B's ``3(S-1)`` idle action-slots when ``F``, ``B`` and ``W`` cost the same.
 """
 
 from __future__ import annotations
@@ -271,17 +271,17 @@ def _one_f_one_b_picker(state: _State) -> Picker:
 
 
 def _zb_h1_picker(state: _State) -> Picker:
-    """A ready ``B`` first; then a forward while fewer than ``S - s`` wait for their ``B`` and fewer
-    than ``2S - s - 1`` for their ``W``; otherwise the oldest ``W``."""
+    """A forward first while fewer than ``S - s`` micro-batches wait for their ``B`` (1F1B's warm-up) and
+    fewer than ``S`` for their ``W`` (1F1B's peak stash, on every stage); else a ready ``B``; else the
+    oldest ``W``. Stage 0 runs ``F B W`` in the steady state; later stages, which 1F1B leaves below that
+    peak, put off their ``W`` s into the cool-down, where 1F1B idles."""
 
     def pick(s, t):
-        action = state.first_ready(BACKWARD, state.by_microbatch(s, True), t)
         room = state.waiting(s, FORWARD, BACKWARD) < state.stages - s
-        room = room and state.waiting(s, FORWARD, WEIGHT) < 2 * state.stages - s - 1
-        if action is None and room:
-            action = state.first_ready(FORWARD, state.by_microbatch(s, False), t)
-        if action is None:
-            action = state.first_ready(WEIGHT, state.by_microbatch(s, False), t)
+        room = room and state.waiting(s, FORWARD, WEIGHT) < state.stages
+        action = state.first_ready(FORWARD, state.by_microbatch(s, False), t) if room else None
+        action = action or state.first_ready(BACKWARD, state.by_microbatch(s, True), t)
+        action = action or state.first_ready(WEIGHT, state.by_microbatch(s, False), t)
         return action or IDLE_ACTION
 
     return pick
