@@ -394,7 +394,7 @@ class _Out(NamedTuple):
     sums: dict
     send: jax.Array  # [b, A] the activation sent on or the input cotangent sent back (blank if none)
     keep: jax.Array  # [b, A] written back into the input's stash slot (fused last chunk: its cotangent)
-    res: tuple  # per stash buffer: (value, slot) to write after the action (a forward's residuals; else the spare slot)
+    res: tuple | None = None  # per stash buffer, (value, slot) to write after the action (a forward's residuals)
 
 
 def _sample_tick(plan: Plan, x_MxB, y_MxB, w_MxB) -> _Tick:
@@ -418,12 +418,23 @@ def _branches(plan: Plan, access: _Params, head: Head, train: bool, key, sample:
 
     def idle(g_params, sums, tick):
         blank = jnp.full(tick.h.shape, fill, tick.h.dtype)
-        return _Out(g_params, sums, blank, tick.h, _Stash.nothing(tick.res))
+        return _Out(g_params, sums, blank, tick.h)
 
     branches = [idle]
     for chunk in chunks.values():
         branches += chunk.actions(stash)
-    return branches, stash
+    return [_writing(branch) for branch in branches], stash
+
+
+def _writing(branch):
+    """``branch`` with the writes of an action that stashes nothing made explicit (:meth:`_Stash.nothing`):
+    every branch of a ``lax.switch`` returns the same structure."""
+
+    def run(g_params, sums, tick: _Tick) -> _Out:
+        out = branch(g_params, sums, tick)
+        return out if out.res is not None else out._replace(res=_Stash.nothing(tick.res))
+
+    return run
 
 
 class _Layout(NamedTuple):
@@ -602,13 +613,13 @@ class _Chunk:
             if not self.train:
                 out = self.run(self.access.params(c), self.primal(tick), tick)
                 if self.last:
-                    return _Out(g_params, jax.tree.map(jnp.add, sums, out), self.blank(tick), tick.h, _Stash.nothing(tick.res))
-                return _Out(g_params, sums, out, tick.h, _Stash.nothing(tick.res))
+                    return _Out(g_params, jax.tree.map(jnp.add, sums, out), self.blank(tick), tick.h)
+                return _Out(g_params, sums, out, tick.h)
             out, vjp, params = self.linearize(tick)
             if fused:
                 g_p, g_h = self.split(vjp(self.seed(out, tick)), tick)
                 keep = g_h if c > 0 else tick.h
-                return _Out(self.add(g_params, g_p), jax.tree.map(jnp.add, sums, out), self.blank(tick), keep, _Stash.nothing(tick.res))
+                return _Out(self.add(g_params, g_p), jax.tree.map(jnp.add, sums, out), self.blank(tick), keep)
             res = stash.put(c, vjp, self.known(params, tick), tick.res, tick.slot)
             if self.last:
                 return _Out(g_params, jax.tree.map(jnp.add, sums, out), self.blank(tick), tick.h, res)
@@ -620,15 +631,15 @@ class _Chunk:
 
         def backward(g_params, sums, tick: _Tick):
             if fused or not self.train:  # fused: the forward left the cotangent in the input's slot
-                return _Out(g_params, sums, tick.h if fused else self.blank(tick), tick.h, _Stash.nothing(tick.res))
+                return _Out(g_params, sums, tick.h if fused else self.blank(tick), tick.h)
             g_p, g_h = pull(tick)
-            return _Out(g_params if split else self.add(g_params, g_p), sums, g_h, tick.h, _Stash.nothing(tick.res))
+            return _Out(g_params if split else self.add(g_params, g_p), sums, g_h, tick.h)
 
         def weight(g_params, sums, tick: _Tick):
             if fused or not self.train:
-                return _Out(g_params, sums, self.blank(tick), tick.h, _Stash.nothing(tick.res))
+                return _Out(g_params, sums, self.blank(tick), tick.h)
             g_p, _ = pull(tick)
-            return _Out(self.add(g_params, g_p), sums, self.blank(tick), tick.h, _Stash.nothing(tick.res))
+            return _Out(self.add(g_params, g_p), sums, self.blank(tick), tick.h)
 
         return [forward, backward, weight]
 

@@ -12,6 +12,12 @@ parameters (plus padding), never the whole model's. A parameter split over mesh 
 gives XLA the parameter with its sharding, without moving data. Circular repeats store a device's
 chunks in its own buffer, so no weight crosses devices during a step.
 
+The shared region: a piece that every stage has (its stack's rows, the same count on each stage, at the
+same place among the stage's chunks; on one stage, every piece) is stored first, at the same offsets on
+every stage. The executor then unpacks it once per step, one program for all devices, and sums its
+gradient in the layer tree (:meth:`shared_params`, :class:`GradSums`); the other pieces (``pre``,
+``post``, layers of their own) follow, per stage.
+
 The model's own layer order (the pure-dict tree of ``nnx.state``) stays the saved form: :meth:`pack`
 and :meth:`unpack` convert, so checkpoints do not depend on the split, the placement or the mesh.
 """
@@ -116,7 +122,8 @@ class Packing:
         self.chunk_stage = tuple(chunk_stage)
         last = len(bounds) - 1
         pieces_of = [
-            chunk_pieces(parts, first, end, with_pre=c == 0, with_post=c == last) for c, (first, end) in enumerate(bounds)
+            chunk_pieces(parts, first, end, with_pre=c == 0, with_post=c == last)
+            for c, (first, end) in enumerate(bounds)
         ]
         local = _local_index(self.chunk_stage)
         shared = _shared_signatures(pieces_of, local, self.chunk_stage, self.stages)
@@ -142,7 +149,9 @@ class Packing:
             used.update({(stage, name): n for name, n in offsets.items()})
             self.chunks.append(ChunkLayout(stage, pieces, slots, tuple(signatures)))
         self.buffers = {
-            name: Buffer(axes, dtype, max([self.shared_size.get(name, 0), *(n for (_, b), n in used.items() if b == name)]))
+            name: Buffer(
+                axes, dtype, max([self.shared_size.get(name, 0), *(n for (_, b), n in used.items() if b == name)])
+            )
             for name, (dtype, axes) in sorted(kinds.items())
         }
         self._stage_elements = used
