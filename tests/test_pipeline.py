@@ -248,3 +248,26 @@ def test_auto_memory_puts_the_big_layer_alone():
     _, piped = config("mnist-cnn", microbatches=2, stage_split="auto-memory")
     program = build(piped, build_mesh(MeshShape(1, 1, 2)))
     assert "layers.3" in program.pipeline.packing.stage_table()[1]["layers"]
+
+
+@pytest.mark.parametrize(
+    ("repeats", "split", "shared"), [(1, "uniform", [2]), (2, "uniform", [1, 1]), (1, "3,2,2,1", [])]
+)
+def test_evenly_split_stacks_share_their_offsets_on_every_stage(repeats, split, shared):
+    """The executor unpacks a piece once per step only if every stage holds it at the same offsets: an
+    evenly split stack (one region per chunk a stage runs), never pre or post, nothing when uneven; the
+    buffers still round-trip the model's parameters."""
+    cfg, piped = config("mlp", microbatches=4, repeats=repeats, stage_split=split)
+    packing = build(piped, build_mesh(MeshShape(1, 1, 4))).pipeline.packing
+    assert [rows for _, key, rows in packing.shared] == shared
+    assert all(key[0] == "layers" for _, key, _ in packing.shared)
+    for chunk in packing.chunks:
+        for slot in chunk.slots:
+            sig = chunk.shared[slot.piece]
+            if sig is None:  # pre, post and uneven rows come after the shared region, per stage
+                assert slot.offset >= packing.shared_size.get(slot.buffer, 0)
+            else:
+                assert slot in [s._replace(piece=slot.piece) for s in packing.shared[sig]]
+    params = build(cfg, single_device_mesh()).init().params
+    back = packing.unpack(packing.pack(params))
+    jax.tree.map(np.testing.assert_array_equal, back, params)

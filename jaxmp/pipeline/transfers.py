@@ -14,9 +14,9 @@ that tick's action; a slot is free again after the tick whose action last reads 
 
 A tick's messages form one *round* (a ``ppermute`` whose pairs send from and to each device at most
 once), or two when a stage hears from two others at once (e.g. some interleaved tables). Ticks are
-grouped into loops (:class:`Loop`) of period 1 or 2: ticks at the same position of the period share
+grouped into loops (:class:`Loop`) of period 1 to 3: ticks at the same position of the period share
 the union of their pairs, which must still be a partial permutation; 1F1B's steady state alternates
-two patterns, so it runs as one loop of period 2.
+two patterns, so it runs as one loop of period 2, and ZB-H1's (``F``, ``B``, ``W``) as one of period 3.
 """
 
 from __future__ import annotations
@@ -204,12 +204,16 @@ def _run(ticks, start: int, period: int):
     return length, positions
 
 
+PERIODS = 3  # the longest repeating pattern of ticks a loop runs (ZB-H1's steady state: F, B, W)
+
+
 def _loops(ticks: list[tuple[int, tuple[Pairs, ...]]]) -> tuple[Loop, ...]:
-    """Greedy: from each tick, the longer of the loops of period 1 and 2 (ties: period 1)."""
+    """Greedy: from each tick, the longest of the loops of period 1 to ``PERIODS`` (ties: the shortest
+    period), so the number of loops, and with it compile time, does not grow with M."""
     loops, i = [], 0
     while i < len(ticks):
-        one, two = _run(ticks, i, 1), _run(ticks, i, 2)
-        period, (length, _) = (2, two) if two[0] > one[0] else (1, one)
+        length, period = max((_run(ticks, i, p)[0], -p) for p in range(1, PERIODS + 1))
+        period = -period
         _, positions = _run(ticks[: i + length], i, period)  # the unions of exactly the chosen ticks
         grid = np.array([t for t, _ in ticks[i : i + length]], np.int32).reshape(-1, period)
         loops.append(Loop(grid, tuple(positions)))
