@@ -278,16 +278,18 @@ def _stack(rows: list):
     return jax.tree.map(lambda *a: jnp.stack(a), *rows)
 
 
-UNROLLED_LAYERS = 8  # a chunk's run of stacked layers is unrolled by default up to this many
+UNROLLED_LAYERS = 8  # the most unrolled copies of a layer the chunk programs of one step compile, by default
 
 
 def _unrolls(plan: Plan, rows: int) -> bool:
     """Whether a chunk runs ``rows`` stacked layers unrolled inside its tick (the tick loop stays rolled:
     compile time flat in M). Inside the tick loop, a ``lax.scan`` over layers costs XLA:CPU a slice of
     every layer's weights and a zeroed gradient stack per action, a large share of a micro-batch's work;
-    unrolled, a short stack is cut into its layers once per step. Compile time grows only up to
-    ``UNROLLED_LAYERS`` copies of a layer; ``--unroll`` unrolls every stack and the tick loops."""
-    return plan.unroll or rows <= UNROLLED_LAYERS
+    unrolled, a short stack is cut into its layers once per step. Each distinct chunk program (first,
+    middle, last; :func:`_branch_keys`) compiles its own copies, so the rows times the programs must stay
+    within ``UNROLLED_LAYERS``: compile time then stays flat in depth. ``--unroll`` unrolls every stack and
+    the tick loops."""
+    return plan.unroll or rows * len(set(_branch_keys(plan))) <= UNROLLED_LAYERS
 
 
 def _no_ops(schedule: Schedule, fuse_last: bool) -> np.ndarray:
