@@ -164,7 +164,7 @@ class _Tick(NamedTuple):
     h: jax.Array  # the stashed input activation [b, A]
     g: jax.Array  # the output cotangent [b, A]
     ids: jax.Array  # global example ids [b]
-    res: tuple = ()  # the residual stash buffers [residual slots + 1, ...], read-only in an action
+    res: tuple = ()  # the residual stash buffers [residual slots, ...], read-only in an action
     slot: jax.Array | int = 0  # this action's residual slot (a forward writes it, its B and W read it)
 
 
@@ -479,7 +479,7 @@ class _Stash(NamedTuple):
     def empty(self, slots: int, poison: bool) -> tuple:
         def fill(kind):
             value = jnp.nan if poison and jnp.issubdtype(kind.dtype, jnp.floating) else 0
-            return jnp.full((slots + 1, *kind.shape), value, kind.dtype)
+            return jnp.full((slots, *kind.shape), value, kind.dtype)
 
         return tuple(fill(kind) for kind in self.kinds)
 
@@ -496,11 +496,11 @@ class _Stash(NamedTuple):
 
     @staticmethod
     def nothing(res: tuple) -> tuple:
-        """Per buffer, a write that changes nothing that is read: zeros into the spare last slot.
+        """Per buffer, a write that changes nothing: one slot past the end, which the write drops.
 
-        Why a spare slot: the write then happens outside the action's ``lax.switch``, in place, and the
-        buffers enter the switch read-only (a branch that returned them would cost XLA a copy of each)."""
-        return tuple((jnp.zeros(b.shape[1:], b.dtype), b.shape[0] - 1) for b in res)
+        Why: every action's write then happens outside its ``lax.switch``, in place, and the buffers enter
+        the switch read-only (a branch that returned them would cost XLA a copy of each)."""
+        return tuple((jnp.zeros(b.shape[1:], b.dtype), b.shape[0]) for b in res)
 
     def pullback(self, c: int, known: list, res: tuple, slot):
         """Chunk ``c``'s ``jax.vjp`` closure, from the values its backward has and its stashed residuals."""
@@ -692,7 +692,8 @@ def _tick_fn(plan: Plan, branches, tables: _Tables, data, stage, tick_ids: np.nd
             inputs = inputs.at[jnp.maximum(tables.read_input[t], 0)].set(out.keep)
         sent = tuple(jax.lax.ppermute(out.send, "pipe", list(pairs)) for pairs in rounds)
         arrived = sent + carry.arrived[len(sent) :]
-        residuals = tuple(b.at[slot].set(value) for b, (value, slot) in zip(carry.residuals, out.res, strict=True))
+        written = zip(carry.residuals, out.res, strict=True)
+        residuals = tuple(b.at[slot].set(value, mode="drop") for b, (value, slot) in written)
         return _Carry(inputs, grads, arrived, out.g_params, out.sums, residuals)
 
     return tick
