@@ -7,7 +7,8 @@ a. **Step time** of each jaxmp schedule over the plain one-device jaxmp step (ro
    median round per variant, first losses checked equal first), and, with ``--torch-python``, the same
    ratio for torch.distributed.pipelining's ScheduleGPipe, Schedule1F1B, ScheduleInterleaved1F1B and
    ScheduleInterleavedZeroBubble over torch's plain step (``torch_pipeline_peer.py``, same model, same
-   machine, the same total thread count). Interleaved schedules use 2 chunks per device.
+   machine, the same total thread count). Interleaved schedules use 2 chunks per device; "zb-h1 stash"
+   is zb-h1 with ``--weight-pass stash`` (``B`` keeps the cotangents ``W`` needs; no work done twice).
 b. **Memory** (``pipe=4``, M in 4, 8, 16, 32): per-device temporaries of the compiled train step
    (XLA's ``memory_analysis``), and the table's bubble and largest stash.
 
@@ -31,12 +32,13 @@ import time
 from pathlib import Path
 
 MiB = 2**20
-JAXMP_SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1")
+JAXMP_SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zb-h1 stash")
 PEERS = {  # jaxmp schedule -> torch's corresponding one
     "gpipe": "ScheduleGPipe",
     "1f1b": "Schedule1F1B",
     "interleaved-1f1b": "ScheduleInterleaved1F1B",
     "zb-h1": "ScheduleInterleavedZeroBubble",
+    "zb-h1 stash": "ScheduleInterleavedZeroBubble",
 }
 
 
@@ -49,9 +51,11 @@ def config(args, **overrides):
 
 
 def pipelined(args, schedule: str, microbatches: int):
-    """Config overrides of one schedule."""
+    """Config overrides of one schedule ("zb-h1 stash": zb-h1 with ``--weight-pass stash``)."""
     repeats = 2 if schedule == "interleaved-1f1b" else 1
-    return dict(schedule=schedule, microbatches=microbatches, repeats=repeats)
+    name, _, stash = schedule.partition(" ")
+    weight_pass = "stash" if stash else "recompute"
+    return dict(schedule=name, microbatches=microbatches, repeats=repeats, weight_pass=weight_pass)
 
 
 def build(args, mesh, **overrides):
@@ -115,6 +119,7 @@ def memory_rows(args) -> list[list]:
                     name,
                     f"{temps[name] / MiB:.1f}",
                     f"{temps[name] / temps['gpipe']:.2f}",
+                    f"{temps[name] / temps['1f1b']:.2f}",
                     f"{schedule.bubble_fraction:.3f}",
                     int(schedule.stashed().max()),
                 ]
@@ -168,7 +173,7 @@ def time_report(args, ours: dict[str, float], peer: dict[str, float] | None) -> 
 
 
 def memory_report(args, rows) -> str:
-    head = ["M", "schedule", "temp MiB", "/ gpipe", "bubble", "most stashed"]
+    head = ["M", "schedule", "temp MiB", "/ gpipe", "/ 1f1b", "bubble", "most stashed"]
     return (
         f"### b. Memory per device, pipe={args.stages}\n\nTemporaries of the compiled train step "
         "(`memory_analysis`), bubble and the largest stash from the table.\n\n" + table(head, rows) + "\n"

@@ -63,6 +63,7 @@ DATASETS = Choices("jaxmp.training.data", "DATASETS")
 ACTIVATIONS = Choices("jaxmp.models.layers", "ACTIVATIONS", "default")
 SCHEDULES = Choices("jaxmp.pipeline.schedule", "SCHEDULES")
 REMATS = Choices("jaxmp.pipeline", "REMAT_POLICIES")
+WEIGHT_PASSES = Choices("jaxmp.pipeline", "WEIGHT_PASSES")
 DTYPES = Choices("jaxmp.models.layers", "COMPUTE_DTYPES")
 
 
@@ -143,6 +144,13 @@ class PipelineConfig:
         "what a pipeline forward keeps for its backward: none keeps every residual (no re-run), stage keeps "
         "matmul outputs (element-wise work redone), full keeps only the chunk's input (backward re-runs it)",
         choices=REMATS,
+    )
+    weight_pass: str = _opt(
+        "recompute",
+        "zb-h1's W (weight gradient): recompute pulls the output cotangent back through the stashed residuals "
+        "again (1F1B's memory); stash has B keep the cotangents W needs until W (no work done twice, more "
+        "memory)",
+        choices=WEIGHT_PASSES,
     )
     stage_split: str = _opt(
         "uniform",

@@ -59,6 +59,8 @@ BAD_INPUTS = [
     (["--schedule-plot", "/no/such/folder/s.png"], "folder /no/such/folder does not exist"),
     (["--schedule-plot", "s.png"], "--schedule-plot needs a pipelined run"),
     (["--remat", "some"], "--remat 'some' is not one of"),
+    (["--weight-pass", "keep"], "--weight-pass 'keep' is not one of recompute, stash"),
+    (["--mesh", "data=4,pipe=2", "--weight-pass", "stash"], "--weight-pass stash needs a schedule with W actions"),
     (["--repeats", "0"], "--repeats must be positive"),
     (["--cpu-devices", "4"], "came too late"),
     (["--model", "resnet"], "--model 'resnet' is not one of mlp, mlp-1024"),

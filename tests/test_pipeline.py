@@ -64,6 +64,19 @@ def test_pipeline_matches_one_device(model, schedule, stages, microbatches, repe
     assert_same(got, loss_and_grads(cfg, single_device_mesh(), model=model))
 
 
+@pytest.mark.parametrize(
+    ("model", "stages", "microbatches", "data", "tensor", "split"),
+    [("mlp", 2, 8, 2, 2, "uniform"), ("mnist-cnn", 3, 5, 1, 1, "2,1,3")],
+)
+def test_weight_pass_from_stashed_cotangents_matches_one_device(model, stages, microbatches, data, tensor, split):
+    """--weight-pass stash: B keeps the cotangents W needs in the residual slot (poisoned until then)."""
+    cfg, piped = config(model, microbatches=microbatches, stage_split=split, schedule="zb-h1", weight_pass="stash")
+    mesh = build_mesh(MeshShape(data, tensor, stages))
+    got = loss_and_grads(piped, mesh, poison=True, model=model)
+    assert build(piped, mesh).pipeline.train.stash_cotangents
+    assert_same(got, loss_and_grads(cfg, single_device_mesh(), model=model))
+
+
 def test_dense_accumulates_micro_batches_on_one_stage():
     """A one-layer model pipelines on pipe=1: gradient accumulation over micro-batches, data x tensor."""
     cfg, piped = config("dense", strategy="column", microbatches=4)

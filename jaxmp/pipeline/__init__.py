@@ -71,6 +71,10 @@ REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,  # only the chunk's input kept, B re-runs the chunk
 }
 
+# How a split backward's W gets the cotangents B computed, per --weight-pass: pulled again through the
+# residuals (recompute: no memory beyond 1F1B's), or stashed by B until W (stash: no work done twice).
+WEIGHT_PASSES = {"recompute": False, "stash": True}
+
 
 class Pipeline(NamedTuple):
     """The static plans of one pipelined program."""
@@ -87,7 +91,14 @@ def is_pipelined(cfg: PipelineConfig, stages: int) -> bool:
 
 def schedule_for(cfg: PipelineConfig, stages: int, chunk_stage=None, *, backward: bool = True) -> Schedule:
     """The schedule table of ``cfg`` for chunks placed on ``chunk_stage`` (default: contiguous/circular)."""
-    return build_schedule(cfg.schedule, stages, cfg.microbatches, cfg.repeats, placement=chunk_stage, backward=backward)
+    schedule = build_schedule(
+        cfg.schedule, stages, cfg.microbatches, cfg.repeats, placement=chunk_stage, backward=backward
+    )
+    if backward and WEIGHT_PASSES[cfg.weight_pass] and not schedule.split_backward:
+        raise ConfigError(
+            f"--weight-pass {cfg.weight_pass} needs a schedule with W actions (zb-h1), not {cfg.schedule}."
+        )
+    return schedule
 
 
 def check_microbatches(cfg: PipelineConfig, batch: int, batch_parts: int) -> None:
@@ -127,6 +138,7 @@ def build_pipeline(
     )
     inner = rules_without_axes(active_rules(), {"pipe", *batch_axes})
     options = dict(policy=REMAT_POLICIES[cfg.remat], unroll=cfg.unroll, boundaries=tuple(boundaries), outputs=outputs)
+    options["stash_cotangents"] = WEIGHT_PASSES[cfg.weight_pass]
 
     def plan(schedule, **test_options):
         return make_plan(packing, schedule, batch_axes, inner, **options, **test_options)

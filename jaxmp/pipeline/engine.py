@@ -42,6 +42,7 @@ from jaxmp.config import ConfigError
 from jaxmp.models.contract import apply_part
 from jaxmp.models.layers import LayerContext
 from jaxmp.parallel.rules import use_rules
+from jaxmp.pipeline.backward_split import SplitBackward, split_backward
 from jaxmp.pipeline.packing import Packing
 from jaxmp.pipeline.schedule import BACKWARD, FORWARD, IDLE, WEIGHT, Schedule
 from jaxmp.pipeline.transfers import Transfers, plan_transfers
@@ -66,6 +67,7 @@ class Plan(NamedTuple):
     poison: bool  # tests: stash and messages start as NaN
     masked: bool = True  # tests: False writes every message, needed or not (the poison must then show)
     fuse_last: bool = False  # the last chunk's forward runs its whole backward too (see fuses_last_chunk)
+    stash_cotangents: bool = False  # B stashes what W needs (--weight-pass stash), else W re-pulls it
 
 
 def split_microbatches(x_Bx: jax.Array, microbatches: int) -> jax.Array:
@@ -90,6 +92,7 @@ def make_plan(
     unroll,
     poison,
     masked=True,
+    stash_cotangents=False,
 ) -> Plan:
     """A :class:`Plan`; ``boundaries`` are the activations (one example) between consecutive chunks."""
     width = max([1, *(math.prod(s.shape) for s in boundaries)])
@@ -111,6 +114,7 @@ def make_plan(
         poison,
         masked,
         fuse,
+        stash_cotangents and schedule.split_backward,
     )
 
 
@@ -447,6 +451,7 @@ class _Layout(NamedTuple):
     where: tuple[int, ...]  # per closure leaf: >= 0 index into the known values; -1 - j: stashed leaf j
     stashed: tuple[jax.ShapeDtypeStruct, ...]
     out: object  # the chunk's outputs (ShapeDtypeStructs): the structure of the backward's seed
+    boundary: tuple[jax.ShapeDtypeStruct, ...] = ()  # what B stashes for W (:mod:`.backward_split`)
 
 
 class _Stash(NamedTuple):
@@ -459,13 +464,14 @@ class _Stash(NamedTuple):
     kinds: tuple[jax.ShapeDtypeStruct, ...]
     layouts: dict  # chunk -> _Layout
     buffer_of: dict  # chunk -> per stashed leaf, its buffer
+    boundary_of: dict  # chunk -> per boundary value (B to W), its buffer
 
     @staticmethod
     def of(layouts: dict) -> _Stash:
-        kinds, buffer_of = [], {}
+        kinds, buffer_of, boundary_of = [], {}, {}
         for c, layout in layouts.items():
             taken, mine = set(), []
-            for leaf in layout.stashed:
+            for leaf in (*layout.stashed, *layout.boundary):
                 kind = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)
                 i = next((i for i, k in enumerate(kinds) if k == kind and i not in taken), None)
                 if i is None:
@@ -473,8 +479,8 @@ class _Stash(NamedTuple):
                     kinds.append(kind)
                 taken.add(i)
                 mine.append(i)
-            buffer_of[c] = tuple(mine)
-        return _Stash(tuple(kinds), layouts, buffer_of)
+            buffer_of[c], boundary_of[c] = tuple(mine[: len(layout.stashed)]), tuple(mine[len(layout.stashed) :])
+        return _Stash(tuple(kinds), layouts, buffer_of, boundary_of)
 
     def empty(self, slots: int, poison: bool) -> tuple:
         def fill(kind):
@@ -502,12 +508,24 @@ class _Stash(NamedTuple):
         the switch read-only (a branch that returned them would cost XLA a copy of each)."""
         return tuple((jnp.zeros(b.shape[1:], b.dtype), b.shape[0]) for b in res)
 
-    def pullback(self, c: int, known: list, res: tuple, slot):
-        """Chunk ``c``'s ``jax.vjp`` closure, from the values its backward has and its stashed residuals."""
-        layout = self.layouts[c]
-        stashed = [res[i][slot] for i in self.buffer_of[c]]
-        leaves = [known[w] if w >= 0 else stashed[-1 - w] for w in layout.where]
-        return jax.tree.unflatten(layout.treedef, leaves)
+    def put_boundary(self, c: int, values: list, res: tuple, slot) -> tuple:
+        """Per buffer, ``(value, slot)``: what chunk ``c``'s ``B`` computed for its ``W``."""
+        out = list(self.nothing(res))
+        for value, i in zip(values, self.boundary_of[c], strict=True):
+            out[i] = (value, slot)
+        return tuple(out)
+
+    def boundary(self, c: int, res: tuple, slot) -> list:
+        return [res[i][slot] for i in self.boundary_of[c]]
+
+    def stashed(self, c: int, res: tuple, slot) -> list:
+        return [res[i][slot] for i in self.buffer_of[c]]
+
+
+def _closure(layout: _Layout, known: list, stashed: list):
+    """A chunk's ``jax.vjp`` closure, from the values its backward has and its stashed residuals."""
+    leaves = [known[w] if w >= 0 else stashed[-1 - w] for w in layout.where]
+    return jax.tree.unflatten(layout.treedef, leaves)
 
 
 def _classify(vjp, known: list) -> tuple[tuple[int, ...], list]:
@@ -586,7 +604,25 @@ class _Chunk:
             return out, stashed
 
         out, stashed = jax.eval_shape(trace, sample)
-        return _Layout(found["treedef"], found["where"], tuple(stashed), out)
+        layout = _Layout(found["treedef"], found["where"], tuple(stashed), out)
+        if not self.plan.stash_cotangents:
+            return layout
+        known = jax.eval_shape(lambda tick: self.known(self.access.params(self.c), tick), sample)
+        return layout._replace(boundary=self.split_backward(layout, known, list(stashed), sample).boundary)
+
+    def split_backward(self, layout: _Layout, known: list, stashed: list, tick: _Tick) -> SplitBackward:
+        """The backward as ``B`` and ``W`` that share its work (:mod:`.backward_split`), traced from the
+        shapes of its inputs: the values every action has, the stashed residuals and the seed."""
+
+        def backward(known, stashed, seed):
+            cotangents = _closure(layout, known, stashed)(seed)
+            return [*jax.tree.leaves(cotangents[0]), *cotangents[1:]]
+
+        shapes = jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), (known, stashed, self.seed(layout.out, tick))
+        )
+        count = len(jax.tree.leaves(self.access.params(self.c)))
+        return split_backward(backward, list(shapes), count)
 
     def blank(self, tick: _Tick):
         return jnp.full(tick.h.shape, self.fill, tick.h.dtype)
@@ -609,7 +645,7 @@ class _Chunk:
     def actions(self, stash: _Stash):
         plan, c = self.plan, self.c
         fused = self.last and plan.fuse_last and self.train
-        split = plan.schedule.split_backward
+        split, stashing = plan.schedule.split_backward, plan.stash_cotangents
 
         def forward(g_params, sums, tick: _Tick):
             if not self.train:
@@ -627,20 +663,35 @@ class _Chunk:
                 return _Out(g_params, jax.tree.map(jnp.add, sums, out), self.blank(tick), tick.h, res)
             return _Out(g_params, sums, out, tick.h, res)
 
-        def pull(tick: _Tick):
-            vjp = stash.pullback(c, self.known(self.access.params(c), tick), tick.res, tick.slot)
-            return self.split(vjp(self.seed(stash.layouts[c].out, tick)), tick)
+        def inputs(tick: _Tick):
+            """``(known, stashed, seed)``: what the backward of this micro-batch starts from."""
+            layout = stash.layouts[c]
+            known = self.known(self.access.params(c), tick)
+            return known, stash.stashed(c, tick.res, tick.slot), self.seed(layout.out, tick)
 
         def backward(g_params, sums, tick: _Tick):
             if fused or not self.train:  # fused: the forward left the cotangent in the input's slot
                 return _Out(g_params, sums, tick.h if fused else self.blank(tick), tick.h)
-            g_p, g_h = pull(tick)
-            return _Out(g_params if split else self.add(g_params, g_p), sums, g_h, tick.h)
+            known, stashed, seed = inputs(tick)
+            if not stashing:  # with W in the table, XLA drops the weight half of this pullback
+                g_p, g_h = self.split(_closure(stash.layouts[c], known, stashed)(seed), tick)
+                return _Out(g_params if split else self.add(g_params, g_p), sums, g_h, tick.h)
+            halves = self.split_backward(stash.layouts[c], known, stashed, tick)
+            g_h, boundary = halves.input_pass(*jax.tree.leaves((known, stashed, seed)))
+            g_h = g_h[0].astype(tick.h.dtype) if c > 0 else self.blank(tick)
+            return _Out(g_params, sums, g_h, tick.h, stash.put_boundary(c, boundary, tick.res, tick.slot))
 
         def weight(g_params, sums, tick: _Tick):
             if fused or not self.train:
                 return _Out(g_params, sums, self.blank(tick), tick.h)
-            g_p, _ = pull(tick)
+            known, stashed, seed = inputs(tick)
+            if not stashing:  # the whole pullback again, the input half dropped
+                g_p, _ = self.split(_closure(stash.layouts[c], known, stashed)(seed), tick)
+                return _Out(self.add(g_params, g_p), sums, self.blank(tick), tick.h)
+            halves = self.split_backward(stash.layouts[c], known, stashed, tick)
+            boundary = stash.boundary(c, tick.res, tick.slot)
+            g_p = halves.weight_pass(*jax.tree.leaves((known, stashed, seed)), boundary_values=boundary)
+            g_p = jax.tree.unflatten(jax.tree.structure(self.access.params(c)), g_p)
             return _Out(self.add(g_params, g_p), sums, self.blank(tick), tick.h)
 
         return [forward, backward, weight]
