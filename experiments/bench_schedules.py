@@ -108,22 +108,16 @@ def memory_rows(args) -> list[list]:
     pipe = build_mesh(MeshShape(pipe=args.stages), jax.devices()[: args.stages])
     rows = []
     for microbatches in (4, 8, 16, 32):
-        temps = {}
+        temps, schedules = {}, {}
         for name in JAXMP_SCHEDULES:
             program = build(args, pipe, **pipelined(args, name, microbatches))
             temps[name] = memory_and_flops(program.train_step.compiled).temp_bytes
-            schedule = program.pipeline.train.schedule
-            rows.append(
-                [
-                    microbatches,
-                    name,
-                    f"{temps[name] / MiB:.1f}",
-                    f"{temps[name] / temps['gpipe']:.2f}",
-                    f"{temps[name] / temps['1f1b']:.2f}",
-                    f"{schedule.bubble_fraction:.3f}",
-                    int(schedule.stashed().max()),
-                ]
-            )
+            schedules[name] = program.pipeline.train.schedule
+        for name, temp in temps.items():
+            schedule = schedules[name]
+            ratios = [f"{temp / temps[base]:.2f}" for base in ("gpipe", "1f1b")]
+            rows.append([microbatches, name, f"{temp / MiB:.1f}", *ratios, f"{schedule.bubble_fraction:.3f}"])
+            rows[-1].append(int(schedule.stashed().max()))
     return rows
 
 

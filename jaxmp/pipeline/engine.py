@@ -553,7 +553,9 @@ class _Chunk:
     output cotangent through it: no re-run, unless the policy asked for one (``full``: only the chunk's
     input is kept, so ``B`` re-runs the chunk). With ``W`` in the table, ``B`` returns only the input
     cotangent and ``W`` only the weight gradient (XLA drops the half of the backward an action does not
-    return). The fused last chunk (:func:`fuses_last_chunk`) does all of it in its forward; its ``B``
+    return, so ``W`` computes the input-cotangent chain again); with ``--weight-pass stash`` the two run
+    the halves of :func:`.backward_split.split_backward`, ``B`` stashing the cotangents ``W`` reads in
+    the micro-batch's residual slot. The fused last chunk (:func:`fuses_last_chunk`) does all of it in its forward; its ``B``
     only sends the kept cotangent, its ``W`` nothing.
     """
 
