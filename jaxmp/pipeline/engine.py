@@ -555,8 +555,8 @@ class _Chunk:
     cotangent and ``W`` only the weight gradient (XLA drops the half of the backward an action does not
     return, so ``W`` computes the input-cotangent chain again); with ``--weight-pass stash`` the two run
     the halves of :func:`.backward_split.split_backward`, ``B`` stashing the cotangents ``W`` reads in
-    the micro-batch's residual slot. The fused last chunk (:func:`fuses_last_chunk`) does all of it in its forward; its ``B``
-    only sends the kept cotangent, its ``W`` nothing.
+    the micro-batch's residual slot. The fused last chunk (:func:`fuses_last_chunk`) does all of it in
+    its forward; its ``B`` only sends the kept cotangent, its ``W`` nothing.
     """
 
     def __init__(self, plan: Plan, c: int, access: _Params, head: Head, train: bool, key):
