@@ -10,7 +10,7 @@ buffers (:mod:`jaxmp.pipeline.packing`). A ``lax.scan`` per phase of ticks (:mod
 runs, each tick:
 
 1. receive: the activation and the cotangent that arrived are written into their stash slots;
-2. act: ``lax.switch`` on the table's action: idle (no work at all), the forward of a chunk (under
+2. act: the table's action (:func:`_run_action`): idle (no work at all), the forward of a chunk (under
    ``jax.vjp``, its closure's residuals kept in a residual slot until its backward), or its backward,
    written by hand: the closure rebuilt from the residual slot and pulled back (a re-run only where
    ``--remat`` keeps less), the parameter cotangent added to a running sum, the input cotangent sent on;
@@ -71,13 +71,19 @@ class Plan(NamedTuple):
 
 
 def split_microbatches(x_Bx: jax.Array, microbatches: int) -> jax.Array:
-    """``[B, ...]`` -> ``[M, b, ...]``, micro-batch ``m`` taking examples ``m, M + m, 2M + m, ...``.
+    """``[B, ...]`` -> ``[b, M, ...]``: micro-batch ``m`` is ``[:, m]``, examples ``m, M + m, 2M + m, ...``.
 
     Strided, not contiguous, so each micro-batch keeps the batch's sharding: a device's contiguous
-    block of examples becomes a contiguous block of every micro-batch.
+    block of examples becomes a contiguous block of every micro-batch. A reshape, not a transpose:
+    the batch is never copied, each tick reads its micro-batch's rows in place.
     """
     b = x_Bx.shape[0] // microbatches
-    return jnp.swapaxes(x_Bx.reshape(b, microbatches, *x_Bx.shape[1:]), 0, 1)
+    return x_Bx.reshape(b, microbatches, *x_Bx.shape[1:])
+
+
+def _microbatch(a_bMx: jax.Array, m) -> jax.Array:
+    """Micro-batch ``m`` of a :func:`split_microbatches` array: ``[b, ...]``."""
+    return jax.lax.dynamic_index_in_dim(a_bMx, m, axis=1, keepdims=False)
 
 
 def make_plan(
@@ -172,12 +178,12 @@ class _Tick(NamedTuple):
     slot: jax.Array | int = 0  # this action's residual slot (a forward writes it, its B and W read it)
 
 
-def run(plan: Plan, buffers: dict, x_MxB, y_MxB, w_MxB, key, head: Head, *, train: bool):
+def run(plan: Plan, buffers: dict, x_bMx, y_bMx, w_bMx, key, head: Head, *, train: bool):
     """Run ``plan``'s schedule: ``(sums of head outputs, buffer gradients or None)``.
 
     Args:
       buffers: the per-stage parameter buffers ``[S, tiles..., N]``.
-      x_MxB, y_MxB, w_MxB: micro-batched inputs, labels and example weights (global arrays).
+      x_bMx, y_bMx, w_bMx: micro-batched inputs, labels and example weights (global arrays).
       key: the step's dropout key.
       head: ``(outputs, labels, weights) -> dict of scalars`` summed over micro-batches; with
         ``train``, its ``"loss"`` is differentiated.
@@ -189,7 +195,7 @@ def run(plan: Plan, buffers: dict, x_MxB, y_MxB, w_MxB, key, head: Head, *, trai
         for name, b in plan.packing.buffers.items()
     }
     body = _device_program(plan, head, train, manual)
-    data_spec = P(None, batch)
+    data_spec = P(batch)
     out_specs = (P(), buffer_specs) if train else P()
     mapped = jax.shard_map(
         body,
@@ -198,19 +204,19 @@ def run(plan: Plan, buffers: dict, x_MxB, y_MxB, w_MxB, key, head: Head, *, trai
         axis_names=set(manual),
         check_vma=False,
     )
-    return mapped(buffers, x_MxB, y_MxB, w_MxB, jax.random.key_data(key))
+    return mapped(buffers, x_bMx, y_bMx, w_bMx, jax.random.key_data(key))
 
 
 def _device_program(plan: Plan, head: Head, train: bool, manual: frozenset[str]):
     """The per-device body of the shard_map (module docstring)."""
     schedule, transfers = plan.schedule, plan.transfers
 
-    def body(buffers, x_MxB, y_MxB, w_MxB, key_data):
+    def body(buffers, x_bMx, y_bMx, w_bMx, key_data):
         with use_rules(plan.inner_rules):
             access = _Params.of(plan, _gather_manual_tiles(plan, buffers, manual), manual)
             stage = jax.lax.axis_index("pipe")
-            b = x_MxB.shape[1]
-            sample = _sample_tick(plan, x_MxB, y_MxB, w_MxB)
+            b = x_bMx.shape[0]
+            sample = _sample_tick(plan, x_bMx, y_bMx, w_bMx)
             branches, stash = _branches(plan, access, head, train, jax.random.wrap_key_data(key_data), sample)
             fill = jnp.nan if plan.poison else 0.0
             message = jnp.full((b, plan.width), fill, plan.message_dtype)
@@ -219,11 +225,11 @@ def _device_program(plan: Plan, head: Head, train: bool, manual: frozenset[str])
                 jnp.full((transfers.grad_slots, b, plan.width), fill, plan.message_dtype),
                 tuple(message for _ in range(transfers.rounds)),
                 access.zeros() if train else {},
-                _zero_sums(head, plan, x_MxB, y_MxB, w_MxB),
+                _zero_sums(head, plan, x_bMx, y_bMx, w_bMx),
                 stash.empty(transfers.residual_slots, plan.poison),
             )
             tables = _tables(plan, schedule, transfers, stage)
-            data = (x_MxB, y_MxB, w_MxB)
+            data = (x_bMx, y_bMx, w_bMx)
             for loop in transfers.loops:
                 carry, _ = jax.lax.scan(
                     _loop_body(plan, loop, branches, tables, data, stage),
@@ -306,9 +312,9 @@ def _no_ops(schedule: Schedule, fuse_last: bool) -> np.ndarray:
     return no_op | (schedule.split_backward & (kind == BACKWARD) & (chunk == 0))
 
 
-def _zero_sums(head: Head, plan: Plan, x_MxB, y_MxB, w_MxB) -> dict:
-    outputs = jax.ShapeDtypeStruct((y_MxB.shape[1], *plan.outputs.shape), plan.outputs.dtype)
-    shapes = jax.eval_shape(head, outputs, y_MxB[0], w_MxB[0])
+def _zero_sums(head: Head, plan: Plan, x_bMx, y_bMx, w_bMx) -> dict:
+    outputs = jax.ShapeDtypeStruct((y_bMx.shape[0], *plan.outputs.shape), plan.outputs.dtype)
+    shapes = jax.eval_shape(head, outputs, _microbatch(y_bMx, 0), _microbatch(w_bMx, 0))
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
@@ -400,47 +406,31 @@ class _Out(NamedTuple):
     sums: dict
     send: jax.Array  # [b, A] the activation sent on or the input cotangent sent back (blank if none)
     keep: jax.Array  # [b, A] written back into the input's stash slot (fused last chunk: its cotangent)
-    res: tuple | None = None  # per stash buffer, (value, slot) to write after the action (a forward's residuals)
+    res: dict | None = None  # stash buffer index -> (value, slot) to write (a forward's residuals)
 
 
-def _sample_tick(plan: Plan, x_MxB, y_MxB, w_MxB) -> _Tick:
+def _sample_tick(plan: Plan, x_bMx, y_bMx, w_bMx) -> _Tick:
     """The shapes one tick's action reads (to trace an action before the loop)."""
-    b = x_MxB.shape[1]
+    b = x_bMx.shape[0]
     flat = jax.ShapeDtypeStruct((b, plan.width), plan.message_dtype)
     ids = jax.ShapeDtypeStruct((b,), jnp.int32)
-    return _Tick(*(jax.ShapeDtypeStruct(a.shape[1:], a.dtype) for a in (x_MxB, y_MxB, w_MxB)), flat, flat, ids)
+    return _Tick(*(jax.ShapeDtypeStruct((b, *a.shape[2:]), a.dtype) for a in (x_bMx, y_bMx, w_bMx)), flat, flat, ids)
 
 
 def _branches(plan: Plan, access: _Params, head: Head, train: bool, key, sample: _Tick):
-    """``([idle, F, B, W (chunk), ...], stash)``, each branch ``(g_params, sums, tick) -> _Out``."""
+    """``([None (idle), F, B, W (chunk), ...], stash)``, each action ``(g_params, sums, tick) -> _Out``."""
     keys = _branch_keys(plan)
     first_chunk = {k: keys.index(k) for k in dict.fromkeys(keys)}
-    fill = jnp.nan if plan.poison else 0.0
     chunks = {c: _Chunk(plan, c, access, head, train, key) for c in first_chunk.values()}
     stashing = plan.transfers.residual_slots > 0 and train
     stash = _Stash.of(
         {c: chunk.layout(sample) for c, chunk in chunks.items() if stashing and not (chunk.last and plan.fuse_last)}
     )
 
-    def idle(g_params, sums, tick):
-        blank = jnp.full(tick.h.shape, fill, tick.h.dtype)
-        return _Out(g_params, sums, blank, tick.h)
-
-    branches = [idle]
+    branches = [None]
     for chunk in chunks.values():
         branches += chunk.actions(stash)
-    return [_writing(branch) for branch in branches], stash
-
-
-def _writing(branch):
-    """``branch`` with the writes of an action that stashes nothing made explicit (:meth:`_Stash.nothing`):
-    every branch of a ``lax.switch`` returns the same structure."""
-
-    def run(g_params, sums, tick: _Tick) -> _Out:
-        out = branch(g_params, sums, tick)
-        return out if out.res is not None else out._replace(res=_Stash.nothing(tick.res))
-
-    return run
+    return branches, stash
 
 
 class _Layout(NamedTuple):
@@ -489,31 +479,18 @@ class _Stash(NamedTuple):
 
         return tuple(fill(kind) for kind in self.kinds)
 
-    def put(self, c: int, vjp, known: list, res: tuple, slot) -> tuple:
-        """Per buffer, ``(value, slot)``: chunk ``c``'s stashed closure leaves to write into ``slot``."""
-        layout, out = self.layouts[c], list(self.nothing(res))
+    def put(self, c: int, vjp, known: list, slot) -> dict:
+        """Buffer index -> ``(value, slot)``: chunk ``c``'s stashed closure leaves to write into ``slot``."""
+        layout = self.layouts[c]
         where, stashed = _classify(vjp, known)
         shapes = [(x.shape, x.dtype) for x in stashed]
         if where != layout.where or shapes != [(x.shape, x.dtype) for x in layout.stashed]:
             raise AssertionError(f"chunk {c}: the forward's residuals differ from those traced before the loop")
-        for leaf, i in zip(stashed, self.buffer_of[c], strict=True):
-            out[i] = (leaf, slot)
-        return tuple(out)
+        return {i: (leaf, slot) for leaf, i in zip(stashed, self.buffer_of[c], strict=True)}
 
-    @staticmethod
-    def nothing(res: tuple) -> tuple:
-        """Per buffer, a write that changes nothing: one slot past the end, which the write drops.
-
-        Why: every action's write then happens outside its ``lax.switch``, in place, and the buffers enter
-        the switch read-only (a branch that returned them would cost XLA a copy of each)."""
-        return tuple((jnp.zeros(b.shape[1:], b.dtype), b.shape[0]) for b in res)
-
-    def put_boundary(self, c: int, values: list, res: tuple, slot) -> tuple:
-        """Per buffer, ``(value, slot)``: what chunk ``c``'s ``B`` computed for its ``W``."""
-        out = list(self.nothing(res))
-        for value, i in zip(values, self.boundary_of[c], strict=True):
-            out[i] = (value, slot)
-        return tuple(out)
+    def put_boundary(self, c: int, values: list, slot) -> dict:
+        """Buffer index -> ``(value, slot)``: what chunk ``c``'s ``B`` computed for its ``W``."""
+        return {i: (value, slot) for value, i in zip(values, self.boundary_of[c], strict=True)}
 
     def boundary(self, c: int, res: tuple, slot) -> list:
         return [res[i][slot] for i in self.boundary_of[c]]
@@ -660,7 +637,7 @@ class _Chunk:
                 g_p, g_h = self.split(vjp(self.seed(out, tick)), tick)
                 keep = g_h if c > 0 else tick.h
                 return _Out(self.add(g_params, g_p), jax.tree.map(jnp.add, sums, out), self.blank(tick), keep)
-            res = stash.put(c, vjp, self.known(params, tick), tick.res, tick.slot)
+            res = stash.put(c, vjp, self.known(params, tick), tick.slot)
             if self.last:
                 return _Out(g_params, jax.tree.map(jnp.add, sums, out), self.blank(tick), tick.h, res)
             return _Out(g_params, sums, out, tick.h, res)
@@ -681,7 +658,7 @@ class _Chunk:
             halves = self.split_backward(stash.layouts[c], known, stashed, tick)
             g_h, boundary = halves.input_pass(*jax.tree.leaves((known, stashed, seed)))
             g_h = g_h[0].astype(tick.h.dtype) if c > 0 else self.blank(tick)
-            return _Out(g_params, sums, g_h, tick.h, stash.put_boundary(c, boundary, tick.res, tick.slot))
+            return _Out(g_params, sums, g_h, tick.h, stash.put_boundary(c, boundary, tick.slot))
 
         def weight(g_params, sums, tick: _Tick):
             if fused or not self.train:
@@ -716,40 +693,72 @@ def _loop_body(plan: Plan, loop, branches, tables: _Tables, data, stage):
 
 def _tick_fn(plan: Plan, branches, tables: _Tables, data, stage, tick_ids: np.ndarray, rounds):
     """One tick: receive, act, send (module docstring)."""
-    x_MxB, y_MxB, w_MxB = data
+    x_bMx, y_bMx, w_bMx = data
     m_count = plan.schedule.microbatches
-    ids_of = _example_ids(plan, x_MxB.shape[1])
+    ids_of = _example_ids(plan, x_bMx.shape[0])
     used = np.unique(tables.branch_np[tick_ids]).tolist()
-    remap = jnp.asarray(np.searchsorted(used, np.arange(len(branches))).astype(np.int32))
-    mine = [branches[i] for i in used]
+    fill = jnp.nan if plan.poison else 0.0
 
     def tick(carry: _Carry, t):
         inputs = _receive(carry.inputs, carry.arrived, tables.recv_input[t], plan.masked)
         grads = _receive(carry.grads, carry.arrived, tables.recv_grad[t], plan.masked)
         m = jnp.clip(tables.microbatch[t], 0, m_count - 1)
         step = _Tick(
-            x_MxB[m],
-            y_MxB[m],
-            w_MxB[m],
+            _microbatch(x_bMx, m),
+            _microbatch(y_bMx, m),
+            _microbatch(w_bMx, m),
             inputs[jnp.maximum(tables.read_input[t], 0)],
             grads[jnp.maximum(tables.read_grad[t], 0)],
             ids_of(m),
             carry.residuals,
             tables.residual_slot[t],
         )
-        if len(mine) == 1:
-            out = mine[0](carry.g_params, carry.sums, step)
-        else:
-            out = jax.lax.switch(remap[tables.branch[t]], mine, carry.g_params, carry.sums, step)
+        blank = jnp.full(step.h.shape, fill, step.h.dtype)  # what an idle stage sends
+        state = _Out(carry.g_params, carry.sums, blank, step.h, carry.residuals)
+        state = _run_action(tables.branch[t], {i: branches[i] for i in used}, state, step)
         if plan.fuse_last:
-            inputs = inputs.at[jnp.maximum(tables.read_input[t], 0)].set(out.keep)
-        sent = tuple(jax.lax.ppermute(out.send, "pipe", list(pairs)) for pairs in rounds)
+            inputs = inputs.at[jnp.maximum(tables.read_input[t], 0)].set(state.keep)
+        sent = tuple(jax.lax.ppermute(state.send, "pipe", list(pairs)) for pairs in rounds)
         arrived = sent + carry.arrived[len(sent) :]
-        written = zip(carry.residuals, out.res, strict=True)
-        residuals = tuple(b.at[slot].set(value, mode="drop") for b, (value, slot) in written)
-        return _Carry(inputs, grads, arrived, out.g_params, out.sums, residuals)
+        return _Carry(inputs, grads, arrived, state.g_params, state.sums, state.res)
 
     return tick
+
+
+def _run_action(index, actions: dict, state: _Out, step: _Tick) -> _Out:
+    """Run ``actions[index]`` (``None``: idle) on ``state``, whose ``res`` holds the stash buffers.
+
+    A ``lax.switch`` built of ``while`` loops that run once or not at all. Why not ``lax.switch``: XLA
+    copies every buffer a conditional's branch returns unchanged (a forward's gradient sums, every tick)
+    and keeps a branch's input and output buffers alive together; a loop updates its carry in place.
+    """
+    if len(actions) == 1:  # every stage takes this action at this tick
+        (action,) = actions.values()
+        return state if action is None else _apply(action, state, step)
+
+    def once(i: int, action):
+        def body(loop):
+            k, state = loop
+            # Tied to the trip count: else XLA hoists the action's work out of its loop, onto every tick.
+            k, tick = jax.lax.optimization_barrier((k, step._replace(res=())))
+            return k + 1, _apply(action, state, tick)
+
+        trips = (index == i).astype(jnp.int32)
+        return lambda state: jax.lax.while_loop(lambda loop: loop[0] < trips, body, (jnp.int32(0), state))[1]
+
+    for i, action in actions.items():
+        if action is not None:
+            state = once(i, action)(state)
+    return state
+
+
+def _apply(action, state: _Out, tick: _Tick) -> _Out:
+    """``action`` on ``state``, its residuals written into their stash slots."""
+    out = action(state.g_params, state.sums, tick._replace(res=state.res))
+    res = list(state.res)
+    for j, (value, slot) in (out.res or {}).items():
+        res[j] = jax.lax.dynamic_update_index_in_dim(res[j], value, slot, 0)
+    return out._replace(res=tuple(res))
 
 
 def _receive(stash, arrived: tuple, recv, masked: bool):
@@ -792,8 +801,8 @@ def _whole(x: jax.Array) -> jax.Array:
 
     Why: left free, XLA may split a boundary activation of a model of your own along a feature or
     spatial dimension (a flat message reshaped to an image splits its height), and then exchange halos
-    with collective-permutes inside the stage's ``lax.switch`` branch, which XLA:CPU cannot run there
-    (every permute waits for all devices, only the stage's take the branch). Megatron-style layers
+    with collective-permutes inside the stage's action loop, which XLA:CPU cannot run there (every
+    permute waits for all devices, only the stage's run the action). Megatron-style layers
     already end whole: their collective counts are unchanged (``tests/test_pipeline.py`` asserts them).
     """
     mesh = jax.sharding.get_abstract_mesh()
