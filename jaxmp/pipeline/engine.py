@@ -406,7 +406,7 @@ class _Out(NamedTuple):
     sums: dict
     send: jax.Array  # [b, A] the activation sent on or the input cotangent sent back (blank if none)
     keep: jax.Array  # [b, A] written back into the input's stash slot (fused last chunk: its cotangent)
-    res: dict | None = None  # stash buffer index -> (value, slot) to write (a forward's residuals)
+    res: dict | None = None  # (kind, row) -> (value, slot) to write into the stash (a forward's residuals)
 
 
 def _sample_tick(plan: Plan, x_bMx, y_bMx, w_bMx) -> _Tick:
@@ -445,58 +445,70 @@ class _Layout(NamedTuple):
 
 
 class _Stash(NamedTuple):
-    """The residual stash: buffers ``[slots, *shape]`` shared by the chunks of one stage's branches.
+    """The residual stash: per (shape, dtype), one array ``[count, slots, *shape]`` shared by the chunks
+    of one stage's branches.
 
-    One buffer per (shape, dtype) as many times as the chunk needing most of that kind (a chunk's
-    buffers may hold another chunk's residuals in other slots, never in the same slot). Buffers keep
-    each residual's own shape, so a residual split over ``tensor`` stays split."""
+    ``count`` is the most leaves of that kind one chunk stashes (a chunk's leaves may sit in rows another
+    chunk uses in other slots, never in the same slot). Each residual keeps its own shape, so a residual
+    split over ``tensor`` stays split. One array per kind, not one per leaf: XLA would fill one buffer
+    and copy it into each of the others."""
 
-    kinds: tuple[jax.ShapeDtypeStruct, ...]
+    kinds: tuple[tuple[jax.ShapeDtypeStruct, int], ...]  # (kind, count)
     layouts: dict  # chunk -> _Layout
-    buffer_of: dict  # chunk -> per stashed leaf, its buffer
-    boundary_of: dict  # chunk -> per boundary value (B to W), its buffer
+    rows_of: dict  # chunk -> per stashed leaf, its (kind, row)
+    boundary_of: dict  # chunk -> per boundary value (B to W), its (kind, row)
 
     @staticmethod
     def of(layouts: dict) -> _Stash:
-        kinds, buffer_of, boundary_of = [], {}, {}
+        kinds: dict[tuple[bool, jax.ShapeDtypeStruct], int] = {}  # (boundary?, kind) -> count
+        rows_of, boundary_of = {}, {}
         for c, layout in layouts.items():
-            taken, mine = set(), []
-            for leaf in (*layout.stashed, *layout.boundary):
-                kind = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)
-                i = next((i for i, k in enumerate(kinds) if k == kind and i not in taken), None)
-                if i is None:
-                    i = len(kinds)
-                    kinds.append(kind)
-                taken.add(i)
-                mine.append(i)
-            buffer_of[c], boundary_of[c] = tuple(mine[: len(layout.stashed)]), tuple(mine[len(layout.stashed) :])
-        return _Stash(tuple(kinds), layouts, buffer_of, boundary_of)
+            used: dict[tuple[bool, jax.ShapeDtypeStruct], int] = {}
+            mine = []
+            for j, leaf in enumerate((*layout.stashed, *layout.boundary)):
+                # B reads residuals and writes boundary values: kept apart, or XLA copies the array first
+                kind = (j >= len(layout.stashed), jax.ShapeDtypeStruct(leaf.shape, leaf.dtype))
+                kinds.setdefault(kind, 0)
+                row = used[kind] = used.get(kind, -1) + 1
+                kinds[kind] = max(kinds[kind], row + 1)
+                mine.append((list(kinds).index(kind), row))
+            rows_of[c], boundary_of[c] = tuple(mine[: len(layout.stashed)]), tuple(mine[len(layout.stashed) :])
+        return _Stash(tuple((kind, count) for (_, kind), count in kinds.items()), layouts, rows_of, boundary_of)
 
     def empty(self, slots: int, poison: bool) -> tuple:
-        def fill(kind):
+        def fill(kind, count):
             value = jnp.nan if poison and jnp.issubdtype(kind.dtype, jnp.floating) else 0
-            return jnp.full((slots, *kind.shape), value, kind.dtype)
+            return jnp.full((count, slots, *kind.shape), value, kind.dtype)
 
-        return tuple(fill(kind) for kind in self.kinds)
+        return tuple(fill(kind, count) for kind, count in self.kinds)
 
     def put(self, c: int, vjp, known: list, slot) -> dict:
-        """Buffer index -> ``(value, slot)``: chunk ``c``'s stashed closure leaves to write into ``slot``."""
+        """``(kind, row)`` -> ``(value, slot)``: chunk ``c``'s stashed closure leaves to write into ``slot``."""
         layout = self.layouts[c]
         where, stashed = _classify(vjp, known)
         shapes = [(x.shape, x.dtype) for x in stashed]
         if where != layout.where or shapes != [(x.shape, x.dtype) for x in layout.stashed]:
             raise AssertionError(f"chunk {c}: the forward's residuals differ from those traced before the loop")
-        return {i: (leaf, slot) for leaf, i in zip(stashed, self.buffer_of[c], strict=True)}
+        return {at: (leaf, slot) for leaf, at in zip(stashed, self.rows_of[c], strict=True)}
 
     def put_boundary(self, c: int, values: list, slot) -> dict:
-        """Buffer index -> ``(value, slot)``: what chunk ``c``'s ``B`` computed for its ``W``."""
-        return {i: (value, slot) for value, i in zip(values, self.boundary_of[c], strict=True)}
+        """``(kind, row)`` -> ``(value, slot)``: what chunk ``c``'s ``B`` computed for its ``W``."""
+        return {at: (value, slot) for value, at in zip(values, self.boundary_of[c], strict=True)}
 
     def boundary(self, c: int, res: tuple, slot) -> list:
-        return [res[i][slot] for i in self.boundary_of[c]]
+        return [res[kind][row, slot] for kind, row in self.boundary_of[c]]
 
     def stashed(self, c: int, res: tuple, slot) -> list:
-        return [res[i][slot] for i in self.buffer_of[c]]
+        return [res[kind][row, slot] for kind, row in self.rows_of[c]]
+
+    @staticmethod
+    def write(res: tuple, writes: dict) -> tuple:
+        """``res`` with ``writes`` (as :meth:`put` gives them) done, in place."""
+        res = list(res)
+        for (kind, row), (value, slot) in writes.items():
+            start = (row, slot, *(0 for _ in value.shape))
+            res[kind] = jax.lax.dynamic_update_slice(res[kind], value[None, None], start)
+        return tuple(res)
 
 
 def _closure(layout: _Layout, known: list, stashed: list):
@@ -755,10 +767,7 @@ def _run_action(index, actions: dict, state: _Out, step: _Tick) -> _Out:
 def _apply(action, state: _Out, tick: _Tick) -> _Out:
     """``action`` on ``state``, its residuals written into their stash slots."""
     out = action(state.g_params, state.sums, tick._replace(res=state.res))
-    res = list(state.res)
-    for j, (value, slot) in (out.res or {}).items():
-        res[j] = jax.lax.dynamic_update_index_in_dim(res[j], value, slot, 0)
-    return out._replace(res=tuple(res))
+    return out._replace(res=_Stash.write(state.res, out.res or {}))
 
 
 def _receive(stash, arrived: tuple, recv, masked: bool):
