@@ -140,20 +140,13 @@ def _stashes(schedule: Schedule, fuse_last: bool) -> np.ndarray | None:
 
 def fuses_last_chunk(schedule: Schedule) -> bool:
     """Whether the last chunk's forward also runs its backward (loss, weight gradient and input cotangent
-    in one ``jax.vjp``, no re-run), the cotangent kept in the input's stash slot until the table's ``B``
-    sends it.
+    in one ``jax.vjp``, no re-run, no residuals kept), the cotangent kept in the input's stash slot until
+    the table's ``B`` sends it.
 
-    Only where that costs no time: on one stage, or where every ``B`` of the last chunk comes right after
-    its ``F`` (the 1F1B family). Under GPipe with several stages it would lengthen every forward tick
-    of the last stage, which all stages wait for.
+    Only on one stage. With several, the last stage's forward tick would carry a forward and a backward
+    while the other stages run one forward, and every stage waits for the slowest at each tick.
     """
-    if not (schedule.kind == BACKWARD).any():
-        return False
-    last = schedule.chunks - 1
-    follows = all(
-        schedule.when(BACKWARD, m, last) == schedule.when(FORWARD, m, last) + 1 for m in range(schedule.microbatches)
-    )
-    return schedule.stages == 1 or follows
+    return schedule.stages == 1 and bool((schedule.kind == BACKWARD).any())
 
 
 class _Carry(NamedTuple):
