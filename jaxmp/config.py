@@ -135,7 +135,8 @@ class PipelineConfig:
         "1f1b",
         "1f1b: a backward as soon as it can, at most S micro-batches stashed; gpipe: all forwards, then all "
         "backwards; interleaved-1f1b: 1f1b over --repeats chunks per device; zb-h1: zero-bubble, weight "
-        "gradients fill the bubble; naive: one micro-batch (F1..FS, BS..B1)",
+        "gradients fill the bubble; zb-v: zero-bubble over two chunks per device in a V, half zb-h1's bubble "
+        "at 1f1b's memory; naive: one micro-batch (F1..FS, BS..B1)",
         choices=SCHEDULES,
     )
     repeats: int = _opt(1, "circular pipeline: each device holds this many non-adjacent chunks of layers")
@@ -147,9 +148,9 @@ class PipelineConfig:
     )
     weight_pass: str = _opt(
         "recompute",
-        "zb-h1's W (weight gradient): recompute pulls the output cotangent back through the stashed residuals "
-        "again (1F1B's memory); stash has B keep the cotangents W needs until W (no work done twice, more "
-        "memory)",
+        "zb-h1's and zb-v's W (weight gradient): recompute pulls the output cotangent back through the "
+        "stashed residuals again (1F1B's memory); stash has B keep the cotangents W needs until W (no work "
+        "done twice, more memory)",
         choices=WEIGHT_PASSES,
     )
     stage_split: str = _opt(

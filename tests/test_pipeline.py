@@ -49,6 +49,8 @@ CASES = [
     ("mnist-cnn", "1f1b", 4, 9, 1, 1, 1, "uniform", None),  # M = 2S + 1
     (OWN, "1f1b", 2, 4, 1, 2, 2, "uniform", None),
     (OWN, "zb-h1", 3, 5, 1, 1, 1, "uniform", None),
+    ("mlp", "zb-v", 4, 9, 1, 1, 1, "uniform", None),  # a V: the turn on stage 3 is a message to itself
+    ("mnist-cnn", "zb-v", 2, 4, 1, 2, 2, "uniform", None),
 ]
 
 
@@ -65,12 +67,18 @@ def test_pipeline_matches_one_device(model, schedule, stages, microbatches, repe
 
 
 @pytest.mark.parametrize(
-    ("model", "stages", "microbatches", "data", "tensor", "split"),
-    [("mlp", 2, 8, 2, 2, "uniform"), ("mnist-cnn", 3, 5, 1, 1, "2,1,3")],
+    ("model", "schedule", "stages", "microbatches", "data", "tensor", "split"),
+    [
+        ("mlp", "zb-h1", 2, 8, 2, 2, "uniform"),
+        ("mnist-cnn", "zb-h1", 3, 5, 1, 1, "2,1,3"),
+        ("mlp", "zb-v", 2, 5, 1, 1, "uniform"),
+    ],
 )
-def test_weight_pass_from_stashed_cotangents_matches_one_device(model, stages, microbatches, data, tensor, split):
+def test_weight_pass_from_stashed_cotangents_matches_one_device(
+    model, schedule, stages, microbatches, data, tensor, split
+):
     """--weight-pass stash: B keeps the cotangents W needs in the residual slot (poisoned until then)."""
-    cfg, piped = config(model, microbatches=microbatches, stage_split=split, schedule="zb-h1", weight_pass="stash")
+    cfg, piped = config(model, microbatches=microbatches, stage_split=split, schedule=schedule, weight_pass="stash")
     mesh = build_mesh(MeshShape(data, tensor, stages))
     got = loss_and_grads(piped, mesh, poison=True, model=model)
     assert build(piped, mesh).pipeline.train.stash_cotangents

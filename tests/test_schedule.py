@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from jaxmp.config import ConfigError
-from jaxmp.pipeline import build_schedule, gpipe, naive, one_f_one_b, plot, render, zb_h1
+from jaxmp.pipeline import build_schedule, gpipe, naive, one_f_one_b, plot, render, zb_h1, zb_v
 from jaxmp.pipeline.schedule import BACKWARD, FORWARD, IDLE, WEIGHT, validate
 from jaxmp.pipeline.transfers import plan_transfers
 
@@ -72,6 +72,36 @@ def test_zb_h1_fills_the_bubble_with_weight_gradients(stages, microbatches):
             assert schedule.when(WEIGHT, m, c) > schedule.when(BACKWARD, m, c) >= 0
 
 
+@pytest.mark.parametrize(("stages", "microbatches"), [(2, 2), (2, 5), (4, 4), (4, 9), (3, 7)])
+def test_zb_v_halves_zb_h1s_bubble_at_1f1bs_memory(stages, microbatches):
+    schedule = zb_v(stages, microbatches)
+    assert schedule.chunk_stage == (*range(stages), *reversed(range(stages)))  # a V, turning on stage S-1
+    assert schedule.split_backward
+    assert schedule.ticks == 6 * microbatches + stages - 1
+    assert schedule.bubble_fraction == pytest.approx((stages - 1) / (6 * microbatches + stages - 1))
+    # S-1 idle ticks per stage as ZB-H1, but a tick runs half a stage's layers: half its idle time
+    idle = (~schedule.busy).sum(axis=0)
+    assert idle.tolist() == [stages - 1] * stages == (~zb_h1(stages, microbatches).busy).sum(axis=0).tolist()
+    # 2S half-size chunks in flight per stage: 1F1B's S stage-size ones, in bytes
+    assert schedule.stashed().tolist() == [2 * stages] * stages
+    assert 2 * stages == 2 * one_f_one_b(stages, microbatches).stashed().max()
+    for m in range(microbatches):
+        for c in range(2 * stages):
+            assert schedule.when(WEIGHT, m, c) > schedule.when(BACKWARD, m, c) >= 0
+
+
+def test_zb_v_turns_with_a_message_to_itself_and_hears_from_two_at_once():
+    schedule = zb_v(4, 8)
+    transfers = plan_transfers(schedule)
+    pairs = {pair for loop in transfers.loops for rounds in loop.rounds for r in rounds for pair in r}
+    assert (3, 3) in pairs  # chunk 3 -> chunk 4, both on stage 3
+    assert (transfers.recv_input[:, :, 1, 1] >= 0).any() and (transfers.recv_grad[:, :, 1, 1] >= 0).any()
+    for t, s in zip(*np.nonzero((transfers.recv_input[:, :, :, 1] >= 0).all(axis=2)), strict=True):
+        assert transfers.recv_input[t, s, 0, 1] != transfers.recv_input[t, s, 1, 1]  # two slots
+    # the 6-tick steady state (F F B B W W) is one loop: as many loops at M=32 as at M=8
+    assert len(plan_transfers(zb_v(4, 32)).loops) == len(transfers.loops)
+
+
 def test_unknown_or_unfit_schedules_are_refused():
     with pytest.raises(ConfigError, match="unknown pipeline schedule 'pipedream'"):
         build_schedule("pipedream", 2, 2)
@@ -79,6 +109,9 @@ def test_unknown_or_unfit_schedules_are_refused():
         build_schedule("zb-h1", 2, 4, 2)
     with pytest.raises(ConfigError, match="cannot run this chunk placement"):
         build_schedule("1f1b", 2, 2, placement=(0, 1, 1, 0))
+    for bad in (dict(repeats=3), dict(placement=(0, 1, 0, 1))):
+        with pytest.raises(ConfigError, match="zb-v places two chunks per stage in a V"):
+            build_schedule("zb-v", 2, 4, **bad)
 
 
 def test_plot_draws_every_action_and_leaves_idle_blank(tmp_path):
@@ -143,7 +176,7 @@ def test_messages_land_in_slots_and_loops_send_one_way():
     ]
     # every forward input of stage 1 is read from the slot it landed in
     for t in np.flatnonzero(schedule.kind[:, 1] == FORWARD):
-        arrived = int(np.flatnonzero(transfers.recv_input[:, 1, 1] == transfers.read_input[t, 1])[0])
+        arrived = int(np.flatnonzero(transfers.recv_input[:, 1, 0, 1] == transfers.read_input[t, 1])[0])
         assert arrived <= t
 
 
@@ -180,7 +213,7 @@ def test_zb_h1_messages_keep_cotangents_until_their_weight_gradient():
         slot = transfers.read_grad[t, 0]
         assert slot >= 0 and slot == transfers.read_grad[schedule.when(BACKWARD, m, 0), 0]
         # no other cotangent lands in that slot between this micro-batch's B and W
-        later = transfers.recv_grad[schedule.when(BACKWARD, m, 0) + 1 : t + 1, 0, 1]
+        later = transfers.recv_grad[schedule.when(BACKWARD, m, 0) + 1 : t + 1, 0, 0, 1]
         assert slot not in later.tolist()
 
 

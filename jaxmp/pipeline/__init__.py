@@ -19,7 +19,7 @@ from jaxmp.parallel.rules import active_rules, rules_without_axes
 from jaxmp.parallel.sharding import axis_size
 from jaxmp.pipeline.engine import Plan, make_plan, run, split_microbatches
 from jaxmp.pipeline.packing import Packing, Piece, piece_params
-from jaxmp.pipeline.partition import chunks_and_placement
+from jaxmp.pipeline.partition import chunk_bounds, chunks_and_placement
 from jaxmp.pipeline.plot import plot
 from jaxmp.pipeline.schedule import (
     SCHEDULES,
@@ -29,8 +29,10 @@ from jaxmp.pipeline.schedule import (
     naive,
     one_f_one_b,
     render,
+    v_placement,
     validate,
     zb_h1,
+    zb_v,
 )
 
 __all__ = [
@@ -48,8 +50,10 @@ __all__ = [
     "run",
     "schedule_for",
     "split_microbatches",
+    "v_placement",
     "validate",
     "zb_h1",
+    "zb_v",
 ]
 
 _RECOMPUTED = frozenset(
@@ -96,9 +100,19 @@ def schedule_for(cfg: PipelineConfig, stages: int, chunk_stage=None, *, backward
     )
     if backward and WEIGHT_PASSES[cfg.weight_pass] and not schedule.split_backward:
         raise ConfigError(
-            f"--weight-pass {cfg.weight_pass} needs a schedule with W actions (zb-h1), not {cfg.schedule}."
+            f"--weight-pass {cfg.weight_pass} needs a schedule with W actions (zb-h1, zb-v), not {cfg.schedule}."
         )
     return schedule
+
+
+def chunk_layout(cfg: PipelineConfig, num_units: int, stages: int, costs) -> tuple[list, tuple[int, ...]]:
+    """The chunks' unit bounds and stages (:func:`.partition.chunks_and_placement`); zb-v's are two per
+    stage in a V, the two at the turn on the same stage."""
+    if cfg.schedule != "zb-v":
+        return chunks_and_placement(cfg.stage_split, cfg.placement, num_units, stages, cfg.repeats, costs)
+    if cfg.repeats not in (1, 2) or cfg.placement is not None:
+        raise ConfigError("--schedule zb-v places two chunks per stage in a V; drop --repeats/--placement.")
+    return chunk_bounds(cfg.stage_split, num_units, 2 * stages, costs), v_placement(stages)
 
 
 def check_microbatches(cfg: PipelineConfig, batch: int, batch_parts: int) -> None:
@@ -126,9 +140,7 @@ def build_pipeline(
     """
     stages = mesh.shape["pipe"]
     costs = unit_costs(cfg.stage_split, parts, abstract, x_struct)
-    bounds, chunk_stage = chunks_and_placement(
-        cfg.stage_split, cfg.placement, len(parts.units), stages, cfg.repeats, costs
-    )
+    bounds, chunk_stage = chunk_layout(cfg, len(parts.units), stages, costs)
     check_microbatches(cfg, x_struct.shape[0], axis_size(mesh, batch_axes))
     packing = Packing(parts, abstract, specs, bounds, chunk_stage, mesh)
     microbatches = 1 if cfg.schedule == "naive" else cfg.microbatches

@@ -341,8 +341,8 @@ class _Tables(NamedTuple):
     branch_np: np.ndarray  # [T, S] branch index per tick and stage (numpy: each tick of a loop picks its branches)
     branch: jax.Array  # [T] this stage's branch index per tick
     microbatch: jax.Array  # [T]
-    recv_input: jax.Array  # [T, 2]
-    recv_grad: jax.Array  # [T, 2]
+    recv_input: jax.Array  # [T, ARRIVALS, 2]
+    recv_grad: jax.Array  # [T, ARRIVALS, 2]
     read_input: jax.Array  # [T]
     read_grad: jax.Array  # [T]
     residual_slot: jax.Array  # [T]
@@ -703,10 +703,14 @@ def _tick_fn(plan: Plan, branches, tables: _Tables, data, stage, tick_ids: np.nd
     ids_of = _example_ids(plan, x_bMx.shape[0])
     used = np.unique(tables.branch_np[tick_ids]).tolist()
     fill = jnp.nan if plan.poison else 0.0
+    recv = np.concatenate([plan.transfers.recv_input[tick_ids], plan.transfers.recv_grad[tick_ids]])
+    arrivals = 1 + max((a for a in range(recv.shape[2]) if (recv[:, :, a, 1] >= 0).any()), default=0)
 
     def tick(carry: _Carry, t):
-        inputs = _receive(carry.inputs, carry.arrived, tables.recv_input[t], plan.masked)
-        grads = _receive(carry.grads, carry.arrived, tables.recv_grad[t], plan.masked)
+        inputs, grads = carry.inputs, carry.grads
+        for a in range(arrivals):
+            inputs = _receive(inputs, carry.arrived, tables.recv_input[t, a], plan.masked)
+            grads = _receive(grads, carry.arrived, tables.recv_grad[t, a], plan.masked)
         m = jnp.clip(tables.microbatch[t], 0, m_count - 1)
         step = _Tick(
             _microbatch(x_bMx, m),

@@ -30,10 +30,18 @@ schedule prefers.
   stash. Stage 0 runs ``F B W`` in turn; the later stages put off their ``W`` s into the cool-down,
   where 1F1B idles. In ticks (one action each, ``3M`` per stage) the bubble is ``(S-1)/(3M+S-1)``:
   a third of 1F1B's ``3(S-1)`` idle action-slots when ``F``, ``B`` and ``W`` cost the same.
+- ``zb-v`` (Qi et al. 2024, "Pipeline Parallelism with Controllable Memory"): ``2S`` chunks, two per
+  stage in a V (chunk ``c`` on stage ``c`` going down, chunk ``2S-1-c`` coming back up), so stage 0
+  holds the first and the last chunk and a micro-batch turns around on stage ``S-1``. Each stage runs
+  a forward (its later chunk first) while fewer than ``2S`` of its chunk-micro-batches wait for their
+  ``W``, else a ready ``B``, else the oldest ``W``. A chunk is half of 1F1B's, so ``2S`` stashed is
+  1F1B's peak in bytes; in ticks (``6M`` per stage, each half of 1F1B's) the bubble is
+  ``(S-1)/(6M+S-1)``: in time, half of ZB-H1's.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -42,6 +50,7 @@ import numpy as np
 from jaxmp.config import ConfigError
 
 IDLE, FORWARD, BACKWARD, WEIGHT = 0, 1, 2, 3
+ARRIVALS = 2  # the most activations (and the most cotangents) the executor receives per stage and tick
 KIND_NAMES = {IDLE: "idle", FORWARD: "F", BACKWARD: "B", WEIGHT: "W"}
 
 
@@ -112,6 +121,11 @@ def contiguous_placement(stages: int, repeats: int = 1) -> tuple[int, ...]:
     return tuple(c % stages for c in range(stages * repeats))
 
 
+def v_placement(stages: int) -> tuple[int, ...]:
+    """``zb-v``'s chunks: ``0, 1, ..., S-1, S-1, ..., 1, 0``."""
+    return (*range(stages), *reversed(range(stages)))
+
+
 def build_schedule(
     name: str,
     stages: int,
@@ -128,18 +142,21 @@ def build_schedule(
     for label, value in (("stages", stages), ("microbatches", microbatches), ("repeats", repeats)):
         if value < 1:
             raise ConfigError(f"pipeline {label} must be positive, got {value}.")
-    chunk_stage = tuple(placement) if placement is not None else contiguous_placement(stages, repeats)
+    default = v_placement(stages) if name == "zb-v" else contiguous_placement(stages, repeats)
+    chunk_stage = tuple(placement) if placement is not None else default
     if name == "zb-h1" and len(chunk_stage) != stages:
         raise ConfigError(
             "--schedule zb-h1 runs one chunk per stage; drop --repeats/--placement or use interleaved-1f1b."
         )
+    if name == "zb-v" and (chunk_stage != v_placement(stages) or repeats not in (1, 2)):
+        raise ConfigError("--schedule zb-v places two chunks per stage in a V; drop --repeats/--placement.")
     microbatches = 1 if name == "naive" else microbatches
     done = {k: np.full((microbatches, len(chunk_stage)), -1) for k in (FORWARD, BACKWARD, WEIGHT)}
-    state = _State(stages, chunk_stage, done)
+    state = _State(stages, chunk_stage, done, Counter())
     if not backward:
         kinds, pick = (FORWARD,), _gpipe_picker(state, backward=False)
     else:
-        kinds = (FORWARD, BACKWARD, WEIGHT) if name == "zb-h1" else (FORWARD, BACKWARD)
+        kinds = (FORWARD, BACKWARD, WEIGHT) if name in ("zb-h1", "zb-v") else (FORWARD, BACKWARD)
         pick = SCHEDULES[name](state)
     schedule = _list_schedule(state, pick, kinds)._replace(name=name)
     validate(schedule, backward=backward)
@@ -162,17 +179,24 @@ def zb_h1(stages: int, microbatches: int, **options) -> Schedule:
     return build_schedule("zb-h1", stages, microbatches, **options)
 
 
+def zb_v(stages: int, microbatches: int, **options) -> Schedule:
+    """Zero-bubble ZB-V: two chunks per stage in a V (module docstring)."""
+    return build_schedule("zb-v", stages, microbatches, **options)
+
+
 def naive(stages: int, repeats: int = 1, **options) -> Schedule:
     """Vanilla model parallelism: one micro-batch, F1..FS then BS..B1; each stage busy 2 of 2S ticks."""
     return build_schedule("naive", stages, 1, repeats, **options)
 
 
 class _State(NamedTuple):
-    """What list scheduling knows at a tick: when each action ran (-1: not yet)."""
+    """What list scheduling knows at a tick: when each action ran (-1: not yet), and the messages the
+    stages already picked at this tick send."""
 
     stages: int
     chunk_stage: tuple[int, ...]
     done: dict  # kind -> [M, C] tick
+    sending: Counter  # (destination stage, is a cotangent) -> this tick's messages so far
 
     @property
     def microbatches(self) -> int:
@@ -181,8 +205,19 @@ class _State(NamedTuple):
     def mine(self, s: int) -> list[int]:
         return [c for c, where in enumerate(self.chunk_stage) if where == s]
 
+    def message(self, kind: int, c: int) -> tuple[int, bool] | None:
+        """``(destination stage, is a cotangent)`` of the message the action sends, if any."""
+        if kind == FORWARD and c + 1 < len(self.chunk_stage):
+            return self.chunk_stage[c + 1], False
+        if kind == BACKWARD and c > 0:
+            return self.chunk_stage[c - 1], True
+        return None
+
     def ready(self, kind: int, m: int, c: int, t: int) -> bool:
-        if self.done[kind][m, c] >= 0:
+        """Its inputs are there, and its message would not make more than ``ARRIVALS`` of its kind reach
+        its stage at the next tick."""
+        message = self.message(kind, c)
+        if self.done[kind][m, c] >= 0 or (message is not None and self.sending[message] >= ARRIVALS):
             return False
         if kind == FORWARD:
             return c == 0 or 0 <= self.done[FORWARD][m, c - 1] < t
@@ -221,7 +256,13 @@ def _list_schedule(state: _State, pick: Picker, kinds: tuple[int, ...]) -> Sched
     total, finished = state.microbatches * len(state.chunk_stage) * len(kinds), 0
     while finished < total:
         t = len(rows)
-        row = [pick(s, t) for s in range(state.stages)]
+        state.sending.clear()
+        row = []
+        for s in range(state.stages):
+            kind, m, c = pick(s, t)
+            row.append((kind, m, c))
+            if kind != IDLE and state.message(kind, c) is not None:
+                state.sending[state.message(kind, c)] += 1
         for kind, m, c in row:
             if kind != IDLE:
                 state.done[kind][m, c] = t
@@ -287,11 +328,28 @@ def _zb_h1_picker(state: _State) -> Picker:
     return pick
 
 
+def _zb_v_picker(state: _State) -> Picker:
+    """A forward (the later chunk first) while fewer than ``2S`` of the stage's chunk-micro-batches wait
+    for their ``W`` (1F1B's peak stash in bytes: a chunk is half of 1F1B's); else a ready ``B``; else the
+    oldest ``W`` (module docstring)."""
+
+    def pick(s, t):
+        later_first = state.by_microbatch(s, True)
+        room = state.waiting(s, FORWARD, WEIGHT) < 2 * state.stages
+        action = state.first_ready(FORWARD, later_first, t) if room else None
+        action = action or state.first_ready(BACKWARD, later_first, t)
+        action = action or state.first_ready(WEIGHT, later_first, t)
+        return action or IDLE_ACTION
+
+    return pick
+
+
 SCHEDULES: dict[str, Callable[[_State], Picker]] = {
     "gpipe": _gpipe_picker,
     "1f1b": _one_f_one_b_picker,
     "interleaved-1f1b": _one_f_one_b_picker,
     "zb-h1": _zb_h1_picker,
+    "zb-v": _zb_v_picker,
     "naive": _gpipe_picker,
 }
 

@@ -13,7 +13,9 @@ A message sent at the end of tick ``t`` is written into its slot at the start of
 that tick's action; a slot is free again after the tick whose action last reads it.
 
 A tick's messages form one *round* (a ``ppermute`` whose pairs send from and to each device at most
-once), or two when a stage hears from two others at once (e.g. some interleaved tables). Ticks are
+once), or more when a stage hears from several at once (some interleaved tables; a V placement, where
+a stage hears from both neighbours and, at the turn, from itself). A stage receives at most
+``ARRIVALS`` activations and as many cotangents per tick. Ticks are
 grouped into loops (:class:`Loop`) of period 1 to 3: ticks at the same position of the period share
 the union of their pairs, which must still be a partial permutation; 1F1B's steady state alternates
 two patterns, so it runs as one loop of period 2, and ZB-H1's (``F``, ``B``, ``W``) as one of period 3.
@@ -26,7 +28,7 @@ from typing import NamedTuple
 import numpy as np
 
 from jaxmp.config import ConfigError
-from jaxmp.pipeline.schedule import BACKWARD, FORWARD, IDLE, WEIGHT, Schedule
+from jaxmp.pipeline.schedule import ARRIVALS, BACKWARD, FORWARD, IDLE, WEIGHT, Schedule
 
 Pairs = tuple[tuple[int, int], ...]  # (source stage, destination stage) of one ppermute
 
@@ -43,9 +45,9 @@ class Transfers(NamedTuple):
 
     input_slots: int  # activation stash slots per stage (at least 1)
     grad_slots: int  # cotangent slots per stage (at least 1)
-    rounds: int  # the most rounds any tick has (1 or 2)
-    recv_input: np.ndarray  # [T, S, 2]: (round, slot) of the activation arriving
-    recv_grad: np.ndarray  # [T, S, 2]: (round, slot) of the cotangent arriving
+    rounds: int  # the most rounds any tick has
+    recv_input: np.ndarray  # [T, S, ARRIVALS, 2]: (round, slot) of each activation arriving
+    recv_grad: np.ndarray  # [T, S, ARRIVALS, 2]: (round, slot) of each cotangent arriving
     read_input: np.ndarray  # [T, S]: slot the action reads its input from (-1: the micro-batch itself)
     read_grad: np.ndarray  # [T, S]: slot B or W reads its output cotangent from (-1: the loss)
     loops: tuple[Loop, ...]
@@ -85,7 +87,7 @@ def plan_transfers(schedule: Schedule, no_op: np.ndarray | None = None, stashes:
             read_input[t, s] = input_slot.get(key, -1)
         if kind in (BACKWARD, WEIGHT):
             read_grad[t, s] = grad_slot.get(key, -1)
-    arrives = (recv_input[..., 1] >= 0).any(axis=1) | (recv_grad[..., 1] >= 0).any(axis=1)
+    arrives = (recv_input[..., 1] >= 0).any(axis=(1, 2)) | (recv_grad[..., 1] >= 0).any(axis=(1, 2))
     idle = (schedule.kind == IDLE) if no_op is None else no_op
     kept = np.flatnonzero(~idle.all(axis=1) | arrives)
     loops = _loops([(int(t), rounds_of[t]) for t in kept])
@@ -133,18 +135,15 @@ def _messages(schedule: Schedule) -> list[_Message]:
 
 
 def _rounds(sent: list[_Message]) -> tuple[Pairs, ...]:
-    """One tick's messages as rounds: activations first, cotangents joining while no device hears twice."""
-    first, second, heard = [], [], set()
+    """One tick's messages as rounds: activations first, each in the first round where its destination
+    hears nothing yet (a device sends one message per tick, so no round sends twice from one)."""
+    rounds: list[list[tuple[int, int]]] = []
     for message in sorted(sent, key=lambda m: m.grad):
-        pair = (message.source, message.dest)
-        (second if message.dest in heard else first).append(pair)
-        heard.add(message.dest)
-    if len({d for _, d in second}) < len(second):
-        raise ConfigError(
-            f"this placement makes three messages reach one stage at tick {sent[0].sent + 1}; place chunks so "
-            "that each stage hears from at most two others at a time."
-        )
-    return tuple(tuple(sorted(r)) for r in (first, second) if r)
+        i = next((i for i, r in enumerate(rounds) if all(d != message.dest for _, d in r)), len(rounds))
+        if i == len(rounds):
+            rounds.append([])
+        rounds[i].append((message.source, message.dest))
+    return tuple(tuple(sorted(r)) for r in rounds)
 
 
 def _round_of(message: _Message, rounds_of) -> int:
@@ -153,7 +152,7 @@ def _round_of(message: _Message, rounds_of) -> int:
 
 def _assign_slots(messages: list[_Message], rounds_of, ticks: int, stages: int):
     """Interval colouring per stage: each message gets the lowest slot free since before it arrives."""
-    recv = np.full((ticks + 1, stages, 2), -1, np.int32)
+    recv = np.full((ticks + 1, stages, ARRIVALS, 2), -1, np.int32)
     slot_of: dict[tuple[int, int], int] = {}
     free_after: dict[int, list[int]] = {s: [] for s in range(stages)}  # per slot: last tick it is read
     for message in sorted(messages, key=lambda msg: (msg.sent, msg.dest)):
@@ -164,12 +163,14 @@ def _assign_slots(messages: list[_Message], rounds_of, ticks: int, stages: int):
             ends.append(message.use)
         ends[slot] = message.use
         slot_of[message.key] = slot
-        if recv[arrive, stage, 0] >= 0:
+        free = np.flatnonzero(recv[arrive, stage, :, 0] < 0)
+        if not len(free):
+            kind = "cotangents" if message.grad else "activations"
             raise ConfigError(
-                f"this placement makes two messages reach stage {stage} at tick {arrive}; place chunks so that "
-                "each stage hears from one neighbour at a time."
+                f"this placement makes more than {ARRIVALS} {kind} reach stage {stage} at tick {arrive}; place "
+                f"chunks so that each stage hears from at most {ARRIVALS} others at a time."
             )
-        recv[arrive, stage] = (_round_of(message, rounds_of), slot)
+        recv[arrive, stage, free[0]] = (_round_of(message, rounds_of), slot)
     slots = max([1, *(len(v) for v in free_after.values())])
     return recv[:ticks], slot_of, slots
 
@@ -204,15 +205,17 @@ def _run(ticks, start: int, period: int):
     return length, positions
 
 
-PERIODS = 3  # the longest repeating pattern of ticks a loop runs (ZB-H1's steady state: F, B, W)
+PERIODS = 6  # the longest repeating pattern of ticks a loop runs (ZB-V's steady state: F, F, B, B, W, W)
 
 
 def _loops(ticks: list[tuple[int, tuple[Pairs, ...]]]) -> tuple[Loop, ...]:
-    """Greedy: from each tick, the longest of the loops of period 1 to ``PERIODS`` (ties: the shortest
-    period), so the number of loops, and with it compile time, does not grow with M."""
+    """Greedy: from each tick, the loop of period 1 to ``PERIODS`` that covers the most ticks per tick
+    it compiles (its period; ties: the longer, then the shorter period), so the number of loops, and
+    with it compile time, does not grow with M."""
     loops, i = [], 0
     while i < len(ticks):
-        length, period = max((_run(ticks, i, p)[0], -p) for p in range(1, PERIODS + 1))
+        runs = [(_run(ticks, i, p)[0], p) for p in range(1, PERIODS + 1)]
+        _, length, period = max((length / p, length, -p) for length, p in runs if length)
         period = -period
         _, positions = _run(ticks[: i + length], i, period)  # the unions of exactly the chosen ticks
         grid = np.array([t for t, _ in ticks[i : i + length]], np.int32).reshape(-1, period)
