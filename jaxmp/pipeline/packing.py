@@ -370,11 +370,18 @@ def _leaves(abstract, specs, piece: Piece):
 
 
 def piece_params(params, piece: Piece):
-    """A piece's parameters out of the layer-order tree (its rows, for a stack)."""
+    """A piece's parameters out of the layer-order tree (its rows, for a stack); shapes in, shapes out."""
     values = sub_params(params, piece.part.key)
     if piece.rows is None:
         return values
-    return jax.tree.map(lambda a: a[piece.rows[0] : piece.rows[1]], values)
+    first, end = piece.rows
+
+    def rows(a):
+        if isinstance(a, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct((end - first, *a.shape[1:]), a.dtype)
+        return a[first:end]
+
+    return jax.tree.map(rows, values)
 
 
 def _leaf(params, piece: Piece, path: tuple):
