@@ -5,10 +5,11 @@ Model: ``mlp`` width D=512, hidden 2048, depth 8, batch 1024, Adam, float32 (def
 
 a. **Step time** of each jaxmp schedule over the plain one-device jaxmp step (rounds interleaved, the
    median round per variant, first losses checked equal first), and, with ``--torch-python``, the same
-   ratio for torch.distributed.pipelining's ScheduleGPipe, Schedule1F1B, ScheduleInterleaved1F1B and
-   ScheduleInterleavedZeroBubble over torch's plain step (``torch_pipeline_peer.py``, same model, same
-   machine, the same total thread count). Interleaved schedules use 2 chunks per device; "zb-h1 stash"
-   is zb-h1 with ``--weight-pass stash`` (``B`` keeps the cotangents ``W`` needs; no work done twice).
+   ratio for torch.distributed.pipelining's ScheduleGPipe, Schedule1F1B, ScheduleInterleaved1F1B,
+   ScheduleInterleavedZeroBubble and ScheduleZBVZeroBubble over torch's plain step
+   (``torch_pipeline_peer.py``, same model, same machine, the same total thread count). Interleaved
+   schedules use 2 chunks per device, zb-v 2 per device in a V; "zb-h1 stash" is zb-h1 with
+   ``--weight-pass stash`` (``B`` keeps the cotangents ``W`` needs; no work done twice).
 b. **Memory** (``pipe=4``, M in 4, 8, 16, 32): per-device temporaries of the compiled train step
    (XLA's ``memory_analysis``), and the table's bubble and largest stash.
 
@@ -32,13 +33,14 @@ import time
 from pathlib import Path
 
 MiB = 2**20
-JAXMP_SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zb-h1 stash")
+JAXMP_SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zb-h1 stash", "zb-v")
 PEERS = {  # jaxmp schedule -> torch's corresponding one
     "gpipe": "ScheduleGPipe",
     "1f1b": "Schedule1F1B",
     "interleaved-1f1b": "ScheduleInterleaved1F1B",
     "zb-h1": "ScheduleInterleavedZeroBubble",
     "zb-h1 stash": "ScheduleInterleavedZeroBubble",
+    "zb-v": "ScheduleZBVZeroBubble",
 }
 
 
@@ -162,7 +164,7 @@ def time_report(args, ours: dict[str, float], peer: dict[str, float] | None) -> 
         f"### a. Step time, pipe={args.stages}, M={args.microbatches} ({args.stages} simulated CPU devices, "
         f"{args.threads} threads)\n\nmlp width {args.width}, hidden {args.hidden}, depth {args.depth}, batch "
         f"{args.batch}, adam, float32; {args.rounds} interleaved rounds, median; {plain}; interleaved "
-        "schedules with 2 chunks per device.\n\n" + table(head, rows) + "\n"
+        "schedules with 2 chunks per device, zb-v with 2 in a V.\n\n" + table(head, rows) + "\n"
     )
 
 
@@ -170,7 +172,8 @@ def memory_report(args, rows) -> str:
     head = ["M", "schedule", "temp MiB", "/ gpipe", "/ 1f1b", "bubble", "most stashed"]
     return (
         f"### b. Memory per device, pipe={args.stages}\n\nTemporaries of the compiled train step "
-        "(`memory_analysis`), bubble and the largest stash from the table.\n\n" + table(head, rows) + "\n"
+        "(`memory_analysis`), bubble and the largest stash from the table (zb-v's in its ticks and chunks, "
+        "each half a stage's layers).\n\n" + table(head, rows) + "\n"
     )
 
 

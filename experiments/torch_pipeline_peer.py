@@ -2,7 +2,8 @@
 
 The model is jaxmp's ``mlp`` written in PyTorch: ``Linear(F, D)``, ``depth`` pre-norm residual blocks
 ``x + down(gelu(up(LayerNorm(x))))``, ``Linear(D, classes)``, mean cross-entropy, Adam. Ranks are CPU
-processes on gloo, one pipeline stage each (two for the interleaved and zero-bubble schedules); each
+processes on gloo, one pipeline stage each (two for the interleaved and zero-bubble schedules, in a V
+for ZBV); each
 rank uses ``threads // ranks`` intra-op threads, the one-process plain step all ``threads``.
 
 Prints one JSON object: the median step seconds of the plain step and of each schedule.
@@ -26,11 +27,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-SCHEDULES = {  # name in the table -> (torch class, stages per rank)
-    "ScheduleGPipe": ("ScheduleGPipe", 1),
-    "Schedule1F1B": ("Schedule1F1B", 1),
-    "ScheduleInterleaved1F1B": ("ScheduleInterleaved1F1B", 2),
-    "ScheduleInterleavedZeroBubble": ("ScheduleInterleavedZeroBubble", 2),
+SCHEDULES = {  # name in the table -> (torch class, stages per rank, stages placed in a V)
+    "ScheduleGPipe": ("ScheduleGPipe", 1, False),
+    "Schedule1F1B": ("Schedule1F1B", 1, False),
+    "ScheduleInterleaved1F1B": ("ScheduleInterleaved1F1B", 2, False),
+    "ScheduleInterleavedZeroBubble": ("ScheduleInterleavedZeroBubble", 2, False),
+    "ScheduleZBVZeroBubble": ("ScheduleZBVZeroBubble", 2, True),
 }
 
 
@@ -104,10 +106,11 @@ def rank_main(rank: int, args, name: str, port: int, queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=args.ranks)
     torch.set_num_threads(max(1, args.threads // args.ranks))
-    cls_name, per_rank = SCHEDULES[name]
+    cls_name, per_rank, v_shape = SCHEDULES[name]
     total = args.ranks * per_rank
     modules = stage_modules(args, total)
-    mine = [i for i in range(total) if i % args.ranks == rank]  # looped placement
+    looped = [i for i in range(total) if i % args.ranks == rank]
+    mine = [rank, total - 1 - rank] if v_shape else looped  # a V: rank r holds stages r and 2R-1-r
     device = torch.device("cpu")
     stages = [pipelining.PipelineStage(modules[i], i, total, device) for i in mine]
     cls = getattr(pipelining, cls_name)
