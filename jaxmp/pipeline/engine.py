@@ -155,7 +155,7 @@ class _Carry(NamedTuple):
     arrived: tuple  # per round: [b, A] the message the last permute delivered
     g_params: dict  # running sum of this stage's buffer cotangents
     sums: dict  # running sums of the head's outputs (loss, ...)
-    residuals: tuple = ()  # per stash buffer [residual slots, ...]: forwards' residuals for their B and W
+    residuals: tuple = ()  # per stash kind [count, residual slots, ...]: forwards' residuals for B and W
 
 
 class _Tick(NamedTuple):
@@ -167,7 +167,7 @@ class _Tick(NamedTuple):
     h: jax.Array  # the stashed input activation [b, A]
     g: jax.Array  # the output cotangent [b, A]
     ids: jax.Array  # global example ids [b]
-    res: tuple = ()  # the residual stash buffers [residual slots, ...], read-only in an action
+    res: tuple = ()  # the residual stash (per kind [count, residual slots, ...]), read-only in an action
     slot: jax.Array | int = 0  # this action's residual slot (a forward writes it, its B and W read it)
 
 
