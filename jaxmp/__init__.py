@@ -15,7 +15,7 @@ from jaxmp.inspection.hardware import HARDWARE, Hardware
 from jaxmp.inspection.textbook import textbook_layer_exchange
 from jaxmp.parallel.mesh import MeshShape, as_mesh, build_mesh, mesh_from_spec, parse_mesh, simulate_cpu_devices
 from jaxmp.parallel.sharding import print_sharding_report, sharding_report
-from jaxmp.pipeline import Schedule, build_schedule, gpipe, naive, one_f_one_b, plot, render, validate, zb_h1
+from jaxmp.pipeline import Schedule, build_schedule, gpipe, naive, one_f_one_b, plot, render, validate, zb_h1, zb_v
 from jaxmp.training.step import Program, TrainState, build_program
 
 __all__ = [
@@ -49,6 +49,7 @@ __all__ = [
     "textbook_layer_exchange",
     "validate",
     "zb_h1",
+    "zb_v",
 ]
 
 
