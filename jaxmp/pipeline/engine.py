@@ -9,7 +9,8 @@ table, and the devices of a tensor group always share a stage). Each device hold
 buffers (:mod:`jaxmp.pipeline.packing`). A ``lax.scan`` per phase of ticks (:mod:`jaxmp.pipeline.transfers`)
 runs, each tick:
 
-1. receive: the activation and the cotangent that arrived are written into their stash slots;
+1. receive: the activations and cotangents that arrived (at most ``ARRIVALS`` of each) are written into
+   their stash slots;
 2. act: the table's action (:func:`_run_action`): idle (no work at all), the forward of a chunk (under
    ``jax.vjp``, its closure's residuals kept in a residual slot until its backward), or its backward,
    written by hand: the closure rebuilt from the residual slot and pulled back (a re-run only where

@@ -16,9 +16,10 @@ A tick's messages form one *round* (a ``ppermute`` whose pairs send from and to 
 once), or more when a stage hears from several at once (some interleaved tables; a V placement, where
 a stage hears from both neighbours and, at the turn, from itself). A stage receives at most
 ``ARRIVALS`` activations and as many cotangents per tick. Ticks are
-grouped into loops (:class:`Loop`) of period 1 to 3: ticks at the same position of the period share
-the union of their pairs, which must still be a partial permutation; 1F1B's steady state alternates
-two patterns, so it runs as one loop of period 2, and ZB-H1's (``F``, ``B``, ``W``) as one of period 3.
+grouped into loops (:class:`Loop`) of period 1 to ``PERIODS``: ticks at the same position of the period
+share the union of their pairs, which must still be a partial permutation; 1F1B's steady state
+alternates two patterns, so it runs as one loop of period 2, ZB-H1's (``F``, ``B``, ``W``) as one of
+period 3 and ZB-V's (``F F B B W W``) as one of period 6.
 """
 
 from __future__ import annotations
