@@ -30,8 +30,8 @@ Run (defaults: a few minutes on 2 CPU cores, most of it in part a)::
 
     .venv/bin/python experiments/bench_pipeline.py --out experiments/results
     .venv/bin/python experiments/bench_pipeline.py --parts a --batch 256 --rounds 3   # quick look
-    .venv/bin/python experiments/bench_pipeline.py --parts a --remats none,stage,full  # all remat modes
-    .venv/bin/python experiments/bench_pipeline.py --parts a --remats none,none+unroll --cpu-devices 0  # GPU
+    .venv/bin/python experiments/bench_pipeline.py --parts a --remats stage,none,full  # all remat modes
+    .venv/bin/python experiments/bench_pipeline.py --parts a --remats stage,stage+unroll --cpu-devices 0  # GPU
     .venv/bin/python experiments/bench_pipeline.py --parts b,c --cpu-devices 8
 
 ``--out DIR`` writes ``pipeline_overhead.md``, ``pipeline_compile.md`` and ``pipeline_memory.md``.
@@ -322,7 +322,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.add_argument("--microbatches", type=int, default=8, help="M (parts a and c)")
     a.add_argument(
         "--remats",
-        default="none,stage",
+        default="stage,none",
         help="comma-separated remat modes of the pipelined variants; MODE+unroll also unrolls the loops",
     )
     a.add_argument("--features", type=int, default=784)

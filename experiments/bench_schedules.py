@@ -9,9 +9,11 @@ a. **Step time** of each jaxmp schedule over the plain one-device jaxmp step (ro
    ScheduleInterleavedZeroBubble and ScheduleZBVZeroBubble over torch's plain step
    (``torch_pipeline_peer.py``, same model, same machine, the same total thread count). Interleaved
    schedules use 2 chunks per device, zb-v 2 per device in a V; "zb-h1 stash" is zb-h1 with
-   ``--weight-pass stash`` (``B`` keeps the cotangents ``W`` needs; no work done twice).
-b. **Memory** (``pipe=4``, M in 4, 8, 16, 32): per-device temporaries of the compiled train step
-   (XLA's ``memory_analysis``), and the table's bubble and largest stash.
+   ``--weight-pass stash`` (``B`` keeps the cotangents ``W`` needs; no work done twice); "1f1b remat
+   none" is 1f1b keeping every residual (the default ``--remat stage`` keeps matmul outputs).
+b. **Memory** (``pipe=4``, M in 4, 8, 16, 32, ``--remat`` stage (default) and none): per-device
+   temporaries of the compiled train step (XLA's ``memory_analysis``), and the table's bubble and
+   largest stash.
 
 Run (about 10 minutes on 2 CPU cores)::
 
@@ -34,6 +36,7 @@ from pathlib import Path
 
 MiB = 2**20
 JAXMP_SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zb-h1 stash", "zb-v")
+STEP_ONLY = {"1f1b remat none": ("1f1b", dict(remat="none"))}  # step table only: what the default remat saves
 PEERS = {  # jaxmp schedule -> torch's corresponding one
     "gpipe": "ScheduleGPipe",
     "1f1b": "Schedule1F1B",
@@ -41,6 +44,7 @@ PEERS = {  # jaxmp schedule -> torch's corresponding one
     "zb-h1": "ScheduleInterleavedZeroBubble",
     "zb-h1 stash": "ScheduleInterleavedZeroBubble",
     "zb-v": "ScheduleZBVZeroBubble",
+    "1f1b remat none": "Schedule1F1B",
 }
 
 
@@ -78,6 +82,8 @@ def step_times(args) -> dict[str, float]:
     programs = {"plain": build(args, one)}
     for name in JAXMP_SCHEDULES:
         programs[name] = build(args, pipe, **pipelined(args, name, args.microbatches))
+    for name, (schedule, flags) in STEP_ONLY.items():
+        programs[name] = build(args, pipe, **pipelined(args, schedule, args.microbatches), **flags)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((args.batch, args.features), dtype=np.float32)
     y = rng.integers(0, args.classes, args.batch, dtype=np.int32)
@@ -109,17 +115,18 @@ def memory_rows(args) -> list[list]:
 
     pipe = build_mesh(MeshShape(pipe=args.stages), jax.devices()[: args.stages])
     rows = []
-    for microbatches in (4, 8, 16, 32):
-        temps, schedules = {}, {}
-        for name in JAXMP_SCHEDULES:
-            program = build(args, pipe, **pipelined(args, name, microbatches))
-            temps[name] = memory_and_flops(program.train_step.compiled).temp_bytes
-            schedules[name] = program.pipeline.train.schedule
-        for name, temp in temps.items():
-            schedule = schedules[name]
-            ratios = [f"{temp / temps[base]:.2f}" for base in ("gpipe", "1f1b")]
-            rows.append([microbatches, name, f"{temp / MiB:.1f}", *ratios, f"{schedule.bubble_fraction:.3f}"])
-            rows[-1].append(int(schedule.stashed().max()))
+    for remat in args.remats.split(","):
+        for microbatches in (4, 8, 16, 32):
+            temps, schedules = {}, {}
+            for name in JAXMP_SCHEDULES:
+                program = build(args, pipe, remat=remat, **pipelined(args, name, microbatches))
+                temps[name] = memory_and_flops(program.train_step.compiled).temp_bytes
+                schedules[name] = program.pipeline.train.schedule
+            for name, temp in temps.items():
+                schedule = schedules[name]
+                ratios = [f"{temp / temps[base]:.2f}" for base in ("gpipe", "1f1b")]
+                row = [remat, microbatches, name, f"{temp / MiB:.1f}", *ratios, f"{schedule.bubble_fraction:.3f}"]
+                rows.append([*row, int(schedule.stashed().max())])
     return rows
 
 
@@ -142,7 +149,7 @@ def table(header: list[str], rows: list[list]) -> str:
 
 def time_report(args, ours: dict[str, float], peer: dict[str, float] | None) -> str:
     rows = []
-    for name in JAXMP_SCHEDULES:
+    for name in (*JAXMP_SCHEDULES, *STEP_ONLY):
         ratio = ours[name] / ours["plain"]
         torch_name = PEERS[name]
         theirs = peer[torch_name] / peer["plain"] if peer else None
@@ -164,16 +171,20 @@ def time_report(args, ours: dict[str, float], peer: dict[str, float] | None) -> 
         f"### a. Step time, pipe={args.stages}, M={args.microbatches} ({args.stages} simulated CPU devices, "
         f"{args.threads} threads)\n\nmlp width {args.width}, hidden {args.hidden}, depth {args.depth}, batch "
         f"{args.batch}, adam, float32; {args.rounds} interleaved rounds, median; {plain}; interleaved "
-        "schedules with 2 chunks per device, zb-v with 2 in a V.\n\n" + table(head, rows) + "\n"
+        "schedules with 2 chunks per device, zb-v with 2 in a V; default --remat (stage) but the last row.\n\n"
+        + table(head, rows)
+        + "\n"
     )
 
 
 def memory_report(args, rows) -> str:
-    head = ["M", "schedule", "temp MiB", "/ gpipe", "/ 1f1b", "bubble", "most stashed"]
+    head = ["remat", "M", "schedule", "temp MiB", "/ gpipe", "/ 1f1b", "bubble", "most stashed"]
     return (
         f"### b. Memory per device, pipe={args.stages}\n\nTemporaries of the compiled train step "
         "(`memory_analysis`), bubble and the largest stash from the table (zb-v's in its ticks and chunks, "
-        "each half a stage's layers).\n\n" + table(head, rows) + "\n"
+        "each half a stage's layers). `--remat stage` (the default) stashes matmul outputs only, so the "
+        "fixed part (gradient sums, optimizer update, one chunk's workspace) dominates; `--remat none` "
+        "stashes every residual, where the stash counts show most.\n\n" + table(head, rows) + "\n"
     )
 
 
@@ -187,6 +198,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--parts", default="a,b")
+    p.add_argument("--remats", default="stage,none", help="part b: one table block per --remat mode")
     p.add_argument("--torch-python", help="a Python with torch installed: adds the peer's column")
     p.add_argument("--out", help="write schedules_step.md and schedules_memory.md into this folder")
     args = p.parse_args()

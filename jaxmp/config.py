@@ -141,9 +141,10 @@ class PipelineConfig:
     )
     repeats: int = _opt(1, "circular pipeline: each device holds this many non-adjacent chunks of layers")
     remat: str = _opt(
-        "none",
-        "what a pipeline forward keeps for its backward: none keeps every residual (no re-run), stage keeps "
-        "matmul outputs (element-wise work redone), full keeps only the chunk's input (backward re-runs it)",
+        "stage",
+        "what a pipeline forward keeps for its backward: stage keeps matmul outputs (element-wise work "
+        "redone: a fraction of none's stash, and faster), none keeps every residual (no re-run), full "
+        "keeps only the chunk's input (backward re-runs it)",
         choices=REMATS,
     )
     weight_pass: str = _opt(

@@ -102,7 +102,7 @@ def test_unmasked_messages_let_the_poison_through():
     assert np.isfinite(loss) and all(np.isfinite(g).all() for g in grads.values())
 
 
-@pytest.mark.parametrize("remat", ["stage", "full"])
+@pytest.mark.parametrize("remat", ["none", "full"])
 def test_remat_changes_nothing(remat):
     cfg, piped = config("mlp", microbatches=4, remat=remat)
     assert_same(
@@ -112,8 +112,9 @@ def test_remat_changes_nothing(remat):
 
 def test_1f1b_keeps_the_residuals_of_s_micro_batches_gpipe_of_m():
     """Compiled temporaries (``memory_analysis``) where activations dominate: GPipe stashes the residuals
-    of all M=8 micro-batches, 1F1B those of S=2; --remat full stashes only chunk inputs."""
-    cfg = small_config("mlp", "dp", width=16, hidden=256, depth=4, batch_size=512, microbatches=8)
+    of all M=8 micro-batches, 1F1B those of S=2 (--remat none: every residual kept); --remat full stashes
+    only chunk inputs."""
+    cfg = small_config("mlp", "dp", width=16, hidden=256, depth=4, batch_size=512, microbatches=8, remat="none")
     mesh = build_mesh(MeshShape(1, 1, 2))
 
     def temps(**overrides):
@@ -214,8 +215,8 @@ def test_weight_gradients_are_reduced_over_the_batch_axes_once_per_step(model, s
 def test_megatron_collectives_inside_a_stage_are_those_of_the_layer():
     """mlp-1024 on tensor=2, pipe=2: each stage's column/row pair keeps its one all-reduce per direction,
     so the pipelined program has exactly the one-stage program's all-reduces (the backward pulls through
-    stashed residuals); with --remat full each stage's backward re-runs its forward, and with it one
-    forward all-reduce."""
+    stashed residuals; --remat stage's redone element-wise work needs none); with --remat full each
+    stage's backward re-runs its forward, and with it one forward all-reduce."""
     cfg, piped = config("mlp-1024", microbatches=2)
 
     def tensor_all_reduces(text, mesh):
@@ -230,9 +231,9 @@ def test_megatron_collectives_inside_a_stage_are_those_of_the_layer():
     mesh = build_mesh(MeshShape(1, 2, 2))
     counts = [
         len(tensor_all_reduces(build(piped.replace(remat=remat), mesh).grad_step.compiled.as_text(), mesh))
-        for remat in ("none", "full")
+        for remat in ("stage", "none", "full")
     ]
-    assert forward == 2 and counts == [both, both + 2]
+    assert forward == 2 and counts == [both, both, both + 2]
 
 
 @pytest.mark.parametrize(

@@ -189,6 +189,16 @@ def naive(stages: int, repeats: int = 1, **options) -> Schedule:
     return build_schedule("naive", stages, 1, repeats, **options)
 
 
+def message_to(chunk_stage: tuple[int, ...], kind: int, c: int) -> tuple[int, bool] | None:
+    """``(destination stage, is a cotangent)`` of the message chunk ``c``'s action sends, if any: a
+    forward's output to the next chunk's stage, a backward's input cotangent to the previous one's."""
+    if kind == FORWARD and c + 1 < len(chunk_stage):
+        return chunk_stage[c + 1], False
+    if kind == BACKWARD and c > 0:
+        return chunk_stage[c - 1], True
+    return None
+
+
 class _State(NamedTuple):
     """What list scheduling knows at a tick: when each action ran (-1: not yet), and the messages the
     stages already picked at this tick send."""
@@ -205,18 +215,10 @@ class _State(NamedTuple):
     def mine(self, s: int) -> list[int]:
         return [c for c, where in enumerate(self.chunk_stage) if where == s]
 
-    def message(self, kind: int, c: int) -> tuple[int, bool] | None:
-        """``(destination stage, is a cotangent)`` of the message the action sends, if any."""
-        if kind == FORWARD and c + 1 < len(self.chunk_stage):
-            return self.chunk_stage[c + 1], False
-        if kind == BACKWARD and c > 0:
-            return self.chunk_stage[c - 1], True
-        return None
-
     def ready(self, kind: int, m: int, c: int, t: int) -> bool:
         """Its inputs are there, and its message would not make more than ``ARRIVALS`` of its kind reach
         its stage at the next tick."""
-        message = self.message(kind, c)
+        message = message_to(self.chunk_stage, kind, c)
         if self.done[kind][m, c] >= 0 or (message is not None and self.sending[message] >= ARRIVALS):
             return False
         if kind == FORWARD:
@@ -261,8 +263,9 @@ def _list_schedule(state: _State, pick: Picker, kinds: tuple[int, ...]) -> Sched
         for s in range(state.stages):
             kind, m, c = pick(s, t)
             row.append((kind, m, c))
-            if kind != IDLE and state.message(kind, c) is not None:
-                state.sending[state.message(kind, c)] += 1
+            message = message_to(state.chunk_stage, kind, c)
+            if message is not None:
+                state.sending[message] += 1
         for kind, m, c in row:
             if kind != IDLE:
                 state.done[kind][m, c] = t
