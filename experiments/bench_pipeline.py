@@ -281,8 +281,8 @@ def memory_row(args: argparse.Namespace, pipe: int, remat: str, repeats: int) ->
 
 def measure_memory(args: argparse.Namespace) -> str:
     pipes = [p for p in (1, 2, 4, 8) if p <= jax.device_count()]
-    rows = [memory_row(args, pipe, remat, 1) for pipe in pipes for remat in ("none", "stage", "full")]
-    rows += [memory_row(args, pipe, "none", 2) for pipe in pipes if pipe > 1 and args.mem_depth % (2 * pipe) == 0]
+    rows = [memory_row(args, pipe, remat, 1) for pipe in pipes for remat in ("stage", "none", "full")]
+    rows += [memory_row(args, pipe, "stage", 2) for pipe in pipes if pipe > 1 and args.mem_depth % (2 * pipe) == 0]
     header = ["pipe", "R", "remat", "argument MiB", "temp MiB", "permutes/step", "permute MiB", "formula MiB"]
     b = args.mem_batch // args.microbatches
     lines = [
