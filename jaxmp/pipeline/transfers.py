@@ -7,8 +7,9 @@ most S), and every device sends at most one message per tick in one collective-p
 over ``pipe`` is the schedule's, whatever the mix of forwards and backwards in a tick (1F1B's steady
 state sends activations one way and cotangents the other in the same tick).
 
-Conventions (:func:`.schedule.message_to`): a forward message carries chunk ``c``'s output from ``chunk_stage[c]`` to
-``chunk_stage[c+1]``; a backward message carries chunk ``c``'s input cotangent to ``chunk_stage[c-1]``.
+Conventions (:func:`.schedule.message_to`): a forward message carries chunk ``c``'s output from
+``chunk_stage[c]`` to ``chunk_stage[c+1]``; a backward message carries chunk ``c``'s input cotangent to
+``chunk_stage[c-1]``.
 A message sent at the end of tick ``t`` is written into its slot at the start of tick ``t + 1``, before
 that tick's action; a slot is free again after the tick whose action last reads it.
 
@@ -125,16 +126,13 @@ def _messages(schedule: Schedule) -> list[_Message]:
     out = []
     for m in range(schedule.microbatches):
         for c in range(schedule.chunks):
-            for kind in (FORWARD, BACKWARD):
-                sent, to = schedule.when(kind, m, c), message_to(place, kind, c)
-                if to is None or sent < 0:
-                    continue
-                reader = c + 1 if kind == FORWARD else c - 1
-                if kind == FORWARD:
-                    use = schedule.last_use(m, reader)
-                else:
-                    use = max(schedule.when(BACKWARD, m, reader), schedule.when(WEIGHT, m, reader))
-                out.append(_Message(place[c], to[0], sent, use, (m, reader), to[1]))
+            f_tick, b_tick = schedule.when(FORWARD, m, c), schedule.when(BACKWARD, m, c)
+            if to := message_to(place, FORWARD, c):
+                use = schedule.last_use(m, c + 1)
+                out.append(_Message(place[c], to[0], f_tick, use, (m, c + 1), False))
+            if (to := message_to(place, BACKWARD, c)) and b_tick >= 0:
+                use = max(schedule.when(BACKWARD, m, c - 1), schedule.when(WEIGHT, m, c - 1))
+                out.append(_Message(place[c], to[0], b_tick, use, (m, c - 1), True))
     return out
 
 
