@@ -77,9 +77,11 @@ class ModelConfig:
         "a model of your own instead of --model: FILE.py:NAME or MODULE:NAME, a callable rngs -> nnx model "
         "written as a list of layers (see the README)",
     )
-    width: int = _opt(128, "mlp: residual stream width")
-    hidden: int = _opt(512, "mlp: hidden width of each block (split over tensor)")
-    depth: int = _opt(2, "mlp: number of residual blocks")
+    width: int = _opt(128, "mlp, gpt: residual stream width")
+    hidden: int = _opt(512, "mlp, gpt: hidden width of each block's MLP (split over tensor)")
+    depth: int = _opt(2, "mlp, gpt: number of residual blocks")
+    heads: int = _opt(4, "gpt: attention heads per block (split over tensor)")
+    dropout: float = _opt(0.0, "gpt: dropout rate after attention and the MLP, in training")
     activation: str = _opt(
         "default",
         "activation; default: each preset's own (jaxmp.models.PRESETS: mlp uses gelu)",
@@ -115,6 +117,7 @@ class DataConfig:
     synthetic_shape: str = _opt("28x28x1", "synthetic: example shape HxWxC or a feature count")
     synthetic_classes: int = _opt(10, "synthetic: number of classes")
     synthetic_size: int = _opt(2048, "synthetic: number of training examples")
+    seq_len: int = _opt(64, "text datasets: tokens per training window (the model reads seq_len, predicts the next)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -190,6 +193,7 @@ class RunConfig:
     profile_dir: str = _opt("jaxmp-profile", "folder for the --profile-steps trace")
     schedule_plot: str | None = _opt(None, "write a PNG picture of the run's pipeline schedule to this path")
     report: bool = _opt(True, "print the sharding report at start-up")
+    sample_tokens: int = _opt(0, "text datasets: after training, print this many tokens the model generates")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -273,8 +277,13 @@ def validate(cfg: Config) -> Config:
             if choices and value not in choices:
                 flag = "--" + f.name.replace("_", "-")
                 raise ConfigError(f"{flag} {value!r} is not one of {', '.join(choices)}.")
-    for name in ("width", "hidden", "depth"):
+    for name in ("width", "hidden", "depth", "heads"):
         _positive(name, getattr(cfg.model, name))
+    if not 0.0 <= cfg.model.dropout < 1.0:
+        raise ConfigError(f"--dropout must be in [0, 1), got {cfg.model.dropout}.")
+    _positive("seq_len", cfg.data.seq_len)
+    if cfg.run.sample_tokens < 0:
+        raise ConfigError(f"--sample-tokens must be 0 or positive, got {cfg.run.sample_tokens}.")
     if cfg.model.model_fn is not None:
         where, sep, name = cfg.model.model_fn.rpartition(":")
         if not (sep and where and name.isidentifier()):

@@ -3,6 +3,7 @@
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("PJRT_NPROC", "16")  # spare XLA:CPU threads: see jaxmp.parallel.mesh.cpu_threads
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

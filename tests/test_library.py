@@ -135,7 +135,7 @@ def test_own_model_optimizer_and_loss_train_like_a_hand_written_loop(reference, 
     ("kwargs", "message"),
     [
         ({"optimizer": "adam"}, "optimizer must be an optax.GradientTransformation, got str"),
-        ({"loss": lambda o, y: o.mean()}, r"loss must give one float per example, shape \(16,\)"),
+        ({"loss": lambda o, y: o.mean()}, r"loss must give one float per label, shape \(16,\)"),
         ({"loss": 3}, "loss must be a function"),
         ({"loss": lambda o, y: o[:, :, 0]}, "loss failed on outputs"),
     ],

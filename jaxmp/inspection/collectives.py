@@ -63,6 +63,7 @@ from jaxmp.inspection.hlo import (
     itemsize_bits,
     lines_by_computation,
     parse_instruction,
+    source_of,
 )
 
 KINDS = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
@@ -81,6 +82,7 @@ class Collective(NamedTuple):
     name: str
     op_name: str
     count: int = 1  # executions per run of the program: loop bodies count their trip count
+    source: str = ""  # "file:line" of the Python line it came from (jaxmp.inspection.hlo.source_of)
 
     @property
     def total_elements(self) -> int:
@@ -305,6 +307,7 @@ def collectives(hlo_text: str, mesh: Mesh) -> list[Collective]:
       ``while`` loops around it (1 where XLA does not know a trip count).
     """
     multipliers = execution_counts(hlo_text)
+    line_of = source_of(hlo_text)
     instructions = []
     for computation, line in lines_by_computation(hlo_text):
         inst = _parse_instruction(line)
@@ -328,7 +331,8 @@ def collectives(hlo_text: str, mesh: Mesh) -> list[Collective]:
         result = inst.shape
         if phase == "start":
             result = done_shape.get(inst.name) or _start_result(kind, inst.shape)
-        records += [r._replace(count=inst.count) for r in _records(inst, kind, result, mesh)]
+        where = line_of(inst.attrs)
+        records += [r._replace(count=inst.count, source=where) for r in _records(inst, kind, result, mesh)]
     return records
 
 

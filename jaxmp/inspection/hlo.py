@@ -221,3 +221,80 @@ def execution_counts(hlo_text: str) -> dict[str, int]:
 
     visit("ENTRY", 1)
     return counts
+
+
+def in_data_dependent_loops(hlo_text: str) -> set[str]:
+    """The instructions (by name) that run inside a ``while`` loop whose trip count XLA does not know,
+    and in anything such a loop calls: in a pipelined program, the stage actions, which only the
+    devices of the stage taking the action enter (:mod:`jaxmp.pipeline.stage_collectives`)."""
+    calls: dict[str, list[tuple[str, bool]]] = {}
+    members: dict[str, list[str]] = {}
+    for computation, line in lines_by_computation(hlo_text):
+        head = _INSTRUCTION.match(line)
+        if head is not None:
+            members.setdefault(computation, []).append(head["name"])
+        unknown = " while(" in line and TRIP_COUNT.search(line) is None
+        for callee in CALLEE.finditer(COMMENT.sub("", line)):
+            loop = unknown and callee["key"] in ("body", "condition")
+            for name in re.findall(r"%?([\w.\-]+)", callee["value"]):
+                calls.setdefault(computation, []).append((name, loop))
+    inside: set[str] = set()
+
+    def visit(name: str, looped: bool, seen: set) -> None:
+        if (name, looped) in seen:
+            return
+        seen.add((name, looped))
+        if looped:
+            inside.update(members.get(name, ()))
+        for callee, loop in calls.get(name, ()):
+            visit(callee, looped or loop, seen)
+
+    visit("ENTRY", False, set())
+    return inside
+
+
+_TABLE_ROW = re.compile(r"^(?P<id>\d+) (?P<value>.*)$")
+
+
+_STACK_FRAME_ID = re.compile(r"\bstack_frame_id=(?P<id>\d+)")
+
+
+def _tables(hlo_text: str) -> dict[str, dict[int, str]]:
+    """The module's source tables (``FileNames``, ``FileLocations``, ``StackFrames``, ...): id -> row."""
+    tables: dict[str, dict[int, str]] = {}
+    current = None
+    for line in hlo_text.splitlines():
+        if line in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
+            current = tables.setdefault(line, {})
+        elif current is not None and (row := _TABLE_ROW.match(line)):
+            current[int(row["id"])] = row["value"]
+        elif line.strip():
+            current = None
+    return tables
+
+
+def _field(row: str, key: str) -> int:
+    match = re.search(rf"\b{key}=(\d+)", row)
+    return int(match[1]) if match else 0
+
+
+def source_of(hlo_text: str):
+    """``attrs -> "file:line"``: the innermost line of the program's Python source that an
+    instruction came from (its ``stack_frame_id``), skipping JAX's, Flax's and other installed packages'
+    frames; ``""`` when the module records none."""
+    tables = _tables(hlo_text)
+    files, locations, frames = (tables.get(k, {}) for k in ("FileNames", "FileLocations", "StackFrames"))
+
+    def source(attrs: str) -> str:
+        match = _STACK_FRAME_ID.search(attrs)
+        frame, seen = int(match["id"]) if match else 0, set()
+        while frame in frames and frame not in seen:
+            seen.add(frame)
+            location = locations.get(_field(frames[frame], "file_location_id"), "")
+            path = files.get(_field(location, "file_name_id"), "").strip('"')
+            if path and "site-packages" not in path and "/jaxmp/pipeline/" not in path:
+                return f"{path}:{_field(location, 'line')}"
+            frame = _field(frames[frame], "parent_frame_id")
+        return ""
+
+    return source

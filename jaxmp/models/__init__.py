@@ -15,10 +15,22 @@ from flax import nnx
 
 from jaxmp.config import ConfigError, ModelConfig
 from jaxmp.models.cnn import MnistCNN, TextbookDense
+from jaxmp.models.gpt import GPT, check_heads
 from jaxmp.models.layers import COMPUTE_DTYPES
 from jaxmp.models.mlp import MLP1024, MegatronBlock, ResidualMLP
+from jaxmp.parallel.rules import as_axes
 
-__all__ = ["MLP1024", "PRESETS", "MegatronBlock", "MnistCNN", "Preset", "ResidualMLP", "TextbookDense", "build_model"]
+__all__ = [
+    "GPT",
+    "MLP1024",
+    "PRESETS",
+    "MegatronBlock",
+    "MnistCNN",
+    "Preset",
+    "ResidualMLP",
+    "TextbookDense",
+    "build_model",
+]
 
 
 class Preset(NamedTuple):
@@ -28,6 +40,7 @@ class Preset(NamedTuple):
     strategies: tuple[str, ...]
     activation: str  # what --activation default means for it
     options: tuple[str, ...] = ()  # the ModelConfig fields that shape it (recorded in checkpoints)
+    check_mesh: Callable | None = None  # (cfg, mesh, rules) -> None: ConfigError for a mesh it cannot use
 
 
 def _mlp(cfg: ModelConfig, input_shape, classes, activation, dtype, rngs) -> nnx.Module:
@@ -49,11 +62,26 @@ def _dense(cfg: ModelConfig, input_shape, classes, activation, dtype, rngs) -> n
     return TextbookDense(math.prod(input_shape), classes, rngs=rngs, dtype=dtype)
 
 
+def _gpt(cfg: ModelConfig, input_shape, classes, activation, dtype, rngs) -> nnx.Module:
+    if len(input_shape) != 1:
+        raise ConfigError(
+            f"--model gpt reads windows of token ids, the data has examples of shape {input_shape}; use a text "
+            "dataset (--dataset shakespeare or synthetic-text)."
+        )
+    sizes = dict(width=cfg.width, hidden=cfg.hidden, heads=cfg.heads, depth=cfg.depth)
+    return GPT(classes, input_shape[0], **sizes, activation=activation, dropout=cfg.dropout, rngs=rngs, dtype=dtype)
+
+
+def _gpt_mesh(cfg: ModelConfig, mesh, rules) -> None:
+    check_heads(cfg.heads, dict(mesh.shape), as_axes(rules.get("heads")))
+
+
 PRESETS: dict[str, Preset] = {
     "mlp": Preset(_mlp, ("dp", "tp", "hybrid"), "gelu", ("width", "hidden", "depth")),
     "mlp-1024": Preset(_mlp_1024, ("dp", "tp", "hybrid"), "relu"),
     "mnist-cnn": Preset(_mnist_cnn, ("dp", "tp", "hybrid"), "none"),
     "dense": Preset(_dense, ("dp", "column", "row"), "none"),
+    "gpt": Preset(_gpt, ("dp", "tp"), "gelu", ("width", "hidden", "depth", "heads", "dropout"), _gpt_mesh),
 }
 
 
@@ -74,6 +102,14 @@ def check_strategy(cfg: ModelConfig) -> None:
 def activation_of(cfg: ModelConfig) -> str:
     """The activation ``cfg`` asks for, ``default`` resolved to the preset's own."""
     return preset(cfg).activation if cfg.activation == "default" else cfg.activation
+
+
+def check_mesh(cfg: ModelConfig, mesh, rules) -> None:
+    """Raise ``ConfigError`` when the preset cannot be split over ``mesh`` as ``rules`` ask (its own
+    check: e.g. gpt's heads over ``tensor``); parameter shapes are checked for every model anyway."""
+    own_check = preset(cfg).check_mesh
+    if own_check is not None:
+        own_check(cfg, mesh, rules)
 
 
 def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], classes: int, rngs: nnx.Rngs) -> nnx.Module:

@@ -9,6 +9,7 @@ collectives go, and choosing them is XLA's job here.
 from __future__ import annotations
 
 import math
+import os
 from typing import NamedTuple
 
 from jaxmp.config import ConfigError
@@ -91,6 +92,18 @@ def simulate_cpu_devices(count: int) -> None:
         )
     jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_num_cpu_devices", count)
+    os.environ.setdefault("PJRT_NPROC", str(cpu_threads(count)))
+
+
+def cpu_threads(devices: int) -> int:
+    """Threads for XLA:CPU's pools when ``devices`` are simulated: twice the devices, at least 16.
+
+    Why: XLA sizes its thread pools to ``max(cores, devices)``, and a device waiting in a collective holds
+    a pool thread (sometimes two: a loop's collective and the next one overlap). With 8 devices on a
+    2-core machine every thread can be waiting while the one device they wait for has its next step queued
+    behind them: a hang that XLA aborts after a minute ("7 of 8 arrived"). ``PJRT_NPROC`` sets the pool
+    size; spare threads make that starvation unlikely (it cannot be ruled out while collectives block)."""
+    return max(16, 2 * devices)
 
 
 def build_mesh(shape: MeshShape, devices=None):

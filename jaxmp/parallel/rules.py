@@ -10,7 +10,8 @@ Logical axes used by the models:
               pair (split by ``tp``/``hybrid``)  flat      flattened conv features (never split)
   channels    conv output channels              dense_in  input dim of the textbook layer
   layers      stacked layers (on ``pipe``)      dense_out output dim of the textbook layer
-  stage       pipeline stages (on ``pipe``)
+  stage       pipeline stages (on ``pipe``)     vocab     a language model's vocabulary (split by ``tp``)
+  heads       attention heads (split by ``tp``) seq       tokens of a sequence (never split yet)
 A kernel whose *output* axis maps to ``tensor`` is split by column (outputs stacked / all-gathered);
 one whose *input* axis maps to ``tensor`` is split by row (partial sums added / all-reduced).
 """
@@ -43,7 +44,7 @@ MESH_AXES = ("data", "tensor", "pipe")
 WHOLE: Rules = {
     name: None
     for name in ("batch", "conv_batch", "features", "embed", "mlp", "classes", "flat", "channels")
-    + ("dense_in", "dense_out")
+    + ("dense_in", "dense_out", "vocab", "heads", "seq")
 }
 
 
@@ -51,13 +52,18 @@ WHOLE: Rules = {
 PIPELINE_RULES: Rules = {"layers": "pipe", "stage": "pipe"}
 
 
+# A transformer's attention heads and vocabulary over `tensor` (Megatron-LM).
+MEGATRON_LM: Rules = {"heads": "tensor", "vocab": "tensor"}
+
+
 STRATEGY_RULES: dict[str, Rules] = {
     # Data parallelism: every weight replicated, the batch split over every non-pipe device.
     "dp": {"batch": ALL_DEVICES, "conv_batch": ALL_DEVICES},
     # Megatron tensor parallelism: column/row pairs over `tensor`, conv output channels too.
-    "tp": {"batch": "data", "conv_batch": "data", "mlp": "tensor", "channels": "tensor"},
+    # Attention split by heads, embedding and LM head by vocabulary (the logits are never gathered).
+    "tp": {"batch": "data", "conv_batch": "data", "mlp": "tensor", "channels": "tensor"} | MEGATRON_LM,
     # Krizhevsky's one weird trick: conv layers data-parallel over all devices, dense layers split.
-    "hybrid": {"batch": "data", "conv_batch": ALL_DEVICES, "mlp": "tensor"},
+    "hybrid": {"batch": "data", "conv_batch": ALL_DEVICES, "mlp": "tensor"} | MEGATRON_LM,
     # The textbook single layer, split by output (column) or by input (row).
     "column": {"batch": "data", "dense_out": "tensor"},
     "row": {"batch": "data", "dense_in": "tensor"},

@@ -8,7 +8,9 @@ feeds every mesh shape, and a run's data order depends only on ``(seed, step)``,
 of devices.
 
 Conventions: images are float32 NHWC ``(N, H, W, C)`` scaled to ``[0, 1]``; a synthetic dataset with a
-plain feature count is float32 ``(N, F)``; labels are int32. Every bad input (missing or corrupt IDX
+plain feature count is float32 ``(N, F)``; token ids are int32 ``(N, T)``; labels are int32, one per
+example ``(N,)`` or one per token ``(N, T)``, and a negative label (:data:`IGNORE`) marks a token that
+counts in no loss or metric. Every bad input (missing or corrupt IDX
 file, unparsable shape, batch larger than the data) raises :class:`~jaxmp.config.ConfigError` with one
 sentence naming the value or file and what is wrong.
 """
@@ -38,11 +40,16 @@ IDX_FILES = {
 }
 
 
+IGNORE = -1  # the label of a token (or example) that counts in no loss or metric
+
+
 class Dataset(NamedTuple):
     """A train/test split held in host memory.
 
-    ``x_*`` are float32 in ``[0, 1]``: images NHWC ``(N, H, W, C)``, or ``(N, F)`` features for a
-    synthetic dataset with a plain feature count. ``y_*`` are int32 class ids in ``[0, num_classes)``.
+    ``x_*``: float32 in ``[0, 1]`` (images NHWC ``(N, H, W, C)``, or ``(N, F)`` features), or int32
+    token ids ``(N, T)``. ``y_*``: int32 class ids in ``[0, num_classes)``, one per example ``(N,)`` or
+    one per token ``(N, T)``; a negative label is ignored (:data:`IGNORE`). For text, ``num_classes`` is
+    the vocabulary size and ``vocab`` the text of each token id (for printing samples).
     """
 
     x_train: np.ndarray
@@ -51,32 +58,60 @@ class Dataset(NamedTuple):
     y_test: np.ndarray
     num_classes: int
     name: str
+    vocab: tuple[str, ...] | None = None
 
     @staticmethod
     def of(train, test=None, *, classes: int | None = None, name: str = "own") -> Dataset:
         """A dataset of your own host arrays: ``train = (x, y)`` (and ``test``, default: ``train``);
-        ``classes`` defaults to the largest label + 1. ``ConfigError`` for arrays that do not pair up."""
+        ``classes`` defaults to the largest label + 1. Integer examples are token ids, which must lie
+        in the vocabulary ``0..classes - 1`` when the labels are per token. ``ConfigError`` for arrays
+        that do not pair up, labels outside the classes, or token ids outside the vocabulary."""
         (x, y), (xt, yt) = _pair(train, "train"), _pair(train if test is None else test, "test")
-        if xt.shape[1:] != x.shape[1:]:
-            raise ConfigError(f"test examples have shape {xt.shape[1:]}, train examples {x.shape[1:]}.")
+        if xt.shape[1:] != x.shape[1:] or yt.shape[1:] != y.shape[1:]:
+            raise ConfigError(
+                f"test examples and labels have shapes {xt.shape[1:]} and {yt.shape[1:]}, train ones "
+                f"{x.shape[1:]} and {y.shape[1:]}."
+            )
         classes = int(max(y.max(), yt.max())) + 1 if classes is None else classes
-        if min(y.min(), yt.min()) < 0 or max(y.max(), yt.max()) >= classes:
-            raise ConfigError(f"labels must be class ids in 0..{classes - 1}.")
+        if max(y.max(), yt.max()) >= classes:
+            raise ConfigError(f"labels must be class ids in 0..{classes - 1} (or {IGNORE} to ignore one).")
+        if y.ndim > 1:  # per-token labels: the examples are token ids (checked by _pair)
+            check_token_ids(x, classes, "train")
+            check_token_ids(xt, classes, "test")
         return Dataset(x, y, xt, yt, classes, name)
 
 
+def check_token_ids(ids: np.ndarray, vocab: int, what: str) -> None:
+    """``ConfigError`` naming the first token id outside ``0..vocab - 1``."""
+    bad = np.flatnonzero((ids < 0) | (ids >= vocab))
+    if bad.size:
+        row, col = np.unravel_index(bad[0], ids.shape)[:2]
+        raise ConfigError(
+            f"{what} token id {int(ids.flat[bad[0]])} (example {row}, position {col}) is outside the "
+            f"vocabulary of {vocab} tokens (0..{vocab - 1})."
+        )
+
+
 def _pair(arrays, what: str) -> tuple[np.ndarray, np.ndarray]:
-    """``(x, y)`` as float32 examples and int32 labels, one label per example."""
+    """``(x, y)``: examples as float32 (integer ones as int32 token ids), labels as int32, one per
+    example or one per token (``y.shape == x.shape``)."""
     try:
         x, y = arrays
     except (TypeError, ValueError):
         raise ConfigError(f"{what} data must be a pair (examples, labels) of arrays.") from None
     x, y = np.asarray(x), np.asarray(y)
-    if x.ndim < 2 or y.ndim != 1 or len(x) != len(y) or len(x) == 0:
-        raise ConfigError(f"{what} data: {x.shape} examples and {y.shape} labels do not pair up (one label each).")
+    per_token = y.ndim > 1 and y.shape == x.shape
+    if x.ndim < 2 or not (y.ndim == 1 or per_token) or len(x) != len(y) or len(x) == 0:
+        raise ConfigError(
+            f"{what} data: {x.shape} examples and {y.shape} labels do not pair up (one label per example, "
+            "or one per token: labels of the examples' shape)."
+        )
     if not np.issubdtype(y.dtype, np.integer):
         raise ConfigError(f"{what} labels must be integer class ids, got {y.dtype}.")
-    return x.astype(np.float32), y.astype(np.int32)
+    if per_token and not np.issubdtype(x.dtype, np.integer):
+        raise ConfigError(f"{what} data: per-token labels need integer token ids as examples, got {x.dtype}.")
+    integer = np.issubdtype(x.dtype, np.integer)
+    return x.astype(np.int32 if integer else np.float32), y.astype(np.int32)
 
 
 # ----------------------------------------------------------------------------------------- loading
@@ -397,16 +432,16 @@ def eval_batches(x: np.ndarray, y: np.ndarray, batch_size: int) -> Iterator[tupl
     """The whole evaluation set in fixed-size batches, the last padded, with a mask of real examples.
 
     Every batch has exactly ``batch_size`` rows (so one compiled eval step serves them all); padded
-    rows are zeros with label 0 and mask 0, so ``sum(mask * per_example_metric)`` counts every
-    example exactly once.
+    rows are zeros with label 0 and mask 0, so ``sum(mask * per_label_metric)`` counts every
+    label exactly once.
 
     Args:
         x: inputs, leading axis = examples.
-        y: labels, same length.
+        y: labels, same length (one per example or one per token).
         batch_size: rows per batch (positive).
 
     Returns:
-        An iterator of ``(x, y, mask)``; ``mask`` is float32 ``(batch_size,)``, 1 for real rows.
+        An iterator of ``(x, y, mask)``; ``mask`` is float32 of the labels' shape, 1 for real rows.
     """
     if len(x) != len(y):
         raise ConfigError(f"eval inputs have {len(x)} examples but {len(y)} labels.")
@@ -416,14 +451,25 @@ def eval_batches(x: np.ndarray, y: np.ndarray, batch_size: int) -> Iterator[tupl
         for start in range(0, len(x), batch_size):
             xb, yb = x[start : start + batch_size], y[start : start + batch_size]
             real = len(xb)
-            mask = np.zeros(batch_size, dtype=np.float32)
+            mask = np.zeros((batch_size, *y.shape[1:]), dtype=np.float32)
             mask[:real] = 1.0
             if real < batch_size:
                 xb = np.concatenate([xb, np.zeros((batch_size - real, *x.shape[1:]), x.dtype)])
-                yb = np.concatenate([yb, np.zeros(batch_size - real, y.dtype)])
+                yb = np.concatenate([yb, np.zeros((batch_size - real, *y.shape[1:]), y.dtype)])
             yield xb, yb, mask
 
     return stream()
+
+
+def _text_loader(name: str) -> Callable[[DataConfig, int], Dataset]:
+    """The loader ``name`` of :mod:`jaxmp.training.text`, imported when called (that module imports this one)."""
+
+    def load(cfg: DataConfig, seed: int) -> Dataset:
+        from jaxmp.training import text
+
+        return getattr(text, name)(cfg, seed)
+
+    return load
 
 
 # --dataset: name -> loader of (data options, run seed).
@@ -432,4 +478,6 @@ DATASETS: dict[str, Callable[[DataConfig, int], Dataset]] = {
     "fashion-mnist": _load_idx,
     "mnist": _load_idx,
     "synthetic": _load_synthetic,
+    "shakespeare": _text_loader("load_shakespeare"),
+    "synthetic-text": _text_loader("load_synthetic_text"),
 }

@@ -95,6 +95,12 @@ class Summary(NamedTuple):
     train_time_s: float
     losses: tuple[float, ...]
     state: TrainState | None = None  # the final train state (parameters as the program holds them)
+    sample: str | None = None  # text datasets: what the model wrote (--sample-tokens)
+
+    @property
+    def eval_perplexity(self) -> float:
+        """``exp(eval_loss)``: for a language model, the mean loss is in nats per token."""
+        return math.exp(min(self.eval_loss, 700.0))
 
 
 class Own(NamedTuple):
@@ -174,12 +180,18 @@ def prepare(cfg: Config, own: Own = PRESETS) -> Setup:
     initialize(cfg.distributed)
     mesh = own.mesh if own.mesh is not None else mesh_from_spec(cfg.run.mesh)
     dataset = own.dataset if own.dataset is not None else load_dataset(cfg.data, cfg.run.seed)
+    if cfg.run.sample_tokens and dataset.vocab is None:
+        raise ConfigError(
+            f"--sample-tokens needs a text dataset (shakespeare, synthetic-text); {dataset.name} has no vocabulary."
+        )
     batch_rows(dataset, cfg.run.batch_size, cfg.run.seed)  # raises if one batch does not fit
     steps = cfg.run.steps or cfg.run.epochs * num_batches(len(dataset.x_train), cfg.run.batch_size)
     input_shape = dataset.x_train.shape[1:]
     start = _check_start(cfg, input_shape, dataset.num_classes, steps, own.describe())
     profile = check_profile(cfg, start, steps)
-    program = build_program(cfg, mesh, input_shape, dataset.num_classes, **own.program_options())
+    program = build_program(
+        cfg, mesh, input_shape, dataset.num_classes, **own.program_options(), **batch_shape(dataset)
+    )
     save_schedule_plot(program.pipeline, cfg.run.schedule_plot)
     restored = None
     if cfg.checkpoint.resume:
@@ -187,6 +199,11 @@ def prepare(cfg: Config, own: Own = PRESETS) -> Setup:
     for function in (program.init, program.train_step, program.eval_step):
         function.compiled  # noqa: B018 (compile now, so no step time includes compilation)
     return Setup(cfg, dataset, program, steps, restored, profile, own)
+
+
+def batch_shape(dataset: Dataset) -> dict:
+    """``build_program``'s ``input_dtype`` and ``label_shape`` for ``dataset``'s examples."""
+    return dict(input_dtype=dataset.x_train.dtype, label_shape=dataset.y_train.shape[1:])
 
 
 def _check_start(cfg: Config, input_shape: tuple[int, ...], classes: int, steps: int, own: dict) -> int:
@@ -203,14 +220,15 @@ def _check_start(cfg: Config, input_shape: tuple[int, ...], classes: int, steps:
 
 
 def evaluate(program: Program, params, dataset: Dataset, batch_size: int) -> tuple[float, float]:
-    """Mean loss and accuracy over the whole test set (padding masked out)."""
-    loss_sum = correct = 0.0
+    """Mean loss and accuracy over every valid label of the test set (padding and ignored labels
+    masked out): per example for classification, per token (nats per token) for a language model."""
+    loss_sum = correct = count = 0.0
     for x, y, mask in eval_batches(dataset.x_test, dataset.y_test, batch_size):
         out = program.eval_step(params, *program.put_batch(x, y), put_global(mask, program.y_sharding))
         loss_sum += float(out["loss_sum"])
         correct += float(out["correct"])
-    n = len(dataset.y_test)
-    return loss_sum / n, correct / n
+        count += float(out["count"])
+    return loss_sum / max(count, 1.0), correct / max(count, 1.0)
 
 
 class _Tracker:
@@ -334,7 +352,7 @@ def _between_steps(setup: Setup, step: int, state, tracker: _Tracker, saver: Sav
     if cfg.run.eval_every and step % cfg.run.eval_every == 0 and not last:
         tracker.flush()
         eval_loss, eval_accuracy = evaluate(setup.program, state.params, setup.dataset, cfg.run.batch_size)
-        tracker.writer.write({"step": step, "eval_loss": eval_loss, "eval_accuracy": eval_accuracy})
+        tracker.writer.write({"step": step, **_eval_record(setup.dataset, eval_loss, eval_accuracy)})
         tracker.restart_clock()
     stopping = stop.requested(step, last)
     if saver and (saver.due(step) or last or stopping):
@@ -379,15 +397,34 @@ def run(cfg: Config, console=None, own: Own = PRESETS) -> Summary:
         with progress:
             state, losses, seconds = train(setup, writer, on_step, saver)
         eval_loss, eval_accuracy = evaluate(setup.program, state.params, setup.dataset, cfg.run.batch_size)
-        writer.write({"step": setup.steps, "eval_loss": eval_loss, "eval_accuracy": eval_accuracy})
+        writer.write({"step": setup.steps, **_eval_record(setup.dataset, eval_loss, eval_accuracy)})
         writer.commit()
     finally:
         writer.close()
         if saver:
             saver.close()
-    summary = Summary(setup.steps, losses[-1], eval_loss, eval_accuracy, seconds, tuple(losses), state)
-    _print_summary(console, cfg, setup.program.mesh, summary, own)
+    sample = _sample(setup, state) if cfg.run.sample_tokens else None
+    summary = Summary(setup.steps, losses[-1], eval_loss, eval_accuracy, seconds, tuple(losses), state, sample)
+    _print_summary(console, cfg, setup, summary, own)
     return summary
+
+
+def _eval_record(dataset: Dataset, eval_loss: float, eval_accuracy: float) -> dict:
+    """The metrics of one evaluation; a language model's loss is per token, and its perplexity follows."""
+    record = {"eval_loss": eval_loss, "eval_accuracy": eval_accuracy}
+    if dataset.vocab is not None:
+        record["eval_perplexity"] = math.exp(min(eval_loss, 700.0))
+    return record
+
+
+def _sample(setup: Setup, state: TrainState) -> str:
+    """``--sample-tokens`` of text the trained model writes after the first held-out window."""
+    from jaxmp.training.sampling import generate
+    from jaxmp.training.text import decode
+
+    prompt = setup.dataset.x_test[0]
+    ids = generate(setup.program, state, prompt, setup.cfg.run.sample_tokens, setup.cfg.run.seed)
+    return decode(prompt, setup.dataset.vocab) + "|" + decode(ids, setup.dataset.vocab)
 
 
 def _print_report(setup: Setup, console) -> None:
@@ -420,9 +457,10 @@ def _progress_bar(console, total: int, completed: int = 0):
     return progress, on_step
 
 
-def _print_summary(console, cfg: Config, mesh: jax.sharding.Mesh, summary: Summary, own: Own) -> None:
+def _print_summary(console, cfg: Config, setup: Setup, summary: Summary, own: Own) -> None:
     from rich.table import Table
 
+    mesh = setup.program.mesh
     mesh_text = ",".join(f"{name}={size}" for name, size in mesh.shape.items())
     table = Table(title="summary", title_justify="left", show_header=False)
     rows = {
@@ -434,6 +472,17 @@ def _print_summary(console, cfg: Config, mesh: jax.sharding.Mesh, summary: Summa
         "eval accuracy": f"{summary.eval_accuracy:.4f}",
         "train time": f"{summary.train_time_s:.2f} s",
     }
+    if setup.dataset.vocab is not None:
+        from jaxmp.training.text import unigram_entropy
+
+        rows["eval loss"] += " nats per token"
+        rows["eval accuracy"] += " (next token)"
+        rows["eval perplexity"] = f"{summary.eval_perplexity:.3f}"
+        rows["unigram entropy"] = f"{unigram_entropy(setup.dataset.y_test):.4f} nats per token (held-out text)"
     for name, value in rows.items():
         table.add_row(name, value)
     console.print(table)
+    if summary.sample is not None:
+        from rich.panel import Panel
+
+        console.print(Panel(summary.sample, title="sample: the prompt | what the model wrote", title_align="left"))

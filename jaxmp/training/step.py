@@ -1,7 +1,13 @@
 """The train step: loss, ``value_and_grad``, optax update — the one place where jit, shardings and
 donation live.
 
-Shapes: B = global batch, C = classes; ``x`` is ``[B, ...]`` (images NHWC or features), ``y`` is ``[B]``.
+Shapes: B = global batch, C = classes, T = tokens; ``x`` is ``[B, ...]`` (images NHWC, features, or int32
+token ids ``[B, T]``), ``y`` is ``[B]`` (one label per example) or ``[B, T]`` (one per token).
+
+Loss accounting: every label counts with weight ``1 / (valid labels in the global batch)`` and a negative
+label (``jaxmp.training.data.IGNORE``) with 0, so the loss and its gradients are the mean over the valid
+labels of the whole batch, whatever the micro-batching, mesh and schedule: the weights are computed once
+from the global batch, before it is split, and each micro-batch adds its weighted sum.
 
 Why one place: every other module (trainer loop, benchmarks, tests, notebooks) gets a ``Program`` whose
 functions are already compiled for one mesh, strategy and batch shape. Parameters are born sharded
@@ -21,7 +27,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxmp.config import Config, ConfigError, OptimConfig, first_line, validate
-from jaxmp.models import build_model, check_strategy
+from jaxmp.models import build_model, check_mesh, check_strategy
 from jaxmp.models.contract import ModelParts, apply_model, model_parts
 from jaxmp.models.layers import LayerContext
 from jaxmp.parallel.mesh import as_mesh
@@ -29,6 +35,7 @@ from jaxmp.parallel.rules import as_axes, logical_to_spec, rules_for, rules_with
 from jaxmp.parallel.sharding import axis_size, check_divisible, fsdp_specs, param_specs
 from jaxmp.pipeline import Pipeline, build_pipeline, is_pipelined, split_microbatches
 from jaxmp.pipeline import run as run_pipeline
+from jaxmp.pipeline.stage_collectives import check_stage_collectives
 
 
 class TrainState(NamedTuple):
@@ -112,35 +119,58 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
 
 
 def cross_entropy(logits_BxC: jax.Array, y_B: jax.Array) -> jax.Array:
-    """Per-example cross-entropy of integer labels (log-softmax outputs are accepted as logits)."""
-    return optax.softmax_cross_entropy_with_integer_labels(logits_BxC.astype(jnp.float32), y_B)
+    """Cross-entropy of integer labels, one per label (log-softmax outputs are accepted as logits).
+
+    Vocab-parallel (Megatron's ``vocab_parallel_cross_entropy``): the target's logit is picked by a
+    comparison with the class index, not a gather, so logits split over their last axis (an LM head
+    split by vocabulary over ``tensor``) are never gathered: each device reduces its own slice, and XLA
+    adds the max, the sum of exponentials and the target's logit over ``tensor``: three numbers per
+    token instead of ``V / t`` logits.
+    """
+    logits = logits_BxC.astype(jnp.float32)
+    top = jax.lax.stop_gradient(logits.max(-1, keepdims=True))
+    shifted = logits - top
+    log_sum = jnp.log(jnp.exp(shifted).sum(-1))
+    classes = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+    target = jnp.where(classes == y_B[..., None], shifted, 0.0).sum(-1)
+    return log_sum - target
 
 
-LossFn = Callable[[jax.Array, jax.Array], jax.Array]  # (outputs [B, ...], labels [B]) -> per-example loss [B]
+LossFn = Callable[[jax.Array, jax.Array], jax.Array]  # (outputs [B, ...], labels [B, ...]) -> loss per label
+
+
+def label_weights(y: jax.Array) -> jax.Array:
+    """``1 / (valid labels of the global batch)`` per valid label, 0 per ignored (negative) one: the
+    weights whose weighted sum is the mean over valid labels, however the batch is split later."""
+    valid = (y >= 0).astype(jnp.float32)
+    return valid / jnp.maximum(valid.sum(), 1.0)
 
 
 class Heads(NamedTuple):
     """What the last layer's outputs feed: the weighted train loss, and the eval sums."""
 
-    train: Callable  # (outputs, labels, weights) -> {"loss"}: weights 1/B each give the mean
-    eval: Callable  # (outputs, labels, mask) -> {"loss_sum", "correct"} over the examples mask counts
+    train: Callable  # (outputs, labels, weights) -> {"loss"}: label_weights give the mean
+    eval: Callable  # (outputs, labels, mask) -> {"loss_sum", "correct", "count"} over the labels mask counts
 
 
 def heads(loss: LossFn = cross_entropy) -> Heads:
-    """The train and eval heads of a per-example ``loss``; accuracy is the arg-max over the last axis."""
+    """The train and eval heads of a per-label ``loss``; accuracy is the arg-max over the last axis.
+    Ignored (negative) labels reach ``loss`` as 0 and count with weight 0."""
 
     def train(outputs, labels, weights) -> dict:
-        return {"loss": (loss(outputs, labels).astype(jnp.float32) * weights).sum()}
+        return {"loss": (loss(outputs, jnp.maximum(labels, 0)).astype(jnp.float32) * weights).sum()}
 
     def evaluate(outputs, labels, mask) -> dict:
+        counted = mask * (labels >= 0).astype(mask.dtype)
         correct = (jnp.argmax(outputs, -1) == labels).astype(jnp.float32)
-        return {"loss_sum": (loss(outputs, labels).astype(jnp.float32) * mask).sum(), "correct": (correct * mask).sum()}
+        losses = loss(outputs, jnp.maximum(labels, 0)).astype(jnp.float32)
+        return {"loss_sum": (losses * counted).sum(), "correct": (correct * counted).sum(), "count": counted.sum()}
 
     return Heads(train, evaluate)
 
 
 def check_loss(loss, outputs: jax.ShapeDtypeStruct, labels: jax.ShapeDtypeStruct) -> None:
-    """``loss`` maps the model's outputs and labels to one float loss per example (``ConfigError``)."""
+    """``loss`` maps the model's outputs and labels to one float loss per label (``ConfigError``)."""
     if not callable(loss):
         raise ConfigError(
             f"loss must be a function (outputs, labels) -> per-example losses, got {type(loss).__name__}."
@@ -150,9 +180,9 @@ def check_loss(loss, outputs: jax.ShapeDtypeStruct, labels: jax.ShapeDtypeStruct
     except Exception as error:  # the user's function, traced on shapes: say what it was given
         message = f"loss failed on outputs {outputs.shape} and labels {labels.shape}: {first_line(error)}"
         raise ConfigError(message) from error
-    if getattr(out, "shape", None) != labels.shape[:1] or not jnp.issubdtype(out.dtype, jnp.floating):
+    if getattr(out, "shape", None) != labels.shape or not jnp.issubdtype(out.dtype, jnp.floating):
         raise ConfigError(
-            f"loss must give one float per example, shape {labels.shape[:1]}; it gave {getattr(out, 'shape', out)} "
+            f"loss must give one float per label, shape {labels.shape}; it gave {getattr(out, 'shape', out)} "
             f"{getattr(out, 'dtype', '')} for outputs {outputs.shape}."
         )
 
@@ -198,15 +228,29 @@ class _Layout(NamedTuple):
     model: nnx.Module  # the model as shapes
 
 
-def _layout(cfg: Config, mesh, rules, tx, make_model, input_shape) -> _Layout:
+class BatchShape(NamedTuple):
+    """One example's inputs and labels: shape and dtype of ``x``, shape of ``y`` (int32)."""
+
+    input_shape: tuple[int, ...]
+    input_dtype: Any = jnp.float32
+    label_shape: tuple[int, ...] = ()
+
+    def x(self, batch: int, sharding=None) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct((batch, *self.input_shape), self.input_dtype, sharding=sharding)
+
+    def y(self, batch: int, dtype=jnp.int32, sharding=None) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct((batch, *self.label_shape), dtype, sharding=sharding)
+
+
+def _layout(cfg: Config, mesh, rules, tx, make_model, shapes: BatchShape) -> _Layout:
     """Param shardings from logical names (packed per stage when pipelined), optimizer shardings
     following them, batch shardings."""
     abstract_model = nnx.eval_shape(lambda: _construct(make_model, 0))
     parts = model_parts(abstract_model)
     graphdef, abstract_state = nnx.split(abstract_model, nnx.Param)
     input_axis = getattr(type(abstract_model), "INPUT_BATCH_AXIS", "batch")
-    x_spec = _batch_spec((input_axis,), 1 + len(input_shape), rules)
-    y_spec = _batch_spec(("batch",), 1, rules)
+    x_spec = _batch_spec((input_axis,), 1 + len(shapes.input_shape), rules)
+    y_spec = _batch_spec(("batch",), 1 + len(shapes.label_shape), rules)
     _check_batch(cfg.run.batch_size, x_spec, mesh)
     _check_batch(cfg.run.batch_size, y_spec, mesh)
     pipelined = is_pipelined(cfg.pipeline, mesh.shape["pipe"])
@@ -220,7 +264,7 @@ def _layout(cfg: Config, mesh, rules, tx, make_model, input_shape) -> _Layout:
     pipeline = None
     params_sh = layer_params_sh
     if pipelined:
-        x_struct = jax.ShapeDtypeStruct((cfg.run.batch_size, *input_shape), jnp.float32)
+        x_struct = shapes.x(cfg.run.batch_size)
         axes = tuple(dict.fromkeys(a for spec in (x_spec, y_spec) for a in as_axes(spec[0]) if mesh.shape[a] > 1))
         with jax.set_mesh(mesh), use_rules(rules):
             pipeline = build_pipeline(
@@ -238,7 +282,7 @@ def _layout(cfg: Config, mesh, rules, tx, make_model, input_shape) -> _Layout:
     )
     state_sh = TrainState(params_sh, opt_sh, replicated, replicated)
     x_sh, y_sh = NamedSharding(mesh, x_spec), NamedSharding(mesh, y_spec)
-    x_struct = jax.ShapeDtypeStruct((cfg.run.batch_size, *input_shape), jnp.float32)
+    x_struct = shapes.x(cfg.run.batch_size)
     try:
         outputs = jax.eval_shape(
             lambda p, x: apply_model(parts, p, x, LayerContext()), nnx.to_pure_dict(abstract_state), x_struct
@@ -258,6 +302,8 @@ def build_program(
     optimizer: optax.GradientTransformation | None = None,
     loss: LossFn | None = None,
     rules: Mapping[str, Any] | None = None,
+    input_dtype: Any = jnp.float32,
+    label_shape: tuple[int, ...] = (),
     poison: bool = False,
     masked: bool = True,
 ) -> Program:
@@ -268,10 +314,13 @@ def build_program(
         ``jaxmp.models.contract``); default: the preset ``cfg.model``.
       optimizer: any optax ``GradientTransformation`` (schedules, chains, clipping); default: the
         one ``cfg.optim`` names.
-      loss: ``(outputs, labels) -> per-example loss [B]``; default: cross-entropy of integer labels.
+      loss: ``(outputs, labels) -> loss per label``, shape of the labels; default: cross-entropy of
+        integer labels (vocab-parallel: :func:`cross_entropy`).
       rules: logical axis name -> mesh axes, added to (or replacing entries of) the rules table of
         ``cfg.model.strategy``, e.g. ``{"hidden": "tensor"}``; every logical name a parameter uses
         needs a rule (``None`` keeps it whole).
+      input_dtype: the examples' dtype (``int32`` for token ids); float inputs are float32.
+      label_shape: one example's labels: ``()`` for one class per example, ``(T,)`` for one per token.
       poison: start the pipeline's stash and messages as NaN (tests prove they never reach the result).
       masked: tests only: ``False`` writes every pipeline message, needed or not (the poison must show).
 
@@ -287,11 +336,13 @@ def build_program(
     check_optimizer(tx)
     if model_fn is None:
         check_strategy(cfg.model)
+        check_mesh(cfg.model, mesh, rules)
 
         def model_fn(rngs):
             return build_model(cfg.model, input_shape, classes, rngs)
 
-    layout = _layout(cfg, mesh, rules, tx, model_fn, input_shape)
+    shapes = BatchShape(tuple(input_shape), jnp.dtype(input_dtype), tuple(label_shape))
+    layout = _layout(cfg, mesh, rules, tx, model_fn, shapes)
     if layout.pipeline is not None and poison or not masked:
         with jax.set_mesh(mesh), use_rules(rules):
             layout = layout._replace(pipeline=_test_plans(layout.pipeline, poison, masked))
@@ -303,8 +354,8 @@ def build_program(
         return TrainState(params, tx.init(params), jnp.zeros((), jnp.int32), jax.random.key(cfg.run.seed + 1))
 
     if loss is not None:
-        check_loss(loss, layout.outputs, jax.ShapeDtypeStruct((cfg.run.batch_size,), jnp.int32))
-    loss_and_grad, evaluate = _objectives(cfg, layout, heads(loss or cross_entropy))
+        check_loss(loss, layout.outputs, shapes.y(cfg.run.batch_size))
+    loss_and_grad, evaluate = _objectives(layout, heads(loss or cross_entropy))
 
     def grad_step(state: TrainState, x, y):
         key = jax.random.fold_in(state.key, state.step)
@@ -323,7 +374,7 @@ def build_program(
         return TrainState(params, opt_state, state.step + 1, state.key), metrics
 
     steps = _Steps(init_fn, train_step, layer_grad_step, evaluate)
-    return _compile_program(mesh, rules, layout, steps, cfg.run.batch_size, input_shape, tx)
+    return _compile_program(mesh, rules, layout, steps, cfg.run.batch_size, shapes, tx)
 
 
 def _construct(model_fn: Callable[[nnx.Rngs], nnx.Module], seed: int) -> nnx.Module:
@@ -340,16 +391,15 @@ def _test_plans(pipeline: Pipeline, poison: bool, masked: bool) -> Pipeline:
     )
 
 
-def _objectives(cfg: Config, layout: _Layout, head: Heads):
+def _objectives(layout: _Layout, head: Heads):
     """``(params, x, y, key) -> (loss, grads)`` and ``(params, x, y, mask) -> sums``, plain or pipelined."""
-    batch = cfg.run.batch_size
     pipeline = layout.pipeline
     if pipeline is None:
 
         def loss_fn(params, x, y, key):
             ctx = LayerContext(True, key, jnp.arange(x.shape[0]))
             logits = apply_model(layout.parts, params, x, ctx)
-            return head.train(logits, y, jnp.full(y.shape, 1.0 / batch))["loss"]
+            return head.train(logits, y, label_weights(y))["loss"]
 
         def evaluate(params, x, y, mask):
             return head.eval(apply_model(layout.parts, params, x, LayerContext()), y, mask)
@@ -358,7 +408,7 @@ def _objectives(cfg: Config, layout: _Layout, head: Heads):
     microbatches = pipeline.train.schedule.microbatches
 
     def loss_and_grad(params, x, y, key):
-        data = [split_microbatches(a, microbatches) for a in (x, y, jnp.full(y.shape, 1.0 / batch))]
+        data = [split_microbatches(a, microbatches) for a in (x, y, label_weights(y))]
         sums, grads = run_pipeline(pipeline.train, params, *data, key, head.train, train=True)
         return sums["loss"], grads
 
@@ -376,18 +426,17 @@ class _Steps(NamedTuple):
     eval: Callable
 
 
-def _compile_program(mesh, rules, layout: _Layout, steps: _Steps, batch, input_shape, tx) -> Program:
+def _compile_program(mesh, rules, layout: _Layout, steps: _Steps, batch, shapes: BatchShape, tx) -> Program:
     """Every step function, lowered and compiled ahead of time on first use (``.compiled`` forces it)."""
     replicated = NamedSharding(mesh, PartitionSpec())
     state_sh = layout.state
 
-    def struct(shape, dtype, sharding):
-        return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
-
-    x_abs = struct((batch, *input_shape), jnp.float32, layout.x)
-    y_abs = struct((batch,), jnp.int32, layout.y)
-    state_abs = jax.tree.map(lambda a, s: struct(a.shape, a.dtype, s), jax.eval_shape(steps.init), state_sh)
-    compile_here = _compiler(mesh, rules)
+    x_abs = shapes.x(batch, layout.x)
+    y_abs = shapes.y(batch, sharding=layout.y)
+    state_abs = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), jax.eval_shape(steps.init), state_sh
+    )
+    compile_here = _compiler(mesh, rules, check=layout.pipeline is not None)
     init = _LazyCompiled(lambda: compile_here(jax.jit(steps.init, out_shardings=state_sh)))
     train = _LazyCompiled(
         lambda: compile_here(
@@ -412,7 +461,7 @@ def _compile_program(mesh, rules, layout: _Layout, steps: _Steps, batch, input_s
             state_abs.params,
             x_abs,
             y_abs,
-            struct((batch,), jnp.float32, layout.y),
+            shapes.y(batch, jnp.float32, layout.y),
         )
     )
     grad = _LazyCompiled(
@@ -487,12 +536,15 @@ def _saved_form(layout: _Layout, tx, state_abs: TrainState, compile_here):
     return saved_abs, to_saved, from_saved
 
 
-def _compiler(mesh: jax.sharding.Mesh, rules):
-    """Lower and compile a jitted function ahead of time, with the mesh and rules in force while tracing."""
+def _compiler(mesh: jax.sharding.Mesh, rules, *, check: bool = False):
+    """Lower and compile a jitted function ahead of time, with the mesh and rules in force while tracing;
+    ``check``: refuse a pipelined program with a collective that would hang inside a stage
+    (:mod:`jaxmp.pipeline.stage_collectives`)."""
 
     def compile_here(jitted, *abstract_args):
         with jax.set_mesh(mesh), use_rules(rules):
-            return jitted.lower(*abstract_args).compile()
+            compiled = jitted.lower(*abstract_args).compile()
+        return check_stage_collectives(compiled, mesh) if check else compiled
 
     return compile_here
 

@@ -1,0 +1,194 @@
+"""A decoder-only transformer language model (GPT-2's shape) written as a list of layers.
+
+Shapes: B = batch, T = tokens, D = width, H = heads, K = head width (D / H), F = MLP hidden width,
+V = vocabulary.
+
+``pre`` embeds the token ids and adds learned positions; ``layers`` is one :class:`Stacked` run of
+pre-norm blocks (causal self-attention, then an MLP, each added to the residual stream); ``post`` is the
+final norm and the LM head, giving logits ``[B, T, V]`` that the vocab-parallel cross-entropy
+(:func:`jaxmp.training.step.cross_entropy`) reads per token.
+
+Tensor parallelism is Megatron's (Shoeybi et al. 2019, section 3), named by logical axes only:
+- attention: the fused Q/K/V kernel ``[D, 3, H, K]`` is split by heads (a column split: each device
+  computes its heads' queries, keys and values and attends over them alone), the output kernel
+  ``[H, K, D]`` by rows: one all-reduce forward and one backward per attention, as for the MLP pair;
+- the embedding table ``[V, D]`` and the head ``[D, V]`` are split over the vocabulary: each device
+  looks up the ids of its slice (XLA masks the others and adds the partial rows), and computes the
+  logits of its slice, which the loss never gathers.
+Q, K and V sit on their own axis of the fused kernel, so splitting them apart moves no data: the usual
+``jnp.split(qkv, 3, -1)`` of a ``[.., 3D]`` projection split over ``tensor`` would cut across devices.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxmp.config import ConfigError
+from jaxmp.models.layers import LayerContext, Stacked, activation_fn, dense, partitioned
+from jaxmp.parallel.rules import constrain
+
+INIT_STD = 0.02  # GPT-2's initial weight scale; residual projections get 1/sqrt(2 * depth) of it
+TOKENS = ("batch", "seq", "embed")  # the residual stream's logical axes
+
+
+def _param(rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple, std: float = INIT_STD) -> nnx.Param:
+    return nnx.Param(partitioned(nnx.initializers.normal(std), names)(rngs.params(), shape, jnp.float32))
+
+
+def _zeros(shape: tuple[int, ...], names: tuple) -> nnx.Param:
+    return nnx.Param(partitioned(nnx.initializers.zeros_init(), names)(jax.random.key(0), shape, jnp.float32))
+
+
+def layer_norm(width: int, *, rngs: nnx.Rngs, dtype=jnp.float32) -> nnx.LayerNorm:
+    return nnx.LayerNorm(
+        width,
+        dtype=dtype,
+        scale_init=partitioned(nnx.initializers.ones_init(), ("embed",)),
+        bias_init=partitioned(nnx.initializers.zeros_init(), ("embed",)),
+        rngs=rngs,
+    )
+
+
+def token_dropout(x_BxTxD: jax.Array, rate: float, ctx: LayerContext, salt: int) -> jax.Array:
+    """Dropout with one mask per example drawn from its global id (the same on any mesh and schedule)."""
+    if not ctx.train or rate == 0.0:
+        return x_BxTxD
+    key = jax.random.fold_in(ctx.key, salt)
+
+    def keep(example_id):
+        return jax.random.bernoulli(jax.random.fold_in(key, example_id), 1.0 - rate, x_BxTxD.shape[1:])
+
+    return jnp.where(jax.vmap(keep)(ctx.example_ids), x_BxTxD / (1.0 - rate), jnp.zeros_like(x_BxTxD))
+
+
+class TokenEmbedding(nnx.Module):
+    """Token ids ``[B, T]`` -> residual stream ``[B, T, D]``: a vocab-split table plus learned positions."""
+
+    def __init__(self, vocab: int, seq_len: int, width: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
+        self.tokens = _param(rngs, (vocab, width), ("vocab", "embed"))
+        self.positions = _param(rngs, (seq_len, width), ("seq", "embed"))
+        self.dtype = dtype
+
+    def __call__(self, ids_BxT: jax.Array, ctx: LayerContext | None = None) -> jax.Array:
+        h_BxTxD = jnp.take(self.tokens[...], ids_BxT, axis=0) + self.positions[...][: ids_BxT.shape[1]]
+        return constrain(h_BxTxD.astype(self.dtype), TOKENS)
+
+
+class CausalSelfAttention(nnx.Module):
+    """Multi-head causal self-attention through ``jax.nn.dot_product_attention`` (XLA on CPU, cuDNN's
+    fused attention on GPU where it applies), heads split over ``tensor``."""
+
+    def __init__(self, width: int, heads: int, depth: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
+        k = width // heads
+        self.qkv = _param(rngs, (width, 3, heads, k), ("embed", None, "heads", None))
+        self.qkv_bias = _zeros((3, heads, k), (None, "heads", None))
+        self.out = _param(rngs, (heads, k, width), ("heads", None, "embed"), INIT_STD / math.sqrt(2 * depth))
+        self.out_bias = _zeros((width,), ("embed",))
+        self.dtype = dtype
+
+    def __call__(self, x_BxTxD: jax.Array, ctx: LayerContext | None = None) -> jax.Array:
+        dt = self.dtype
+        qkv_3xBxTxHxK = jnp.einsum("btd,dshk->sbthk", x_BxTxD.astype(dt), self.qkv[...].astype(dt))
+        qkv_3xBxTxHxK = qkv_3xBxTxHxK + self.qkv_bias[...].astype(dt)[:, None, None]
+        qkv_3xBxTxHxK = constrain(qkv_3xBxTxHxK, (None, "batch", "seq", "heads", None))
+        q, k, v = qkv_3xBxTxHxK
+        o_BxTxHxK = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+        o_BxTxHxK = constrain(o_BxTxHxK, ("batch", "seq", "heads", None))
+        y_BxTxD = jnp.einsum("bthk,hkd->btd", o_BxTxHxK, self.out[...].astype(dt))
+        return y_BxTxD + self.out_bias[...].astype(dt)
+
+
+class Block(nnx.Module):
+    """Pre-norm transformer block: ``x + attn(norm(x))``, then ``h + mlp(norm(h))``; the MLP is a
+    Megatron column/row pair (``mlp`` on ``tensor``)."""
+
+    def __init__(
+        self,
+        width: int,
+        hidden: int,
+        heads: int,
+        depth: int,
+        activation: str,
+        dropout: float,
+        *,
+        rngs: nnx.Rngs,
+        dtype=jnp.float32,
+    ):
+        self.attention_norm = layer_norm(width, rngs=rngs, dtype=dtype)
+        self.attention = CausalSelfAttention(width, heads, depth, rngs=rngs, dtype=dtype)
+        self.mlp_norm = layer_norm(width, rngs=rngs, dtype=dtype)
+        self.up = dense(width, hidden, ("embed", "mlp"), rngs=rngs, dtype=dtype)
+        self.down = dense(hidden, width, ("mlp", "embed"), rngs=rngs, dtype=dtype)
+        self.activation, self.dropout = activation, dropout
+
+    def __call__(self, x_BxTxD: jax.Array, ctx: LayerContext) -> jax.Array:
+        with jax.numpy_dtype_promotion("standard"):  # flax's LayerNorm keeps float32 statistics
+            a_BxTxD = self.attention(self.attention_norm(x_BxTxD), ctx)
+        h_BxTxD = constrain(x_BxTxD + token_dropout(a_BxTxD, self.dropout, ctx, 0), TOKENS)
+        with jax.numpy_dtype_promotion("standard"):
+            normed_BxTxD = self.mlp_norm(h_BxTxD)
+        u_BxTxF = constrain(activation_fn(self.activation)(self.up(normed_BxTxD)), ("batch", "seq", "mlp"))
+        return constrain(h_BxTxD + token_dropout(self.down(u_BxTxF), self.dropout, ctx, 1), TOKENS)
+
+
+class LMHead(nnx.Module):
+    """Final norm and the vocabulary projection: logits ``[B, T, V]``, split over the vocabulary."""
+
+    def __init__(self, width: int, vocab: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
+        self.norm = layer_norm(width, rngs=rngs, dtype=dtype)
+        self.kernel = _param(rngs, (width, vocab), ("embed", "vocab"))
+        self.dtype = dtype
+
+    def __call__(self, h_BxTxD: jax.Array, ctx: LayerContext | None = None) -> jax.Array:
+        with jax.numpy_dtype_promotion("standard"):
+            normed_BxTxD = self.norm(h_BxTxD)
+        logits_BxTxV = jnp.einsum("btd,dv->btv", normed_BxTxD.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        return constrain(logits_BxTxV, ("batch", "seq", "vocab"))
+
+
+class GPT(nnx.Module):
+    """``pre``: token and position embedding; ``layers``: ``depth`` blocks (one :class:`Stacked`);
+    ``post``: final norm and LM head. Learned positions (GPT-2), not RoPE: ``seq_len`` is the longest
+    window the model reads."""
+
+    def __init__(
+        self,
+        vocab: int,
+        seq_len: int,
+        *,
+        width: int,
+        hidden: int,
+        heads: int,
+        depth: int,
+        activation: str = "gelu",
+        dropout: float = 0.0,
+        rngs: nnx.Rngs,
+        dtype=jnp.float32,
+    ):
+        if width % heads:
+            raise ConfigError(f"--width {width} is not divisible by --heads {heads} (each head gets width / heads).")
+        self.pre = TokenEmbedding(vocab, seq_len, width, rngs=rngs, dtype=dtype)
+        self.layers = nnx.List(
+            [
+                Stacked(
+                    lambda r: Block(width, hidden, heads, depth, activation, dropout, rngs=r, dtype=dtype),
+                    depth,
+                    rngs=rngs,
+                )
+            ]
+        )
+        self.post = LMHead(width, vocab, rngs=rngs, dtype=dtype)
+
+
+def check_heads(heads: int, mesh_shape: dict, tensor_axes: tuple[str, ...]) -> None:
+    """``--heads`` must divide over the mesh axes that split them (``ConfigError`` naming both)."""
+    parts = math.prod(mesh_shape.get(axis, 1) for axis in tensor_axes)
+    if heads % parts:
+        raise ConfigError(
+            f"--heads {heads} is not divisible by {parts}, the devices of mesh axes {'x'.join(tensor_axes)} "
+            "that split the heads; choose heads that divide, or a smaller tensor axis."
+        )

@@ -1,0 +1,284 @@
+"""Language models: token batches, the gpt preset, the vocab-parallel loss and stage collectives.
+
+Every parallel run of ``gpt`` is checked against one device: the loss and every gradient of one batch
+(relative 1e-5, float32), with the pipeline's stash and messages poisoned by NaN. The batch masks
+tokens unevenly (whole rows of one micro-batch, none of another), so a loss averaged per micro-batch
+instead of over the valid tokens of the global batch shows.
+"""
+
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from support import assert_same, single_device_mesh
+
+from jaxmp.config import Config, ConfigError
+from jaxmp.inspection.collectives import collectives
+from jaxmp.models.contract import apply_model, model_parts
+from jaxmp.models.layers import LayerContext, Stacked
+from jaxmp.parallel.mesh import mesh_from_spec
+from jaxmp.parallel.rules import constrain
+from jaxmp.parallel.sharding import path_name
+from jaxmp.training.data import IGNORE, Dataset
+from jaxmp.training.step import build_program, cross_entropy
+
+VOCAB, SEQ, BATCH = 24, 8, 16
+TOKENS = dict(input_dtype=jnp.int32, label_shape=(SEQ,))
+
+
+def gpt_config(**overrides) -> Config:
+    base = dict(model="gpt", width=32, hidden=64, heads=8, depth=8, batch_size=BATCH, optimizer="sgd", lr=0.01)
+    return Config().replace(**{**base, **overrides})
+
+
+def token_batch(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids and next-token labels; rows 0, 4, 8 and 12 (micro-batch 0 of 4: strided) mostly ignored."""
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, VOCAB, (BATCH, SEQ)).astype(np.int32)
+    y = np.roll(x, -1, axis=1)
+    y[::4, 2:] = IGNORE
+    y[1, 5:] = IGNORE
+    return x, y
+
+
+@functools.cache
+def gpt_loss_and_grads(cfg: Config, spec: str | None, poison: bool = False):
+    mesh = mesh_from_spec(spec) if spec else single_device_mesh()
+    program = build_program(cfg, mesh, (SEQ,), VOCAB, poison=poison, **TOKENS)
+    loss, grads = program.grad_step(program.init(), *program.put_batch(*token_batch()))
+    flat = jax.tree_util.tree_flatten_with_path(grads)[0]
+    return float(loss), {path_name(path): np.asarray(g) for path, g in flat}
+
+
+MESHES = [  # every factorisation of 8 devices into data x tensor x pipe
+    "data=8",
+    "data=4,tensor=2",
+    "data=2,tensor=4",
+    "tensor=8",
+    "data=4,pipe=2",
+    "data=2,tensor=2,pipe=2",
+    "tensor=4,pipe=2",
+    "data=2,pipe=4",
+    "tensor=2,pipe=4",
+    "pipe=8",
+]
+
+
+@pytest.mark.parametrize("spec", MESHES)
+def test_gpt_equals_one_device_on_every_mesh(spec):
+    pipe = int(re.search(r"pipe=(\d+)", spec)[1]) if "pipe" in spec else 1
+    data = int(re.search(r"data=(\d+)", spec)[1]) if "data" in spec else 1
+    cfg = gpt_config(mesh=spec, microbatches=min(4, BATCH // data) if pipe > 1 else 1)
+    assert_same(gpt_loss_and_grads(cfg, spec, poison=pipe > 1), gpt_loss_and_grads(gpt_config(), None))
+
+
+@pytest.mark.parametrize(("schedule", "repeats"), [("zb-h1", 1), ("interleaved-1f1b", 2), ("gpipe", 1)])
+def test_gpt_equals_one_device_under_every_schedule(schedule, repeats):
+    spec = "data=2,tensor=2,pipe=2"
+    cfg = gpt_config(mesh=spec, microbatches=4, schedule=schedule, repeats=repeats)
+    assert_same(gpt_loss_and_grads(cfg, spec, poison=True), gpt_loss_and_grads(gpt_config(), None))
+
+
+def test_loss_is_the_mean_over_valid_tokens_of_the_global_batch():
+    """The one-device loss (which every mesh equals) against the mean written out by hand with optax."""
+    cfg = gpt_config()
+    program = build_program(cfg, single_device_mesh(), (SEQ,), VOCAB, **TOKENS)
+    state = program.init()
+    x, y = token_batch()
+    logits = apply_model(model_parts(program.model), state.params, jnp.asarray(x), LayerContext())
+    per_token = np.asarray(optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(y, 0)))
+    valid = y >= 0
+    expected = float(per_token[valid].mean())
+    loss, _ = program.grad_step(state, *program.put_batch(x, y))
+    np.testing.assert_allclose(float(loss), expected, rtol=1e-6)
+    mean_of_row_means = float(np.mean([per_token[i][valid[i]].mean() for i in range(BATCH)]))
+    assert abs(mean_of_row_means - expected) > 1e-3  # the masking is uneven enough to tell the two apart
+
+
+def test_vocab_parallel_cross_entropy_equals_optax(key):
+    logits = jax.random.normal(key, (4, 6, 40)) * 3
+    labels = jax.random.randint(jax.random.fold_in(key, 1), (4, 6), 0, 40)
+
+    def ours(z):
+        return cross_entropy(z, labels).sum()
+
+    def theirs(z):
+        return optax.softmax_cross_entropy_with_integer_labels(z, labels).sum()
+
+    np.testing.assert_allclose(
+        cross_entropy(logits, labels), optax.softmax_cross_entropy_with_integer_labels(logits, labels), rtol=1e-6
+    )
+    np.testing.assert_allclose(jax.grad(ours)(logits), jax.grad(theirs)(logits), rtol=1e-5, atol=1e-7)
+
+
+def _gathers_of_vocab(program, mesh) -> list:
+    return [
+        c
+        for c in collectives(program.train_step.compiled.as_text(), mesh)
+        if c.kind == "all-gather" and VOCAB in c.shape
+    ]
+
+
+def test_logits_are_never_gathered_over_tensor():
+    """Vocab-split head and loss: the logits' max, sum of exponentials and target logit are reduced over
+    ``tensor`` ([b, T] each); no all-gather of a vocabulary-sized array. Negative control: the same
+    loss on logits first made whole over tensor (what a loss that needs all of them costs)."""
+    spec = "data=4,tensor=2"
+    mesh = mesh_from_spec(spec)
+    program = build_program(gpt_config(mesh=spec, depth=2), mesh, (SEQ,), VOCAB, **TOKENS)
+    assert _gathers_of_vocab(program, mesh) == []
+    per_token = [
+        c
+        for c in collectives(program.train_step.compiled.as_text(), mesh)
+        if c.kind == "all-reduce" and c.axes == ("tensor",) and c.shape == (BATCH // 4, SEQ)
+    ]
+    assert len(per_token) == 3, per_token
+    gathering = build_program(
+        gpt_config(mesh=spec, depth=2),
+        mesh,
+        (SEQ,),
+        VOCAB,
+        loss=lambda logits, labels: cross_entropy(constrain(logits, ("batch", "seq", None)), labels),
+        **TOKENS,
+    )
+    assert _gathers_of_vocab(gathering, mesh) != []
+
+
+def test_attention_is_megatron_two_all_reduces_per_layer_each_way():
+    """Q/K/V split by heads, output by rows: per block 2 all-reduces of [b, T, D] forward (attention,
+    MLP) and 2 backward, over ``tensor``; nothing else moves activations inside the blocks."""
+    spec = "data=4,tensor=2"
+    mesh = mesh_from_spec(spec)
+    depth = 2
+    program = build_program(gpt_config(mesh=spec, depth=depth), mesh, (SEQ,), VOCAB, **TOKENS)
+    found = collectives(program.train_step.compiled.as_text(), mesh)
+    in_blocks = [c for c in found if c.axes == ("tensor",) and c.shape == (BATCH // 4, SEQ, 32)]
+    # 4 per block (2 forward, 2 backward), plus the embedding's masked lookup and the head's input cotangent
+    assert sum(c.count for c in in_blocks) == 4 * depth + 2, in_blocks
+    assert not [c for c in found if c.kind in ("all-gather", "collective-permute", "all-to-all")]
+
+
+def test_heads_must_divide_tensor():
+    with pytest.raises(ConfigError, match=r"--heads 4 is not divisible by 8, the devices of mesh axes tensor"):
+        build_program(gpt_config(heads=4, mesh="tensor=8"), mesh_from_spec("tensor=8"), (SEQ,), VOCAB, **TOKENS)
+
+
+# ------------------------------------------------------------------ a user's fused QKV block (no hang)
+
+D, H = 32, 4
+
+
+def _linear(fan_in, fan_out, names, rngs):
+    init = nnx.with_partitioning(nnx.initializers.lecun_normal(), names)
+    return nnx.Linear(
+        fan_in,
+        fan_out,
+        kernel_init=init,
+        bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), names[1:]),
+        rngs=rngs,
+    )
+
+
+class FusedQKV(nnx.Module):
+    """The usual form: one [D, 3D] projection split by column over tensor, then jnp.split."""
+
+    def __init__(self, rngs):
+        self.qkv = _linear(D, 3 * D, ("embed", "heads"), rngs)
+        self.out = _linear(D, D, ("heads", "embed"), rngs)
+
+    def __call__(self, x, ctx):
+        q, k, v = jnp.split(self.qkv(x), 3, -1)  # the line the refusal must name
+
+        def heads(a):
+            return a.reshape(*a.shape[:2], H, D // H)
+
+        o = jax.nn.dot_product_attention(heads(q), heads(k), heads(v), is_causal=True)
+        return x + self.out(o.reshape(x.shape))
+
+
+SPLIT_LINE = FusedQKV.__call__.__code__.co_firstlineno + 1
+
+
+class Embedding(nnx.Module):
+    def __init__(self, rngs):
+        init = nnx.with_partitioning(nnx.initializers.normal(0.02), (None, "embed"))
+        self.table = nnx.Embed(VOCAB, D, embedding_init=init, rngs=rngs)
+
+    def __call__(self, ids, ctx):
+        return self.table(ids)
+
+
+class FusedModel(nnx.Module):
+    def __init__(self, rngs, stacked=False):
+        self.pre = Embedding(rngs)
+        self.layers = nnx.List([Stacked(FusedQKV, 2, rngs=rngs)] if stacked else [FusedQKV(rngs), FusedQKV(rngs)])
+        self.post = Head(rngs)
+
+
+class Head(nnx.Module):
+    def __init__(self, rngs):
+        self.linear = _linear(D, VOCAB, ("embed", None), rngs)
+
+    def __call__(self, h, ctx):
+        return self.linear(h)
+
+
+def _fused_program(spec, stacked, **kw):
+    cfg = Config().replace(batch_size=BATCH, optimizer="sgd", mesh=spec, microbatches=2 if "pipe" in spec else 1)
+    model_fn = functools.partial(FusedModel, stacked=stacked)
+    mesh = mesh_from_spec(spec) if spec != "data=1" else single_device_mesh()
+    return build_program(cfg, mesh, (SEQ,), VOCAB, model_fn=model_fn, rules={"heads": "tensor"}, **TOKENS, **kw)
+
+
+@pytest.mark.parametrize("stacked", [False, True], ids=["layers", "stack"])
+def test_a_fused_qkv_split_across_tensor_is_refused_in_a_pipeline_not_hung(stacked):
+    """XLA moves q/k/v between tensor devices with a collective-permute inside the stage's action loop,
+    which XLA:CPU runs as a rendezvous of all 8 devices: it would hang. Compiling (never running) it
+    raises one line naming the split and this file's line."""
+    program = _fused_program("data=2,tensor=2,pipe=2", stacked)
+    with pytest.raises(ConfigError, match=rf"the model's split at .*test_lm.py:{SPLIT_LINE} ") as error:
+        program.train_step.compiled  # noqa: B018
+    assert "\n" not in str(error.value)
+
+
+def test_the_same_fused_block_without_pipe_trains_and_equals_one_device():
+    """Negative control for the refusal: outside a pipeline every device reaches the permute."""
+    x, y = token_batch()
+
+    def loss_and_grads(spec):
+        program = _fused_program(spec, True)
+        loss, grads = program.grad_step(program.init(), *program.put_batch(x, y))
+        return float(loss), {path_name(p): np.asarray(g) for p, g in jax.tree_util.tree_flatten_with_path(grads)[0]}
+
+    assert_same(loss_and_grads("data=2,tensor=4"), loss_and_grads("data=1"))
+
+
+# ----------------------------------------------------------------------------------- token datasets
+
+
+def test_token_dataset_checks_ids_and_label_shapes():
+    x = np.zeros((4, SEQ), np.int32)
+    assert Dataset.of((x, x)).y_train.shape == (4, SEQ)
+    with pytest.raises(ConfigError, match=r"token id 30 \(example 2, position 3\) is outside the vocabulary of 24"):
+        bad = x.copy()
+        bad[2, 3] = 30
+        Dataset.of((bad, x), classes=VOCAB)
+    with pytest.raises(ConfigError, match=r"\(4, 8\) examples and \(4, 7\) labels do not pair up"):
+        Dataset.of((x, x[:, 1:]))
+    with pytest.raises(ConfigError, match="per-token labels need integer token ids"):
+        Dataset.of((x.astype(np.float32), x))
+
+
+def test_a_vocabulary_that_tensor_does_not_divide_is_one_line():
+    with pytest.raises(
+        ConfigError,
+        match=r"parameter post.kernel of shape \(32, 10\) cannot be split over tensor \(4 devices\): 10 is not",
+    ):
+        build_program(
+            gpt_config(heads=4, mesh="data=2,tensor=4"), mesh_from_spec("data=2,tensor=4"), (SEQ,), 10, **TOKENS
+        )
