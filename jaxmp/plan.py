@@ -42,10 +42,10 @@ def _run(cfg: Config, extras) -> None:
             f"--devices {extras.devices}: only {jax.device_count()} are available; "
             f"add --cpu-devices {extras.devices} to simulate them on CPU."
         )
-    _, input_shape, classes = setup(cfg.replace(mesh="data=1"))  # simulates --cpu-devices; the plan picks meshes
+    _, input_shape, classes, batch = setup(cfg.replace(mesh="data=1"))  # simulates --cpu-devices; the plan picks meshes
     if jax.device_count() < extras.devices:
         raise ConfigError(f"--devices {extras.devices} needs --cpu-devices of at least {extras.devices}.")
-    rows = plan(cfg, extras.devices, hw, input_shape, classes, factors)
+    rows = plan(cfg, extras.devices, hw, input_shape, classes, factors, **batch)
     if extras.json:
         print(json.dumps(to_json(rows, hw), indent=1))
     else:

@@ -31,8 +31,14 @@ Per device and per step, in elements (the counting conventions of :mod:`jaxmp.in
   layers inside stages run in per-stage branches, whose collectives the loop counts of the compiled
   program cannot attribute to ticks, so pipelined runs leave ``tensor`` uncovered.
 
+- a transformer (``gpt``; Narayanan et al. 2021, sec. 3.2): per block, attention and MLP are each a
+  Megatron pair, ``2*b*T*D`` forward and backward: ``4*L*b*T*D``; the vocab-split embedding adds its
+  masked lookup ``b*T*D`` forward, the vocab-split head its input gradient ``b*T*D`` backward and the
+  vocab-parallel loss ``3*b*T`` (max, sum of exponentials, target logit).
+
 The tensor terms follow the layer kinds (:data:`DENSE_MAPS`: jaxmp's ``Dense``, ``Embed`` and
-``MegatronBlock``), so a model of your own built from them has closed forms too. Where a model has none
+``MegatronBlock``; :data:`LAYER_TERMS`: the transformer's), so a model of your own built from them has
+closed forms too. Where a model has none
 (a layer kind jaxmp does not know, convolutions split by channel, tensor parallelism inside pipeline
 stages), the axis is listed in ``Prediction.uncovered`` and only measured numbers are shown.
 """
@@ -47,6 +53,7 @@ from flax import nnx
 
 from jaxmp.config import Config
 from jaxmp.models.contract import model_parts
+from jaxmp.models.gpt import Block, LMHead, TokenEmbedding
 from jaxmp.models.mlp import Dense, Embed, MegatronBlock
 from jaxmp.parallel.rules import rules_without_axes
 from jaxmp.parallel.sharding import axis_size, param_specs, path_name
@@ -267,8 +274,66 @@ def _conv_to_dense_gather(ctx: _Context) -> list[Expected]:
     return []
 
 
+def _split(ctx: _Context, path: str, logical: str) -> bool:
+    """Whether ``tensor`` (of more than one device) splits the logical axis ``logical`` of the part's parameters."""
+    return ctx.mesh.shape["tensor"] > 1 and any(
+        "tensor" in _spec_axes((axes,))
+        for spec, names in _layer_params(ctx, path)
+        for axes, name in zip(spec, names, strict=False)
+        if name == logical
+    )
+
+
+def _tokens(ctx: _Context) -> tuple[int, int]:
+    """``(b*T, D)``: the tokens one data replica holds and the residual width of a transformer."""
+    seq, width = ctx.params["pre.positions"][0]
+    return _batch_rows(ctx) * seq, width
+
+
+def _embedding_terms(ctx: _Context, path: str, times: int) -> list[Expected]:
+    rows, width = _tokens(ctx)
+    if not _split(ctx, path, "vocab"):
+        return []
+    return [Expected(f"{path}: vocab-split lookup", "all-reduce", ("tensor",), rows * width, "b*T*D")]
+
+
+def _block_terms(ctx: _Context, path: str, times: int) -> list[Expected]:
+    """Megatron attention (heads) and MLP (``mlp``): each a column/row pair, one all-reduce of the
+    residual stream forward (its row output) and one backward (its column input's gradient)."""
+    rows, width = _tokens(ctx)
+    terms = []
+    for name, logical in (("attention", "heads"), ("mlp", "mlp")):
+        if _split(ctx, path, logical):
+            n = times * rows * width
+            terms.append(Expected(f"{path}: {name} row output", "all-reduce", ("tensor",), n, "L*b*T*D"))
+            terms.append(Expected(f"{path}: {name} column input grad", "all-reduce", ("tensor",), n, "L*b*T*D"))
+    return terms
+
+
+def _head_terms(ctx: _Context, path: str, times: int) -> list[Expected]:
+    """The vocab-split head and loss: the logits' max, sum of exponentials and target logit added over
+    ``tensor`` (3 per token, the logits never gathered), and the head input's gradient backward."""
+    rows, width = _tokens(ctx)
+    if not _split(ctx, path, "vocab"):
+        return []
+    return [
+        Expected(f"{path}: vocab-parallel loss", "all-reduce", ("tensor",), 3 * rows, "3*b*T"),
+        Expected(f"{path}: column input grad", "all-reduce", ("tensor",), rows * width, "b*T*D"),
+    ]
+
+
+# Transformer layer kinds: their tensor terms, per part (``times``: a stack's depth).
+LAYER_TERMS = {TokenEmbedding: _embedding_terms, Block: _block_terms, LMHead: _head_terms}
+
+
 def tensor_terms(ctx: _Context) -> list[Expected] | None:
-    """Column, row and Megatron-pair terms, plus hybrid's conv-to-dense all-gather; None if unknown."""
+    """Column, row and Megatron-pair terms, plus hybrid's conv-to-dense all-gather, or a transformer's
+    (a model of :data:`LAYER_TERMS` kinds only); None if unknown."""
+    parts = _module_parts(ctx.model)
+    if all(type(module) in LAYER_TERMS for _, module, _ in parts):
+        if ctx.pipeline is not None:
+            return None
+        return [term for path, module, times in parts for term in LAYER_TERMS[type(module)](ctx, path, times)]
     runs = _dense_runs(ctx)
     if runs is None:
         return None

@@ -89,7 +89,9 @@ class StepReport(NamedTuple):
 
 
 def setup(cfg: Config, input_shape: tuple[int, ...] | None = None, classes: int | None = None):
-    """Validate ``cfg`` and return its mesh, example shape and class count; compiles nothing.
+    """Validate ``cfg`` and return its mesh, example shape, class count and the batch's dtypes and label
+    shape (``build_program``'s ``input_dtype`` and ``label_shape``, from the dataset when it is read, else
+    empty: float examples, one label each); compiles nothing.
 
     The same checks as the trainer's (``jaxmp.training.loop.prepare``) that do not need a training run:
     options, simulated devices (before JAX starts), mesh, dataset (read only when ``input_shape`` or
@@ -97,16 +99,19 @@ def setup(cfg: Config, input_shape: tuple[int, ...] | None = None, classes: int 
     """
     from jaxmp.parallel.mesh import simulate_cpu_devices
     from jaxmp.training.data import load_dataset
+    from jaxmp.training.loop import batch_shape
 
     validate(cfg)
     if cfg.run.cpu_devices:
         simulate_cpu_devices(cfg.run.cpu_devices)
     mesh = analysis_mesh(cfg.run.mesh)
+    batch = {}
     if input_shape is None or classes is None:
         dataset = load_dataset(cfg.data, cfg.run.seed)
         input_shape = input_shape or tuple(dataset.x_train.shape[1:])
         classes = classes or dataset.num_classes
-    return mesh, tuple(input_shape), classes
+        batch = batch_shape(dataset)
+    return mesh, tuple(input_shape), classes, batch
 
 
 def analysis_mesh(spec: str) -> jax.sharding.Mesh:
@@ -334,7 +339,8 @@ def analyze(
       cfg: the run's options (default ``Config()``): mesh, strategy, batch, pipeline.
       model_fn: ``rngs -> model`` for a model of your own (default: ``--model-fn``, else the preset).
       input_shape, classes: one example's shape and the number of classes; default: the dataset's.
-      pieces: ``optimizer=``, ``loss=``, ``rules=``, as :func:`jaxmp.training.step.build_program` takes them.
+      pieces: ``optimizer=``, ``loss=``, ``rules=``, ``input_dtype=``, ``label_shape=``, as
+        :func:`jaxmp.training.step.build_program` takes them.
     """
     from jaxmp.models.contract import own_model_fn
     from jaxmp.pipeline.plot import check_plot_path, save_schedule_plot
@@ -343,8 +349,8 @@ def analyze(
     cfg = validate(cfg or Config())
     check_plot_path(cfg.run.schedule_plot)
     model_fn = own_model_fn(cfg, model_fn)
-    mesh, input_shape, classes = setup(cfg, input_shape, classes)
-    program = build_program(cfg, mesh, input_shape, classes, model_fn=model_fn, **pieces)
+    mesh, input_shape, classes, batch = setup(cfg, input_shape, classes)
+    program = build_program(cfg, mesh, input_shape, classes, model_fn=model_fn, **{**batch, **pieces})
     save_schedule_plot(program.pipeline, cfg.run.schedule_plot)
     return analyze_program(cfg, program)
 
