@@ -82,6 +82,11 @@ class ModelConfig:
     depth: int = _opt(2, "mlp, gpt: number of residual blocks")
     heads: int = _opt(4, "gpt: attention heads per block (split over tensor)")
     dropout: float = _opt(0.0, "gpt: dropout rate after attention and the MLP, in training")
+    sequence_parallel: bool = _opt(
+        False,
+        "gpt: Megatron sequence parallelism: norms, dropout and residual adds split along the sequence over "
+        "tensor; each all-reduce becomes an all-gather and a reduce-scatter (same bytes, 1/t of those activations)",
+    )
     activation: str = _opt(
         "default",
         "activation; default: each preset's own (jaxmp.models.PRESETS: mlp uses gelu)",

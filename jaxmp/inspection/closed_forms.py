@@ -331,7 +331,7 @@ def tensor_terms(ctx: _Context) -> list[Expected] | None:
     (a model of :data:`LAYER_TERMS` kinds only); None if unknown."""
     parts = _module_parts(ctx.model)
     if all(type(module) in LAYER_TERMS for _, module, _ in parts):
-        if ctx.pipeline is not None:
+        if ctx.pipeline is not None or ctx.cfg.model.sequence_parallel:  # SP: backend-dependent (see README)
             return None
         return [term for path, module, times in parts for term in LAYER_TERMS[type(module)](ctx, path, times)]
     runs = _dense_runs(ctx)

@@ -15,7 +15,7 @@ from flax import nnx
 
 from jaxmp.config import ConfigError, ModelConfig
 from jaxmp.models.cnn import MnistCNN, TextbookDense
-from jaxmp.models.gpt import GPT, check_heads
+from jaxmp.models.gpt import GPT, check_split
 from jaxmp.models.layers import COMPUTE_DTYPES
 from jaxmp.models.mlp import MLP1024, MegatronBlock, ResidualMLP
 from jaxmp.parallel.rules import as_axes
@@ -40,7 +40,8 @@ class Preset(NamedTuple):
     strategies: tuple[str, ...]
     activation: str  # what --activation default means for it
     options: tuple[str, ...] = ()  # the ModelConfig fields that shape it (recorded in checkpoints)
-    check_mesh: Callable | None = None  # (cfg, mesh, rules) -> None: ConfigError for a mesh it cannot use
+    check_mesh: Callable | None = None  # (cfg, mesh, rules, input_shape) -> None: ConfigError for a mesh it cannot use
+    sequence_parallel: bool = False  # it names its residual stream's sequence axis "tokens" (--sequence-parallel)
 
 
 def _mlp(cfg: ModelConfig, input_shape, classes, activation, dtype, rngs) -> nnx.Module:
@@ -72,8 +73,11 @@ def _gpt(cfg: ModelConfig, input_shape, classes, activation, dtype, rngs) -> nnx
     return GPT(classes, input_shape[0], **sizes, activation=activation, dropout=cfg.dropout, rngs=rngs, dtype=dtype)
 
 
-def _gpt_mesh(cfg: ModelConfig, mesh, rules) -> None:
-    check_heads(cfg.heads, dict(mesh.shape), as_axes(rules.get("heads")))
+def _gpt_mesh(cfg: ModelConfig, mesh, rules, input_shape) -> None:
+    check_split("--heads", cfg.heads, dict(mesh.shape), as_axes(rules.get("heads")), "the heads")
+    if cfg.sequence_parallel:
+        axes = as_axes(rules.get("tokens"))
+        check_split("--seq-len", input_shape[0], dict(mesh.shape), axes, "the tokens (--sequence-parallel)")
 
 
 PRESETS: dict[str, Preset] = {
@@ -81,7 +85,7 @@ PRESETS: dict[str, Preset] = {
     "mlp-1024": Preset(_mlp_1024, ("dp", "tp", "hybrid"), "relu"),
     "mnist-cnn": Preset(_mnist_cnn, ("dp", "tp", "hybrid"), "none"),
     "dense": Preset(_dense, ("dp", "column", "row"), "none"),
-    "gpt": Preset(_gpt, ("dp", "tp"), "gelu", ("width", "hidden", "depth", "heads", "dropout"), _gpt_mesh),
+    "gpt": Preset(_gpt, ("dp", "tp"), "gelu", ("width", "hidden", "depth", "heads", "dropout"), _gpt_mesh, True),
 }
 
 
@@ -104,12 +108,14 @@ def activation_of(cfg: ModelConfig) -> str:
     return preset(cfg).activation if cfg.activation == "default" else cfg.activation
 
 
-def check_mesh(cfg: ModelConfig, mesh, rules) -> None:
+def check_mesh(cfg: ModelConfig, mesh, rules, input_shape: tuple[int, ...]) -> None:
     """Raise ``ConfigError`` when the preset cannot be split over ``mesh`` as ``rules`` ask (its own
     check: e.g. gpt's heads over ``tensor``); parameter shapes are checked for every model anyway."""
+    if cfg.sequence_parallel and not preset(cfg).sequence_parallel:
+        raise ConfigError(f"--sequence-parallel applies to --model gpt, not {cfg.model}.")
     own_check = preset(cfg).check_mesh
     if own_check is not None:
-        own_check(cfg, mesh, rules)
+        own_check(cfg, mesh, rules, input_shape)
 
 
 def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], classes: int, rngs: nnx.Rngs) -> nnx.Module:

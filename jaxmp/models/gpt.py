@@ -17,6 +17,12 @@ Tensor parallelism is Megatron's (Shoeybi et al. 2019, section 3), named by logi
   logits of its slice, which the loss never gathers.
 Q, K and V sit on their own axis of the fused kernel, so splitting them apart moves no data: the usual
 ``jnp.split(qkv, 3, -1)`` of a ``[.., 3D]`` projection split over ``tensor`` would cut across devices.
+
+Sequence parallelism (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer
+Models"): the residual stream's ``tokens`` axis is split over ``tensor`` too, so the norms, dropout and
+residual adds between the matmuls hold ``T / t`` tokens per device; each all-reduce after a row-split
+matmul becomes a reduce-scatter into the token split, and the column-split matmul's input is
+all-gathered first: the same bytes, a ``t``-th of those regions' activations.
 """
 
 from __future__ import annotations
@@ -32,7 +38,10 @@ from jaxmp.models.layers import LayerContext, Stacked, activation_fn, dense, par
 from jaxmp.parallel.rules import constrain
 
 INIT_STD = 0.02  # GPT-2's initial weight scale; residual projections get 1/sqrt(2 * depth) of it
-TOKENS = ("batch", "seq", "embed")  # the residual stream's logical axes
+# The residual stream between the tensor-parallel matmuls: its sequence axis is ``tokens``, which
+# sequence parallelism splits over ``tensor`` (norms, dropout and residual adds then work on 1/t of the
+# tokens); ``seq`` (inside attention, the positions) always stays whole.
+TOKENS = ("batch", "tokens", "embed")
 
 
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple, std: float = INIT_STD) -> nnx.Param:
@@ -74,8 +83,10 @@ class TokenEmbedding(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, ids_BxT: jax.Array, ctx: LayerContext | None = None) -> jax.Array:
+        # The lookup whole over the sequence (each device adds the rows of its vocabulary slice), then
+        # split by tokens: a lookup straight into the token split would gather the whole table instead.
         h_BxTxD = jnp.take(self.tokens[...], ids_BxT, axis=0) + self.positions[...][: ids_BxT.shape[1]]
-        return constrain(h_BxTxD.astype(self.dtype), TOKENS)
+        return constrain(constrain(h_BxTxD.astype(self.dtype), ("batch", "seq", "embed")), TOKENS)
 
 
 class CausalSelfAttention(nnx.Module):
@@ -128,11 +139,13 @@ class Block(nnx.Module):
     def __call__(self, x_BxTxD: jax.Array, ctx: LayerContext) -> jax.Array:
         with jax.numpy_dtype_promotion("standard"):  # flax's LayerNorm keeps float32 statistics
             a_BxTxD = self.attention(self.attention_norm(x_BxTxD), ctx)
+        a_BxTxD = constrain(a_BxTxD, TOKENS)  # under sequence parallelism: a reduce-scatter, not an all-reduce
         h_BxTxD = constrain(x_BxTxD + token_dropout(a_BxTxD, self.dropout, ctx, 0), TOKENS)
         with jax.numpy_dtype_promotion("standard"):
             normed_BxTxD = self.mlp_norm(h_BxTxD)
         u_BxTxF = constrain(activation_fn(self.activation)(self.up(normed_BxTxD)), ("batch", "seq", "mlp"))
-        return constrain(h_BxTxD + token_dropout(self.down(u_BxTxF), self.dropout, ctx, 1), TOKENS)
+        m_BxTxD = constrain(self.down(u_BxTxF), TOKENS)
+        return constrain(h_BxTxD + token_dropout(m_BxTxD, self.dropout, ctx, 1), TOKENS)
 
 
 class LMHead(nnx.Module):
@@ -154,6 +167,8 @@ class GPT(nnx.Module):
     """``pre``: token and position embedding; ``layers``: ``depth`` blocks (one :class:`Stacked`);
     ``post``: final norm and LM head. Learned positions (GPT-2), not RoPE: ``seq_len`` is the longest
     window the model reads."""
+
+    BOUNDARY_NAMES = TOKENS  # between pipeline stages the residual stream keeps its layout (split by tokens under SP)
 
     def __init__(
         self,
@@ -184,11 +199,11 @@ class GPT(nnx.Module):
         self.post = LMHead(width, vocab, rngs=rngs, dtype=dtype)
 
 
-def check_heads(heads: int, mesh_shape: dict, tensor_axes: tuple[str, ...]) -> None:
-    """``--heads`` must divide over the mesh axes that split them (``ConfigError`` naming both)."""
-    parts = math.prod(mesh_shape.get(axis, 1) for axis in tensor_axes)
-    if heads % parts:
+def check_split(flag: str, size: int, mesh_shape: dict, axes: tuple[str, ...], what: str) -> None:
+    """``size`` must divide over the mesh axes ``axes`` (``ConfigError`` naming the flag and both numbers)."""
+    parts = math.prod(mesh_shape.get(axis, 1) for axis in axes)
+    if size % parts:
         raise ConfigError(
-            f"--heads {heads} is not divisible by {parts}, the devices of mesh axes {'x'.join(tensor_axes)} "
-            "that split the heads; choose heads that divide, or a smaller tensor axis."
+            f"{flag} {size} is not divisible by {parts}, the devices of mesh axes {'x'.join(axes)} that split "
+            f"{what}; choose a {flag} that divides, or a smaller tensor axis."
         )

@@ -11,7 +11,8 @@ Logical axes used by the models:
   channels    conv output channels              dense_in  input dim of the textbook layer
   layers      stacked layers (on ``pipe``)      dense_out output dim of the textbook layer
   stage       pipeline stages (on ``pipe``)     vocab     a language model's vocabulary (split by ``tp``)
-  heads       attention heads (split by ``tp``) seq       tokens of a sequence (never split yet)
+  heads       attention heads (split by ``tp``) seq       a sequence's tokens (never split)
+  tokens      the residual stream's tokens (split by ``--sequence-parallel`` as ``heads`` are)
 A kernel whose *output* axis maps to ``tensor`` is split by column (outputs stacked / all-gathered);
 one whose *input* axis maps to ``tensor`` is split by row (partial sums added / all-reduced).
 """
@@ -44,7 +45,7 @@ MESH_AXES = ("data", "tensor", "pipe")
 WHOLE: Rules = {
     name: None
     for name in ("batch", "conv_batch", "features", "embed", "mlp", "classes", "flat", "channels")
-    + ("dense_in", "dense_out", "vocab", "heads", "seq")
+    + ("dense_in", "dense_out", "vocab", "heads", "seq", "tokens")
 }
 
 
@@ -94,6 +95,14 @@ def rules_for(strategy: str, extra: Rules | None = None) -> Rules:
         if len(set(axes)) < len(axes):
             raise ConfigError(f"rules[{name!r}] = {entry!r} names a mesh axis twice.")
     return {**rules, **extra}
+
+
+def sequence_parallel(rules: Rules) -> Rules:
+    """``rules`` with the residual stream's ``tokens`` split over the axes that split the heads (Megatron
+    sequence parallelism); ``ConfigError`` when nothing splits them."""
+    if not rules.get("heads"):
+        raise ConfigError("--sequence-parallel splits the tokens over tensor: it needs --strategy tp.")
+    return {**rules, "tokens": rules["heads"]}
 
 
 def logical_to_spec(names: tuple[str | None, ...], rules: Rules) -> PartitionSpec:

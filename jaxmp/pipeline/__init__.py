@@ -125,7 +125,14 @@ def check_microbatches(cfg: PipelineConfig, batch: int, batch_parts: int) -> Non
 
 
 def build_pipeline(
-    cfg: PipelineConfig, parts: ModelParts, abstract, specs, mesh, x_struct, batch_axes: tuple[str, ...]
+    cfg: PipelineConfig,
+    parts: ModelParts,
+    abstract,
+    specs,
+    mesh,
+    x_struct,
+    batch_axes: tuple[str, ...],
+    boundary_names: tuple | None = None,
 ) -> Pipeline:
     """Chunks, placement, packing and the train and eval plans.
 
@@ -134,6 +141,9 @@ def build_pipeline(
       specs: their ``PartitionSpec`` s without ``pipe``.
       x_struct: one global batch of inputs.
       batch_axes: the mesh axes that split the batch (manual in the executor).
+      boundary_names: the logical axes of the activations between layers, if the model declares them
+        (its class's ``BOUNDARY_NAMES``): messages between stages then keep that split (a transformer's
+        tokens under sequence parallelism: each device sends 1/t of the activation).
 
     Raises:
       ConfigError: the split, placement or micro-batches do not fit the model, mesh or batch.
@@ -150,7 +160,7 @@ def build_pipeline(
     )
     inner = rules_without_axes(active_rules(), {"pipe", *batch_axes})
     options = dict(policy=REMAT_POLICIES[cfg.remat], unroll=cfg.unroll, boundaries=tuple(boundaries), outputs=outputs)
-    options["stash_cotangents"] = WEIGHT_PASSES[cfg.weight_pass]
+    options.update(stash_cotangents=WEIGHT_PASSES[cfg.weight_pass], boundary_names=boundary_names)
 
     def plan(schedule, **test_options):
         return make_plan(packing, schedule, batch_axes, inner, **options, **test_options)

@@ -42,7 +42,7 @@ from jax.sharding import PartitionSpec as P
 from jaxmp.config import ConfigError
 from jaxmp.models.contract import apply_part
 from jaxmp.models.layers import LayerContext
-from jaxmp.parallel.rules import use_rules
+from jaxmp.parallel.rules import as_axes, constrain, use_rules
 from jaxmp.pipeline.backward_split import SplitBackward, split_backward
 from jaxmp.pipeline.packing import Packing
 from jaxmp.pipeline.schedule import BACKWARD, FORWARD, IDLE, WEIGHT, Schedule
@@ -69,6 +69,8 @@ class Plan(NamedTuple):
     masked: bool = True  # tests: False writes every message, needed or not (the poison must then show)
     fuse_last: bool = False  # the last chunk's forward runs its whole backward too (see fuses_last_chunk)
     stash_cotangents: bool = False  # B stashes what W needs (--weight-pass stash), else W re-pulls it
+    boundary_names: tuple | None = None  # the logical axes the model declares for its activations between layers
+    message_axes: tuple[str, ...] = ()  # the mesh axes that split a message's flat dimension (see _message_axes)
 
 
 def split_microbatches(x_Bx: jax.Array, microbatches: int) -> jax.Array:
@@ -100,8 +102,10 @@ def make_plan(
     poison,
     masked=True,
     stash_cotangents=False,
+    boundary_names=None,
 ) -> Plan:
-    """A :class:`Plan`; ``boundaries`` are the activations (one example) between consecutive chunks."""
+    """A :class:`Plan`; ``boundaries`` are the activations (one example) between consecutive chunks,
+    ``boundary_names`` their logical axes if the model declares them (``BOUNDARY_NAMES``)."""
     width = max([1, *(math.prod(s.shape) for s in boundaries)])
     dtype = boundaries[0].dtype if boundaries else jnp.float32
     fuse = fuses_last_chunk(schedule)
@@ -122,7 +126,26 @@ def make_plan(
         masked,
         fuse,
         stash_cotangents and schedule.split_backward,
+        boundary_names,
+        _message_axes(boundaries, boundary_names, inner_rules, width),
     )
+
+
+def _message_axes(boundaries, names, inner_rules, width: int) -> tuple[str, ...]:
+    """The mesh axes that split a flat message ``[b, A]`` along ``A``: those of the boundary's first
+    axis after the batch, when the model declares it split (a transformer's tokens under sequence
+    parallelism) and every boundary has that one shape, so the flat split is the declared one. Else
+    none: messages whole over the automatic axes."""
+    if not names or not boundaries or inner_rules is None or len(names) != 1 + len(boundaries[0].shape):
+        return ()
+    mesh = jax.sharding.get_abstract_mesh()
+    axes = tuple(a for a in as_axes(inner_rules.get(names[1])) if not mesh.empty and mesh.shape[a] > 1)
+    rest = [as_axes(inner_rules.get(name)) for name in names[2:]]
+    same = all(b.shape == boundaries[0].shape for b in boundaries) and math.prod(boundaries[0].shape) == width
+    parts = math.prod(mesh.shape[a] for a in axes) if axes else 1
+    if not axes or any(rest) or not same or boundaries[0].shape[0] % parts:
+        return ()
+    return axes
 
 
 def plan_exchange(schedule: Schedule) -> Transfers:
@@ -213,10 +236,10 @@ def _device_program(plan: Plan, head: Head, train: bool, manual: frozenset[str])
             sample = _sample_tick(plan, x_bMx, y_bMx, w_bMx)
             branches, stash = _branches(plan, access, head, train, jax.random.wrap_key_data(key_data), sample)
             fill = jnp.nan if plan.poison else 0.0
-            message = jnp.full((b, plan.width), fill, plan.message_dtype)
+            message = _pin_message(jnp.full((b, plan.width), fill, plan.message_dtype), plan)
             carry = _Carry(
-                jnp.full((transfers.input_slots, b, plan.width), fill, plan.message_dtype),
-                jnp.full((transfers.grad_slots, b, plan.width), fill, plan.message_dtype),
+                _pin_message(jnp.full((transfers.input_slots, b, plan.width), fill, plan.message_dtype), plan),
+                _pin_message(jnp.full((transfers.grad_slots, b, plan.width), fill, plan.message_dtype), plan),
                 tuple(message for _ in range(transfers.rounds)),
                 access.zeros() if train else {},
                 _zero_sums(head, plan, x_bMx, y_bMx, w_bMx),
@@ -793,6 +816,8 @@ def _example_ids(plan: Plan, b: int):
 
 
 def _flatten_pad(h: jax.Array, plan: Plan) -> jax.Array:
+    if plan.message_axes:  # declared split, one shape: no padding (see _message_axes)
+        return _pin_message(constrain(h, plan.boundary_names).reshape(h.shape[0], -1).astype(plan.message_dtype), plan)
     flat = _whole(h.reshape(h.shape[0], -1).astype(plan.message_dtype))
     return _whole(jnp.pad(flat, ((0, 0), (0, plan.width - flat.shape[1]))))
 
@@ -800,7 +825,16 @@ def _flatten_pad(h: jax.Array, plan: Plan) -> jax.Array:
 def _unflatten(h_bxA: jax.Array, plan: Plan, c: int) -> jax.Array:
     boundary = plan.boundaries[c - 1]
     h = h_bxA[:, : math.prod(boundary.shape)].reshape(h_bxA.shape[0], *boundary.shape).astype(boundary.dtype)
-    return _whole(h)
+    return constrain(h, plan.boundary_names) if plan.message_axes else _whole(h)
+
+
+def _pin_message(x: jax.Array, plan: Plan) -> jax.Array:
+    """A message (or a stash of them, ``[..., b, A]``) split along ``A`` over the plan's message axes, so
+    a stage sends, receives and keeps only its share; left as it is without message axes."""
+    if not plan.message_axes:
+        return x
+    spec = (None,) * (x.ndim - 1) + (plan.message_axes,)
+    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(*spec))
 
 
 def _whole(x: jax.Array) -> jax.Array:

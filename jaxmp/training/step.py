@@ -31,7 +31,14 @@ from jaxmp.models import build_model, check_mesh, check_strategy
 from jaxmp.models.contract import ModelParts, apply_model, model_parts
 from jaxmp.models.layers import LayerContext
 from jaxmp.parallel.mesh import as_mesh
-from jaxmp.parallel.rules import as_axes, logical_to_spec, rules_for, rules_without_axes, use_rules
+from jaxmp.parallel.rules import (
+    as_axes,
+    logical_to_spec,
+    rules_for,
+    rules_without_axes,
+    sequence_parallel,
+    use_rules,
+)
 from jaxmp.parallel.sharding import axis_size, check_divisible, fsdp_specs, param_specs
 from jaxmp.pipeline import Pipeline, build_pipeline, is_pipelined, split_microbatches
 from jaxmp.pipeline import run as run_pipeline
@@ -267,8 +274,9 @@ def _layout(cfg: Config, mesh, rules, tx, make_model, shapes: BatchShape) -> _La
         x_struct = shapes.x(cfg.run.batch_size)
         axes = tuple(dict.fromkeys(a for spec in (x_spec, y_spec) for a in as_axes(spec[0]) if mesh.shape[a] > 1))
         with jax.set_mesh(mesh), use_rules(rules):
+            boundary_names = getattr(type(abstract_model), "BOUNDARY_NAMES", None)
             pipeline = build_pipeline(
-                cfg.pipeline, parts, nnx.to_pure_dict(abstract_state), specs, mesh, x_struct, axes
+                cfg.pipeline, parts, nnx.to_pure_dict(abstract_state), specs, mesh, x_struct, axes, boundary_names
             )
         params_sh = _full_tree_shardings(pipeline.packing.buffer_specs(), mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -332,11 +340,13 @@ def build_program(
     validate(cfg)
     mesh = as_mesh(mesh)
     rules = rules_for(cfg.model.strategy, rules)
+    if cfg.model.sequence_parallel:
+        rules = sequence_parallel(rules)
     tx = make_optimizer(cfg.optim) if optimizer is None else optimizer
     check_optimizer(tx)
     if model_fn is None:
         check_strategy(cfg.model)
-        check_mesh(cfg.model, mesh, rules)
+        check_mesh(cfg.model, mesh, rules, tuple(input_shape))
 
         def model_fn(rngs):
             return build_model(cfg.model, input_shape, classes, rngs)
