@@ -59,11 +59,12 @@ def fit(
 
     Args:
       model_fn: ``rngs -> model``, an NNX model written as a list of layers (``jaxmp.models.contract``).
-      train, test: ``(examples, labels)`` host arrays (labels: integer class ids); ``test`` defaults to
+      train, test: ``(examples, labels)`` host arrays (labels: integer class ids, one per example or one
+        per token of int32 token ids; -1 ignores one); ``test`` defaults to
         ``train``. Every process of a multi-process run passes the same arrays and feeds only the rows
         its devices hold.
       optimizer: an optax ``GradientTransformation``; default: the one ``config`` names.
-      loss: ``(outputs, labels) -> per-example loss``; default: cross-entropy.
+      loss: ``(outputs, labels) -> loss per label`` (per example or per token); default: cross-entropy.
       rules: logical axis name -> mesh axes, over the strategy's table (e.g. ``{"hidden": "tensor"}``).
       config: the run's options; ``options`` override its fields by name (``mesh="data=2,pipe=2"`` or a
         ``jax.sharding.Mesh`` with axes among data, tensor, pipe,
@@ -108,7 +109,7 @@ class Own(NamedTuple):
 
     model_fn: Callable | None = None  # rngs -> an nnx model written as a list of layers
     optimizer: Any = None  # an optax GradientTransformation
-    loss: Callable | None = None  # (outputs, labels) -> per-example loss
+    loss: Callable | None = None  # (outputs, labels) -> loss per label
     rules: Mapping | None = None  # logical name -> mesh axes, over the strategy's table
     dataset: Dataset | None = None  # host arrays (jaxmp.training.data.Dataset.of)
     mesh: jax.sharding.Mesh | None = None  # a mesh of the user's own, in place of the --mesh spec

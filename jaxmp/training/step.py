@@ -179,9 +179,7 @@ def heads(loss: LossFn = cross_entropy) -> Heads:
 def check_loss(loss, outputs: jax.ShapeDtypeStruct, labels: jax.ShapeDtypeStruct) -> None:
     """``loss`` maps the model's outputs and labels to one float loss per label (``ConfigError``)."""
     if not callable(loss):
-        raise ConfigError(
-            f"loss must be a function (outputs, labels) -> per-example losses, got {type(loss).__name__}."
-        )
+        raise ConfigError(f"loss must be a function (outputs, labels) -> losses per label, got {type(loss).__name__}.")
     try:
         out = jax.eval_shape(loss, outputs, labels)
     except Exception as error:  # the user's function, traced on shapes: say what it was given
