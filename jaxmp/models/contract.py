@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxmp.config import ConfigError, first_line
-from jaxmp.models.layers import LayerContext, Stacked, scan_layers
+from jaxmp.models.layers import LayerContext, Stacked, layer_context, scan_layers
 
 
 class Part(NamedTuple):
@@ -130,16 +130,18 @@ def sub_params(params: dict, key: tuple):
     return params
 
 
-def apply_part(part: Part, params, h: jax.Array, ctx: LayerContext, *, unroll: bool = False, policy=None):
-    """Run one part on ``h``; for a stack, ``params`` holds any contiguous run of its layers, stacked or
-    as a list of one tree per layer (run in order, unrolled)."""
+def apply_part(
+    part: Part, params, h: jax.Array, ctx: LayerContext, *, unroll: bool = False, policy=None, first: int = 0
+):
+    """Run one part on ``h``; for a stack, ``params`` holds any contiguous run of its layers from
+    position ``first``, stacked or as a list of one tree per layer (run in order, unrolled)."""
     if part.depth is None:
         return nnx.merge(part.graphdef, params)(h, ctx)
     if isinstance(params, list):
-        for layer_params in params:
-            h = nnx.merge(part.graphdef, layer_params)(h, ctx)
+        for k, layer_params in enumerate(params):
+            h = nnx.merge(part.graphdef, layer_params)(h, layer_context(ctx, first + k))
         return h
-    return scan_layers(part.graphdef, params, h, ctx, unroll=unroll, policy=policy)
+    return scan_layers(part.graphdef, params, h, ctx, unroll=unroll, policy=policy, first=first)
 
 
 def apply_model(parts: ModelParts, params: dict, x: jax.Array, ctx: LayerContext) -> jax.Array:

@@ -136,16 +136,27 @@ class Stacked(nnx.Module):
         return scan_layers(graphdef, stacked, h, ctx)
 
 
-def scan_layers(graphdef: nnx.GraphDef, stacked, h: jax.Array, ctx: LayerContext, *, unroll: bool = False, policy=None):
+def scan_layers(
+    graphdef: nnx.GraphDef, stacked, h: jax.Array, ctx: LayerContext, *, unroll: bool = False, policy=None, first=0
+):
     """Apply the layers whose parameters ``stacked`` carries on a leading axis, in order, by ``lax.scan``.
 
     Args:
       policy: a ``jax.checkpoint`` policy for each layer (None: no re-materialisation).
+      first: the position in its stack of the first layer given (a pipeline chunk holds a run of it).
     """
 
-    def one_layer(h, layer_params):
-        return nnx.merge(graphdef, layer_params)(h, ctx), None
+    def one_layer(h, layer):
+        index, layer_params = layer
+        return nnx.merge(graphdef, layer_params)(h, layer_context(ctx, index)), None
 
     if policy is not None:
         one_layer = jax.checkpoint(one_layer, policy=policy, prevent_cse=False)
-    return jax.lax.scan(one_layer, h, stacked, unroll=unroll)[0]
+    indices = first + jnp.arange(jax.tree.leaves(stacked)[0].shape[0], dtype=jnp.int32)
+    return jax.lax.scan(one_layer, h, (indices, stacked), unroll=unroll)[0]
+
+
+def layer_context(ctx: LayerContext, index) -> LayerContext:
+    """``ctx`` for layer ``index`` of a stack: its dropout key folded with the index, so the layers of
+    a stack draw different masks (the same on any split of the stack into pipeline chunks)."""
+    return ctx if ctx.key is None else ctx._replace(key=jax.random.fold_in(ctx.key, index))

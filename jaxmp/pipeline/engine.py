@@ -193,6 +193,7 @@ class _Tick(NamedTuple):
     ids: jax.Array  # global example ids [b]
     res: tuple = ()  # the residual stash (per kind [count, residual slots, ...]), read-only in an action
     slot: jax.Array | int = 0  # this action's residual slot (a forward writes it, its B and W read it)
+    first_rows: jax.Array | None = None  # [P] per piece of the chunk: its first layer's position in its stack
 
 
 def run(plan: Plan, buffers: dict, x_bMx, y_bMx, w_bMx, key, head: Head, *, train: bool):
@@ -370,6 +371,7 @@ class _Tables(NamedTuple):
     read_input: jax.Array  # [T]
     read_grad: jax.Array  # [T]
     residual_slot: jax.Array  # [T]
+    first_rows: jax.Array  # [T, P] per piece of the tick's chunk: its first row in its stack
 
 
 def _tables(plan: Plan, schedule: Schedule, transfers: Transfers, stage) -> _Tables:
@@ -387,7 +389,24 @@ def _tables(plan: Plan, schedule: Schedule, transfers: Transfers, stage) -> _Tab
         mine(transfers.read_input),
         mine(transfers.read_grad),
         mine(np.zeros(schedule.kind.shape, np.int32) if transfers.residual_slot is None else transfers.residual_slot),
+        mine(_first_rows(plan, schedule)),
     )
+
+
+def _most_pieces(plan: Plan) -> int:
+    return max(len(chunk.pieces) for chunk in plan.packing.chunks)
+
+
+def _first_rows(plan: Plan, schedule: Schedule) -> np.ndarray:
+    """``[T, S, P]``: for the chunk each stage runs at each tick, the position in its stack of each
+    piece's first layer (0 for a part that is no stack): dropout keys fold it in, so the masks follow
+    the layer, not the chunk that runs it."""
+    table = np.zeros((*schedule.kind.shape, _most_pieces(plan)), np.int32)
+    for (t, s), c in np.ndenumerate(schedule.chunk):
+        if c >= 0:
+            for j, piece in enumerate(plan.packing.chunks[c].pieces):
+                table[t, s, j] = piece.rows[0] if piece.rows is not None else 0
+    return table
 
 
 def _branch_keys(plan: Plan) -> list:
@@ -431,7 +450,9 @@ def _sample_tick(plan: Plan, x_bMx, y_bMx, w_bMx) -> _Tick:
     b = x_bMx.shape[0]
     flat = jax.ShapeDtypeStruct((b, plan.width), plan.message_dtype)
     ids = jax.ShapeDtypeStruct((b,), jnp.int32)
-    return _Tick(*(jax.ShapeDtypeStruct((b, *a.shape[2:]), a.dtype) for a in (x_bMx, y_bMx, w_bMx)), flat, flat, ids)
+    data = (jax.ShapeDtypeStruct((b, *a.shape[2:]), a.dtype) for a in (x_bMx, y_bMx, w_bMx))
+    first_rows = jax.ShapeDtypeStruct((_most_pieces(plan),), jnp.int32)
+    return _Tick(*data, flat, flat, ids, first_rows=first_rows)
 
 
 def _branches(plan: Plan, access: _Params, head: Head, train: bool, key, sample: _Tick):
@@ -576,9 +597,10 @@ class _Chunk:
         ctx = LayerContext(self.train, self.key, tick.ids)
         if c > 0:
             h = _unflatten(h, plan, c)
-        for piece, piece_params in zip(plan.packing.chunks[c].pieces, params, strict=True):
+        for j, (piece, piece_params) in enumerate(zip(plan.packing.chunks[c].pieces, params, strict=True)):
             unroll = piece.rows is not None and _unrolls(plan, piece.rows[1] - piece.rows[0])
-            h = apply_part(piece.part, piece_params, h, ctx, unroll=unroll)
+            # the running chunk's rows, from the table: chunks of one layout share this traced branch
+            h = apply_part(piece.part, piece_params, h, ctx, unroll=unroll, first=tick.first_rows[j])
         if self.last:
             return self.head(h, tick.y, tick.weights)
         return _flatten_pad(h, plan)
@@ -588,7 +610,7 @@ class _Chunk:
 
     def known(self, params, tick: _Tick) -> list:
         """Values every action of this micro-batch has without the stash."""
-        return [*jax.tree.leaves(params), tick.x, tick.h, tick.y, tick.weights, tick.ids, self.key]
+        return [*jax.tree.leaves(params), tick.x, tick.h, tick.y, tick.weights, tick.ids, self.key, tick.first_rows]
 
     def linearize(self, tick: _Tick):
         """``(outputs, vjp closure, parameters)``: the closure takes the output cotangent to the parameter
@@ -745,6 +767,7 @@ def _tick_fn(plan: Plan, branches, tables: _Tables, data, stage, tick_ids: np.nd
             ids_of(m),
             carry.residuals,
             tables.residual_slot[t],
+            tables.first_rows[t],
         )
         blank = jnp.full(step.h.shape, fill, step.h.dtype)  # what an idle stage sends
         state = _Out(carry.g_params, carry.sums, blank, step.h, carry.residuals)
