@@ -100,8 +100,12 @@ class Summary(NamedTuple):
 
     @property
     def eval_perplexity(self) -> float:
-        """``exp(eval_loss)``: for a language model, the mean loss is in nats per token."""
-        return math.exp(min(self.eval_loss, 700.0))
+        return perplexity(self.eval_loss)
+
+
+def perplexity(loss: float) -> float:
+    """``exp(loss)`` of a mean loss in nats per token (capped where a float64 would overflow)."""
+    return math.exp(min(loss, 700.0))
 
 
 class Own(NamedTuple):
@@ -414,7 +418,7 @@ def _eval_record(dataset: Dataset, eval_loss: float, eval_accuracy: float) -> di
     """The metrics of one evaluation; a language model's loss is per token, and its perplexity follows."""
     record = {"eval_loss": eval_loss, "eval_accuracy": eval_accuracy}
     if dataset.vocab is not None:
-        record["eval_perplexity"] = math.exp(min(eval_loss, 700.0))
+        record["eval_perplexity"] = perplexity(eval_loss)
     return record
 
 
