@@ -87,6 +87,11 @@ class ModelConfig:
         "gpt: Megatron sequence parallelism: norms, dropout and residual adds split along the sequence over "
         "tensor; each all-reduce becomes an all-gather and a reduce-scatter (same bytes, 1/t of those activations)",
     )
+    tie_embeddings: bool = _opt(
+        False,
+        "gpt: the LM head reuses the token embedding table (stored once, its gradient summed over both uses; "
+        "under a pipeline the first and last stages each hold it)",
+    )
     activation: str = _opt(
         "default",
         "activation; default: each preset's own (jaxmp.models.PRESETS: mlp uses gelu)",
@@ -284,6 +289,11 @@ def validate(cfg: Config) -> Config:
                 raise ConfigError(f"{flag} {value!r} is not one of {', '.join(choices)}.")
     for name in ("width", "hidden", "depth", "heads"):
         _positive(name, getattr(cfg.model, name))
+    if cfg.model.tie_embeddings and cfg.model.model_fn is not None:
+        raise ConfigError(
+            "--tie-embeddings applies to the presets; a model of your own ties a parameter by holding the same "
+            "nnx.Param in two parts (self.post = Head(table=self.pre.tokens))."
+        )
     if not 0.0 <= cfg.model.dropout < 1.0:
         raise ConfigError(f"--dropout must be in [0, 1), got {cfg.model.dropout}.")
     _positive("seq_len", cfg.data.seq_len)

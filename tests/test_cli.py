@@ -108,6 +108,8 @@ BAD_INPUTS = [
         + ["--seq-len", "30"],
         "--seq-len 30 is not divisible by 4, the devices of mesh axes tensor that split the tokens",
     ),
+    (["--tie-embeddings"], "--tie-embeddings applies to --model gpt, not mlp"),
+    (["--tie-embeddings", "--model-fn", "jaxmp.models:GPT"], "a model of your own ties a parameter by holding"),
 ]
 
 

@@ -21,7 +21,7 @@ from support import assert_same, single_device_mesh
 from jaxmp.config import Config, ConfigError
 from jaxmp.inspection.collectives import collectives
 from jaxmp.models.contract import apply_model, model_parts
-from jaxmp.models.layers import LayerContext, Stacked, scan_layers
+from jaxmp.models.layers import LayerContext, Stacked, dense, scan_layers
 from jaxmp.parallel.mesh import mesh_from_spec
 from jaxmp.parallel.rules import constrain
 from jaxmp.parallel.sharding import path_name
@@ -290,6 +290,7 @@ def test_a_vocabulary_that_tensor_does_not_divide_is_one_line():
 
 LM_RUN = ["--model", "gpt", "--dataset", "synthetic-text", "--seq-len", "16", "--width", "32", "--hidden", "64"]
 LM_RUN += ["--heads", "4", "--depth", "2", "--batch-size", "16", "--synthetic-size", "512", "--no-report"]
+LM_RUN += ["--tie-embeddings"]
 
 
 def _losses(path) -> tuple[dict, dict]:
@@ -298,8 +299,8 @@ def _losses(path) -> tuple[dict, dict]:
 
 
 def test_gpt_trains_resumes_on_another_mesh_and_writes_text(tmp_path, capsys):
-    """A pipelined run saved at step 3 resumes on a mesh without pipe, with FSDP, and continues the loss
-    trajectory of an uninterrupted run; evaluation reports perplexity, and the sample is printed."""
+    """A pipelined run with tied embeddings (the table on both end stages) saved at step 3 resumes on a
+    mesh without pipe, with FSDP, and continues the loss trajectory of an uninterrupted run; evaluation reports perplexity, and the sample is printed."""
     pipelined = ["--mesh", "data=2,tensor=2,pipe=2", "--microbatches", "2"]
     straight = tmp_path / "straight.jsonl"
     assert main([*LM_RUN, *pipelined, "--steps", "6", "--metrics-file", str(straight), "--sample-tokens", "40"]) == 0
@@ -316,13 +317,15 @@ def test_gpt_trains_resumes_on_another_mesh_and_writes_text(tmp_path, capsys):
     np.testing.assert_allclose(got_final["eval_loss"], want_final["eval_loss"], rtol=2e-5)
 
 
-def test_analyze_gives_the_transformer_closed_form_and_it_matches():
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_analyze_gives_the_transformer_closed_form_and_it_matches(tied):
     """``jaxmp.analyze``: ``4*L*b*T*D`` for the blocks, ``b*T*D`` for the embedding's lookup and for the
-    head's input gradient, ``3*b*T`` for the loss, against the compiled program's tensor all-reduces."""
+    head's input gradient, ``3*b*T`` for the loss, against the compiled program's tensor all-reduces
+    (tied: the lookup's term found through the head's table)."""
     from jaxmp.inspection.step_report import analyze_program
 
     spec, depth = "data=2,tensor=4", 3
-    cfg = gpt_config(mesh=spec, depth=depth)
+    cfg = gpt_config(mesh=spec, depth=depth, tie_embeddings=tied)
     report = analyze_program(cfg, build_program(cfg, mesh_from_spec(spec), (SEQ,), VOCAB, **TOKENS))
     (tensor,) = [r for r in report.rows if (r.kind, r.axes) == ("all-reduce", ("tensor",))]
     b, width = BATCH // 2, 32
@@ -436,3 +439,85 @@ def test_fit_takes_token_batches():
     )
     assert len(summary.losses) == 4 and summary.losses[-1] < summary.losses[0]
     assert np.isfinite(summary.eval_loss) and summary.eval_perplexity == pytest.approx(np.exp(summary.eval_loss))
+
+
+# ------------------------------------------------------------------------------------------ tied embeddings
+
+
+def _flat(tree) -> dict:
+    return {path_name(path): np.asarray(a) for path, a in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+@functools.cache
+def tied_run(spec: str | None, schedule: str = "1f1b"):
+    """A gpt whose head reuses the embedding table: the program, the loss and gradients of one batch,
+    and the parameters (saved form) after two train steps on it."""
+    pipelined = spec is not None and "pipe" in spec
+    cfg = gpt_config(tie_embeddings=True, depth=4)
+    if spec is not None:
+        cfg = cfg.replace(mesh=spec, microbatches=4 if pipelined else 1, schedule=schedule)
+    program = build_program(cfg, mesh_from_spec(spec) if spec else single_device_mesh(), (SEQ,), VOCAB, poison=pipelined, **TOKENS)
+    state = program.init()
+    batch = program.put_batch(*token_batch())
+    loss, grads = program.grad_step(state, *batch)
+    for _ in range(2):
+        state, _ = program.train_step(state, *batch)
+    return program, (float(loss), _flat(grads)), _flat(program.to_saved(state).params)
+
+
+@pytest.mark.parametrize(("spec", "schedule"), [("data=2,tensor=2,pipe=2", "1f1b"), ("data=4,pipe=2", "zb-v")])
+def test_tied_embeddings_train_like_one_device(spec, schedule):
+    """The table is used on the first stage (lookup) and the last (head); zb-v puts both on stage 0.
+    Its gradient is the sum over both uses, and after each update both stages read the new value: the
+    gradients and the parameters after two steps equal one device's."""
+    _, grads, params = tied_run(spec, schedule)
+    _, want_grads, want_params = tied_run(None)
+    assert_same(grads, want_grads)
+    assert_same((0.0, params), (0.0, want_params))
+
+
+def test_a_tied_table_is_stored_once_and_its_gradient_sums_both_uses():
+    """One parameter in the saved tree (where ``nnx.state`` puts it: ``post.table``), none at
+    ``pre.tokens``; its gradient is the lookup's plus the head's, each of them nonzero (negative
+    control: a gradient that dropped either use would differ)."""
+    program, (_, grads), _ = tied_run(None)
+    assert "post.table" in grads and "pre.tokens" not in grads and "post.kernel" not in grads
+    parts, params = model_parts(program.model), program.to_saved(program.init()).params
+    x, y = (jnp.asarray(a) for a in token_batch())
+
+    def loss_of_uses(uses):  # the loss with each use of the table as a separate input
+        return cross_entropy(apply_model(parts, uses, x, LayerContext()), jnp.maximum(y, 0)).mean()
+
+    per_use = jax.grad(loss_of_uses)(parts.with_ties(params))
+    lookup, head = np.asarray(per_use["pre"]["tokens"]), np.asarray(per_use["post"]["table"])
+    assert np.abs(lookup).max() > 1e-4 and np.abs(head).max() > 1e-4
+    tied = jax.grad(loss_of_uses)(params)["post"]["table"]
+    np.testing.assert_allclose(tied, lookup + head, rtol=1e-5, atol=1e-7)
+
+
+def test_a_tied_table_crosses_pipe_once_each_way_per_step():
+    """The alias's gradient goes to the stored copy, the new value comes back: two messages of the
+    table's tile ([V/t, D] per device) over ``pipe``, and nothing of the vocabulary's size gathered."""
+    program, _, _ = tied_run("data=2,tensor=2,pipe=2")
+    mesh = program.mesh
+    found = collectives(program.train_step.compiled.as_text(), mesh)
+    table = [c for c in found if c.kind == "collective-permute" and c.shape[-1] == VOCAB // 2 * 32]
+    assert sum(c.count for c in table) == 2, table
+    assert _gathers_of_vocab(program, mesh) == []
+
+
+def test_a_stacked_layer_cannot_share_a_parameter():
+    class Head(nnx.Module):
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __call__(self, h, ctx):
+            return h @ self.kernel[...][0]
+
+    class Tied(nnx.Module):
+        def __init__(self, rngs):
+            self.layers = nnx.List([Stacked(lambda r: dense(8, 8, (None, None), rngs=r), 2, rngs=rngs)])
+            self.post = Head(self.layers[0].layer.kernel)
+
+    with pytest.raises(ConfigError, match=r"post.kernel is the parameter layers.0.layer.kernel, and a Stacked"):
+        model_parts(Tied(nnx.Rngs(0)))

@@ -95,6 +95,7 @@ class _Context(NamedTuple):
     model: nnx.Module
     params: dict  # path name -> (global shape, spec, logical names)
     pipeline: object = None  # jaxmp.pipeline.Pipeline of a pipelined program
+    ties: tuple = ()  # (alias name, stored name) of each parameter two parts share
 
 
 def _axes(mesh: jax.sharding.Mesh, axes) -> tuple[str, ...]:
@@ -127,7 +128,8 @@ def _context(cfg: Config, program) -> _Context:
     ):
         names = tuple(var.get_metadata().get("out_sharding") or ())
         params[path_name(path)] = (tuple(var.get_value().shape), spec, names)
-    return _Context(cfg, program.mesh, program.rules, program.model, params, program.pipeline)
+    ties = tuple((".".join(map(str, a)), ".".join(map(str, b))) for a, b in model_parts(program.model).ties)
+    return _Context(cfg, program.mesh, program.rules, program.model, params, program.pipeline, ties)
 
 
 def _stage_buffer_terms(ctx: _Context) -> list[Expected]:
@@ -234,8 +236,10 @@ def _dense_runs(ctx: _Context) -> list[_Run] | None:
 
 
 def _layer_params(ctx: _Context, path: str) -> list[tuple]:
-    """``(spec, logical names)`` of every parameter of the part at ``path``."""
-    return [(spec, names) for name, (_, spec, names) in ctx.params.items() if name.startswith(path + ".")]
+    """``(spec, logical names)`` of every parameter of the part at ``path`` (tied ones included)."""
+    stored_as = dict(ctx.ties)
+    names = [name for name in (*ctx.params, *stored_as) if name.startswith(path + ".")]
+    return [ctx.params[stored_as.get(name, name)][1:] for name in names]
 
 
 def _is_conv(ctx: _Context, path: str) -> bool:

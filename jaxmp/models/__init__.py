@@ -42,6 +42,7 @@ class Preset(NamedTuple):
     options: tuple[str, ...] = ()  # the ModelConfig fields that shape it (recorded in checkpoints)
     check_mesh: Callable | None = None  # (cfg, mesh, rules, input_shape) -> None: ConfigError for a mesh it cannot use
     sequence_parallel: bool = False  # it names its residual stream's sequence axis "tokens" (--sequence-parallel)
+    ties_embeddings: bool = False  # its head can reuse its input embedding (--tie-embeddings)
 
 
 def _mlp(cfg: ModelConfig, input_shape, classes, activation, dtype, rngs) -> nnx.Module:
@@ -70,7 +71,8 @@ def _gpt(cfg: ModelConfig, input_shape, classes, activation, dtype, rngs) -> nnx
             "dataset (--dataset shakespeare or synthetic-text)."
         )
     sizes = dict(width=cfg.width, hidden=cfg.hidden, heads=cfg.heads, depth=cfg.depth)
-    return GPT(classes, input_shape[0], **sizes, activation=activation, dropout=cfg.dropout, rngs=rngs, dtype=dtype)
+    options = dict(activation=activation, dropout=cfg.dropout, tie_embeddings=cfg.tie_embeddings)
+    return GPT(classes, input_shape[0], **sizes, **options, rngs=rngs, dtype=dtype)
 
 
 def _gpt_mesh(cfg: ModelConfig, mesh, rules, input_shape) -> None:
@@ -85,7 +87,9 @@ PRESETS: dict[str, Preset] = {
     "mlp-1024": Preset(_mlp_1024, ("dp", "tp", "hybrid"), "relu"),
     "mnist-cnn": Preset(_mnist_cnn, ("dp", "tp", "hybrid"), "none"),
     "dense": Preset(_dense, ("dp", "column", "row"), "none"),
-    "gpt": Preset(_gpt, ("dp", "tp"), "gelu", ("width", "hidden", "depth", "heads", "dropout"), _gpt_mesh, True),
+    "gpt": Preset(
+        _gpt, ("dp", "tp"), "gelu", ("width", "hidden", "depth", "heads", "dropout", "tie_embeddings"), _gpt_mesh, True, True
+    ),
 }
 
 
@@ -96,11 +100,18 @@ def preset(cfg: ModelConfig) -> Preset:
     return PRESETS[cfg.model]
 
 
-def check_strategy(cfg: ModelConfig) -> None:
-    """Raise ``ConfigError`` when the model has no such strategy."""
+def check_preset(cfg: ModelConfig) -> None:
+    """Raise ``ConfigError`` when the preset has no such strategy, or an option does not apply to it."""
     allowed = preset(cfg).strategies
     if cfg.strategy not in allowed:
         raise ConfigError(f"--strategy {cfg.strategy} does not apply to --model {cfg.model}; use {', '.join(allowed)}.")
+    if cfg.sequence_parallel and not preset(cfg).sequence_parallel:
+        raise ConfigError(f"--sequence-parallel applies to --model gpt, not {cfg.model}.")
+    if cfg.tie_embeddings and not preset(cfg).ties_embeddings:
+        raise ConfigError(
+            f"--tie-embeddings applies to --model gpt, not {cfg.model}: its head's weight [width, classes] is not "
+            "the transpose of an input embedding."
+        )
 
 
 def activation_of(cfg: ModelConfig) -> str:
@@ -111,8 +122,6 @@ def activation_of(cfg: ModelConfig) -> str:
 def check_mesh(cfg: ModelConfig, mesh, rules, input_shape: tuple[int, ...]) -> None:
     """Raise ``ConfigError`` when the preset cannot be split over ``mesh`` as ``rules`` ask (its own
     check: e.g. gpt's heads over ``tensor``); parameter shapes are checked for every model anyway."""
-    if cfg.sequence_parallel and not preset(cfg).sequence_parallel:
-        raise ConfigError(f"--sequence-parallel applies to --model gpt, not {cfg.model}.")
     own_check = preset(cfg).check_mesh
     if own_check is not None:
         own_check(cfg, mesh, rules, input_shape)
@@ -124,5 +133,5 @@ def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], classes: int, rn
     Raises:
       ConfigError: unknown model or strategy, or inputs the model cannot take.
     """
-    check_strategy(cfg)
+    check_preset(cfg)
     return preset(cfg).build(cfg, input_shape, classes, activation_of(cfg), COMPUTE_DTYPES[cfg.dtype], rngs)

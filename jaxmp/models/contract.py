@@ -12,6 +12,10 @@ Every part is an ``nnx.Module`` called as ``part(h, ctx)`` (``ctx``: :class:`Lay
 flag, the dropout key and the global example ids). A :class:`Stacked` layer counts as ``depth`` layers
 when the pipeline splits the model. Every parameter lives in ``pre``, ``layers`` or ``post``.
 
+Tied parameters: two parts may hold the same ``nnx.Param`` object (a head that reuses the embedding
+table: ``self.post = Head(table=self.pre.tokens)``). It is stored once, where ``nnx.state`` puts it;
+its other uses are *aliases* (:attr:`ModelParts.ties`), and its gradient is the sum over every use.
+
 Why a list and not a ``__call__``: the pipeline must cut the model between layers, give each stage the
 parameters of its layers only, and re-run one chunk of layers at a time for the backward pass. A list
 says where the cuts may go; the layer count comes from the list, with no dispatch by index.
@@ -46,6 +50,7 @@ class ModelParts(NamedTuple):
     pre: Part | None
     layers: list[Part]
     post: Part | None
+    ties: tuple[tuple[tuple, tuple], ...] = ()  # (alias key, stored key) of each parameter two parts share
 
     @property
     def units(self) -> list[tuple[int, int]]:
@@ -58,6 +63,21 @@ class ModelParts(NamedTuple):
 
     def unit_names(self) -> list[str]:
         return [self.layers[i].name + (f"[{k}]" if self.layers[i].depth else "") for i, k in self.units]
+
+    def with_ties(self, tree: dict) -> dict:
+        """``tree`` (parameters, shapes or specs, as saved) with each tied parameter also at its aliases,
+        so that every part finds all of its parameters under its own key (an alias already there is kept:
+        the tool to tell the uses' gradients apart)."""
+        for alias, stored in self.ties:
+            if not _has_leaf(tree, alias):
+                tree = _with_leaf(tree, alias, sub_params(tree, stored))
+        return tree
+
+    def without_ties(self, tree: dict) -> dict:
+        """The inverse of :meth:`with_ties`: the aliases dropped (the saved form)."""
+        for alias, _ in self.ties:
+            tree = _without_leaf(tree, alias)
+        return tree
 
 
 def model_parts(model: nnx.Module) -> ModelParts:
@@ -84,7 +104,37 @@ def model_parts(model: nnx.Module) -> ModelParts:
         _part(post, "post", ("post",), name) if post is not None else None,
     )
     _check_every_param_in_a_part(model, name)
-    return result
+    return result._replace(ties=_ties(model, result, name))
+
+
+def _ties(model: nnx.Module, parts: ModelParts, model_name: str) -> tuple[tuple[tuple, tuple], ...]:
+    """``(alias key, stored key)`` of every parameter a part holds under a key other than its stored one."""
+    stored = {id(v): path for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    stacks = [part.key for part in parts.layers if part.depth is not None]
+
+    def in_stack(key: tuple) -> bool:
+        return any(key[: len(stack)] == stack for stack in stacks)
+
+    ties = []
+    for part in parts.parts():
+        for path, variable in nnx.to_flat_state(nnx.state(sub_module(model, part.key), nnx.Param)):
+            alias, key = (*part.key, *path), stored[id(variable)]
+            if alias == key:
+                continue
+            if in_stack(alias) or in_stack(key):
+                raise ConfigError(
+                    f"model {model_name}: {'.'.join(map(str, alias))} is the parameter {'.'.join(map(str, key))}, "
+                    "and a Stacked layer holds it; each layer of a stack needs its own (tie outside stacks)."
+                )
+            ties.append((alias, key))
+    return tuple(ties)
+
+
+def sub_module(model: nnx.Module, key: tuple) -> nnx.Module:
+    """The module at ``key`` (a part's key: ``("layers", 2)``, ``("layers", 0, "layer")``)."""
+    for k in key:
+        model = model[k] if isinstance(k, int) else getattr(model, k)
+    return model
 
 
 def _part(module, part_name: str, key: tuple, model_name: str) -> Part:
@@ -145,12 +195,40 @@ def apply_part(
 
 
 def apply_model(parts: ModelParts, params: dict, x: jax.Array, ctx: LayerContext) -> jax.Array:
-    """The model as one function: ``post(layers(pre(x)))``, layer after layer."""
-    h = x
+    """The model as one function: ``post(layers(pre(x)))``, layer after layer (a tied parameter read by
+    each of its parts, so its gradient sums over them)."""
+    params, h = parts.with_ties(params), x
     for part in (parts.pre, *parts.layers, parts.post):
         if part is not None:
             h = apply_part(part, sub_params(params, part.key), h, ctx)
     return h
+
+
+def _has_leaf(tree: dict, key: tuple) -> bool:
+    for k in key:
+        if not isinstance(tree, dict) or k not in tree:
+            return False
+        tree = tree[k]
+    return True
+
+
+def _with_leaf(tree: dict, key: tuple, value) -> dict:
+    """A copy of ``tree`` with ``value`` at ``key`` (the dicts on the way copied, ``tree`` untouched)."""
+    head, *rest = key
+    inner = _with_leaf(tree.get(head, {}), tuple(rest), value) if rest else value
+    return {**tree, head: inner}
+
+
+def _without_leaf(tree: dict, key: tuple) -> dict:
+    """A copy of ``tree`` without the leaf at ``key``, and without the dicts that leaves empty."""
+    head, *rest = key
+    out = dict(tree)
+    inner = _without_leaf(tree[head], tuple(rest)) if rest else {}
+    if inner:
+        out[head] = inner
+    else:
+        del out[head]
+    return out
 
 
 def part_bytes(params: dict, part: Part, stack_len: int | None = None) -> int:

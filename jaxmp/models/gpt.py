@@ -149,24 +149,33 @@ class Block(nnx.Module):
 
 
 class LMHead(nnx.Module):
-    """Final norm and the vocabulary projection: logits ``[B, T, V]``, split over the vocabulary."""
+    """Final norm and the vocabulary projection: logits ``[B, T, V]``, split over the vocabulary.
 
-    def __init__(self, width: int, vocab: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    With ``table`` (the embedding's ``[V, D]`` parameter itself, not a copy) the projection is its
+    transpose: tied embeddings (Press & Wolf 2017, GPT-2), one parameter whose gradient sums both uses."""
+
+    def __init__(self, width: int, vocab: int, *, table: nnx.Param | None = None, rngs: nnx.Rngs, dtype=jnp.float32):
         self.norm = layer_norm(width, rngs=rngs, dtype=dtype)
-        self.kernel = _param(rngs, (width, vocab), ("embed", "vocab"))
+        if table is None:
+            self.kernel = _param(rngs, (width, vocab), ("embed", "vocab"))
+        else:
+            self.table = table
         self.dtype = dtype
 
     def __call__(self, h_BxTxD: jax.Array, ctx: LayerContext | None = None) -> jax.Array:
         with jax.numpy_dtype_promotion("standard"):
-            normed_BxTxD = self.norm(h_BxTxD)
-        logits_BxTxV = jnp.einsum("btd,dv->btv", normed_BxTxD.astype(self.dtype), self.kernel[...].astype(self.dtype))
+            normed_BxTxD = self.norm(h_BxTxD).astype(self.dtype)
+        if hasattr(self, "table"):
+            logits_BxTxV = jnp.einsum("btd,vd->btv", normed_BxTxD, self.table[...].astype(self.dtype))
+        else:
+            logits_BxTxV = jnp.einsum("btd,dv->btv", normed_BxTxD, self.kernel[...].astype(self.dtype))
         return constrain(logits_BxTxV, ("batch", "seq", "vocab"))
 
 
 class GPT(nnx.Module):
     """``pre``: token and position embedding; ``layers``: ``depth`` blocks (one :class:`Stacked`);
-    ``post``: final norm and LM head. Learned positions (GPT-2), not RoPE: ``seq_len`` is the longest
-    window the model reads."""
+    ``post``: final norm and LM head, which with ``tie_embeddings`` reuses the token table. Learned
+    positions (GPT-2), not RoPE: ``seq_len`` is the longest window the model reads."""
 
     BOUNDARY_NAMES = TOKENS  # between pipeline stages the residual stream keeps its layout (split by tokens under SP)
 
@@ -181,6 +190,7 @@ class GPT(nnx.Module):
         depth: int,
         activation: str = "gelu",
         dropout: float = 0.0,
+        tie_embeddings: bool = False,
         rngs: nnx.Rngs,
         dtype=jnp.float32,
     ):
@@ -196,7 +206,8 @@ class GPT(nnx.Module):
                 )
             ]
         )
-        self.post = LMHead(width, vocab, rngs=rngs, dtype=dtype)
+        table = self.pre.tokens if tie_embeddings else None
+        self.post = LMHead(width, vocab, table=table, rngs=rngs, dtype=dtype)
 
 
 def check_split(flag: str, size: int, mesh_shape: dict, axes: tuple[str, ...], what: str) -> None:

@@ -149,6 +149,7 @@ def build_pipeline(
       ConfigError: the split, placement or micro-batches do not fit the model, mesh or batch.
     """
     stages = mesh.shape["pipe"]
+    abstract = parts.with_ties(abstract)  # each part's parameters under its own key (a tied one too)
     costs = unit_costs(cfg.stage_split, parts, abstract, x_struct)
     bounds, chunk_stage = chunk_layout(cfg, len(parts.units), stages, costs)
     check_microbatches(cfg, x_struct.shape[0], axis_size(mesh, batch_axes))

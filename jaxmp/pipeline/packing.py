@@ -20,6 +20,14 @@ gradient in the layer tree (:meth:`shared_params`, :class:`GradSums`); the other
 
 The model's own layer order (the pure-dict tree of ``nnx.state``) stays the saved form: :meth:`pack`
 and :meth:`unpack` convert, so checkpoints do not depend on the split, the placement or the mesh.
+
+Tied parameters (one ``nnx.Param`` used by two parts: an LM head that reuses the embedding table) are
+stored once in the saved form, but each stage that uses one needs it on its own devices: its alias gets
+a slot of its own (on the first stage, when the head is on the last). After the executor,
+:meth:`fold_tied_grads` adds each alias's gradient into the stored copy's and zeroes it, so the optimizer
+sees the parameter once, with the sum over its uses; after the update, :meth:`sync_tied` copies the
+stored value over the alias. Each moves one parameter-sized message per step between the two stages
+(Megatron's embedding all-reduce moves the same); the alias's optimizer moments are wasted memory.
 """
 
 from __future__ import annotations
@@ -119,6 +127,7 @@ class Packing:
 
     def __init__(self, parts: ModelParts, abstract, specs, bounds, chunk_stage, mesh):
         self.parts, self.stages, self.mesh = parts, mesh.shape["pipe"], mesh
+        abstract, specs = parts.with_ties(abstract), parts.with_ties(specs)
         self.chunk_stage = tuple(chunk_stage)
         last = len(bounds) - 1
         pieces_of = [
@@ -155,6 +164,17 @@ class Packing:
             for name, (dtype, axes) in sorted(kinds.items())
         }
         self._stage_elements = used
+        self.tied = [self._tied_copy(alias, stored) for alias, stored in parts.ties]
+
+    def _tied_copy(self, alias: tuple, stored: tuple) -> TiedCopy:
+        where = {}
+        for chunk in self.chunks:
+            for slot in chunk.slots:
+                where[(*chunk.pieces[slot.piece].part.key, *slot.path)] = (chunk.stage, slot)
+        (alias_stage, alias_slot), (stored_stage, stored_slot) = where[alias], where[stored]
+        return TiedCopy(
+            stored_slot.buffer, stored_slot.tile.size, (stored_stage, stored_slot.offset), (alias_stage, alias_slot.offset)
+        )
 
     @staticmethod
     def _place(piece: Piece, index: int, abstract, specs, mesh, offsets: dict, kinds: dict) -> list[Slot]:
@@ -180,6 +200,7 @@ class Packing:
 
     def pack(self, params) -> dict[str, jax.Array]:
         """Layer-order parameters -> per-stage buffers (under jit: out_shardings place them)."""
+        params = self.parts.with_ties(params)
         pieces: dict[tuple[int, str], list[tuple[int, jax.Array]]] = {}
         for chunk in self.chunks:
             for slot in chunk.slots:
@@ -210,7 +231,44 @@ class Packing:
             runs.sort(key=lambda run: run[0])
             value = runs[0][1] if len(runs) == 1 else jnp.concatenate([a for _, a in runs])
             _set(tree, key, value)
-        return tree
+        return self.parts.without_ties(tree)
+
+    def fold_tied_grads(self, grads: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        """Each alias's gradient added into its stored parameter's, and zeroed: the optimizer sees a
+        tied parameter once, with the sum over its uses (a global norm counts it once)."""
+        return self._move_tied(grads, fold=True)
+
+    def sync_tied(self, buffers: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        """Each alias set to its stored parameter's value (after an update: every use reads the same)."""
+        return self._move_tied(buffers, fold=False)
+
+    def _move_tied(self, buffers: dict[str, jax.Array], *, fold: bool) -> dict[str, jax.Array]:
+        """Per tied parameter: one region sent between its two stages (alias -> stored to fold,
+        stored -> alias to sync), inside a ``shard_map`` over ``pipe``: one message of the parameter's
+        size per tile, never a gather of the buffers."""
+        if not self.tied:
+            return buffers
+
+        def body(local: dict) -> dict:
+            stage, out = jax.lax.axis_index("pipe"), dict(local)
+            for copy in self.tied:
+                (src_stage, src), (dst_stage, dst) = (copy.alias, copy.stored) if fold else (copy.stored, copy.alias)
+                value = out[copy.buffer]
+                sent = jax.lax.slice_in_dim(value, src, src + copy.size, axis=-1)
+                if src_stage != dst_stage:
+                    sent = jax.lax.ppermute(sent, "pipe", [(src_stage, dst_stage)])
+                old = jax.lax.slice_in_dim(value, dst, dst + copy.size, axis=-1)
+                new = jnp.where(stage == dst_stage, old + sent if fold else sent, old)
+                value = jax.lax.dynamic_update_slice_in_dim(value, new, dst, axis=-1)
+                if fold:
+                    old = jax.lax.slice_in_dim(value, src, src + copy.size, axis=-1)
+                    new = jnp.where(stage == src_stage, jnp.zeros_like(old), old)
+                    value = jax.lax.dynamic_update_slice_in_dim(value, new, src, axis=-1)
+                out[copy.buffer] = value
+            return out
+
+        specs = {name: P("pipe") for name in buffers}
+        return jax.shard_map(body, mesh=self.mesh, in_specs=(specs,), out_specs=specs, axis_names={"pipe"})(buffers)
 
     def shared_params(self, local, manual: frozenset[str]) -> dict:
         """Inside the executor: the shared pieces' parameters (signature -> tree), unpacked once per step.
@@ -305,6 +363,15 @@ class Packing:
             stored = sum(b.size * b.dtype.itemsize for b in self.buffers.values())
             rows.append({"stage": s, "chunks": chunks, "layers": " | ".join(layers), "bytes": used, "stored": stored})
         return rows
+
+
+class TiedCopy(NamedTuple):
+    """Where a tied parameter's stored copy and its alias sit: ``(stage, offset)`` each, one buffer."""
+
+    buffer: str
+    size: int  # elements per device
+    stored: tuple[int, int]
+    alias: tuple[int, int]
 
 
 class GradSums(NamedTuple):

@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 import jax
 
 from jaxmp.config import Config, ConfigError, RunStopped, validate
-from jaxmp.models import check_strategy
+from jaxmp.models import check_preset
 from jaxmp.models.contract import own_model_fn
 from jaxmp.parallel.mesh import MeshShape, as_mesh, mesh_from_spec, simulate_cpu_devices
 from jaxmp.parallel.sharding import print_sharding_report
@@ -175,7 +175,7 @@ def prepare(cfg: Config, own: Own = PRESETS) -> Setup:
     validate(cfg)
     own = own._replace(model_fn=own_model_fn(cfg, own.model_fn))
     if own.model_fn is None:
-        check_strategy(cfg.model)
+        check_preset(cfg.model)
     check_metrics_path(cfg.run.metrics_file)
     check_tensorboard(cfg.run.tensorboard_dir)
     check_plot_path(cfg.run.schedule_plot)

@@ -27,7 +27,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxmp.config import Config, ConfigError, OptimConfig, first_line, validate
-from jaxmp.models import build_model, check_mesh, check_strategy
+from jaxmp.models import build_model, check_mesh, check_preset
 from jaxmp.models.contract import ModelParts, apply_model, model_parts
 from jaxmp.models.layers import LayerContext
 from jaxmp.parallel.mesh import as_mesh
@@ -343,7 +343,7 @@ def build_program(
     tx = make_optimizer(cfg.optim) if optimizer is None else optimizer
     check_optimizer(tx)
     if model_fn is None:
-        check_strategy(cfg.model)
+        check_preset(cfg.model)
         check_mesh(cfg.model, mesh, rules, tuple(input_shape))
 
         def model_fn(rngs):
@@ -378,6 +378,8 @@ def build_program(
         with jax.numpy_dtype_promotion("standard"):  # optax relies on implicit promotion (b1 ** count)
             updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        if layout.pipeline is not None:
+            params = layout.pipeline.packing.sync_tied(params)  # a tied parameter's uses read its new value
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}  # finite both => params stay finite
         return TrainState(params, opt_state, state.step + 1, state.key), metrics
 
@@ -418,7 +420,7 @@ def _objectives(layout: _Layout, head: Heads):
     def loss_and_grad(params, x, y, key):
         data = [split_microbatches(a, microbatches) for a in (x, y, label_weights(y))]
         sums, grads = run_pipeline(pipeline.train, params, *data, key, head.train, train=True)
-        return sums["loss"], grads
+        return sums["loss"], pipeline.packing.fold_tied_grads(grads)
 
     def evaluate(params, x, y, mask):
         data = [split_microbatches(a, pipeline.eval.schedule.microbatches) for a in (x, y, mask)]
