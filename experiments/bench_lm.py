@@ -9,13 +9,18 @@ a. **Overhead of jaxmp on one device**: jaxmp's compiled train step (``build_pro
 b. **Pipeline**: ``pipe=4`` on 4 simulated CPU devices, M=8 micro-batches, 1F1B (and the other
    schedules with ``--schedules``), over jaxmp's plain one-device step, in the same process (the same
    threads), with tokens per second.
+c. **The peer**, with ``--torch-python``: torch.distributed.pipelining's corresponding schedule on the
+   same transformer written in PyTorch (``torch_pipeline_peer.py --model gpt``: 4 gloo ranks, the
+   machine's threads split among them) over torch's own plain step, after jaxmp's rounds on the same
+   machine. PyTorch is an optional benchmark dependency, never one of jaxmp's: ``python3 -m venv
+   /tmp/torchenv && /tmp/torchenv/bin/pip install torch numpy``.
 
 Rounds interleave the variants; each variant's figure is its median round. The first losses of all
 variants are checked equal (same parameters, same batch) before anything is timed.
 
 Run (a few minutes on 2 CPU cores)::
 
-    .venv/bin/python experiments/bench_lm.py --out experiments/results
+    .venv/bin/python experiments/bench_lm.py --torch-python /tmp/torchenv/bin/python --out experiments/results
 """
 
 from __future__ import annotations
@@ -24,8 +29,11 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import time
 from pathlib import Path
+
+from bench_schedules import PEERS
 
 
 def parse_args() -> argparse.Namespace:
@@ -37,6 +45,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--schedules", default="1f1b")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=3, help="steps per round")
+    parser.add_argument("--torch-python", help="a Python with torch installed: adds the peer's table")
     parser.add_argument("--out", default=None, help="folder for lm_step.md and lm_step.json")
     return parser.parse_args()
 
@@ -158,6 +167,37 @@ def measure(args) -> dict[str, float]:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def torch_times(args) -> dict[str, float] | None:
+    """torch's plain step and its schedules' steps on the same transformer (median seconds), or None."""
+    if not args.torch_python:
+        return None
+    script = Path(__file__).with_name("torch_pipeline_peer.py")
+    flags = ["--model", "gpt", "--width", args.width, "--hidden", args.hidden, "--heads", args.heads]
+    flags += ["--depth", args.depth, "--seq", args.seq, "--batch", args.batch, "--classes", args.vocab]
+    flags += ["--ranks", args.stages, "--microbatches", args.microbatches, "--threads", os.cpu_count()]
+    flags += ["--steps", args.rounds * args.steps, "--schedules", ",".join(PEERS[s] for s in args.schedules.split(","))]
+    out = subprocess.run([args.torch_python, str(script), *map(str, flags)], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def peer_report(args, medians: dict[str, float], peer: dict[str, float]) -> str:
+    lines = [
+        f"torch.distributed.pipelining on the same transformer ({args.stages} gloo ranks, {os.cpu_count()} threads "
+        f"in all), torch plain step {1e3 * peer['plain']:.1f} ms against jaxmp plain "
+        f"{1e3 * medians['jaxmp plain']:.1f} ms:",
+        "",
+        "| schedule | jaxmp ms | / jaxmp plain | torch schedule | torch ms | / torch plain |",
+        "|---|---|---|---|---|---|",
+    ]
+    for schedule in args.schedules.split(","):
+        ours, theirs = medians[f"jaxmp pipe={args.stages} {schedule}"], peer[PEERS[schedule]]
+        lines.append(
+            f"| {schedule} | {1e3 * ours:.1f} | {ours / medians['jaxmp plain']:.3f} | {PEERS[schedule]} "
+            f"| {1e3 * theirs:.1f} | {theirs / peer['plain']:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def report(args, medians: dict[str, float]) -> str:
     plain, hand = medians["jaxmp plain"], medians["hand-written jit + optax"]
     tokens = args.batch * args.seq
@@ -183,13 +223,15 @@ def main() -> None:
 
     simulate_cpu_devices(args.stages)
     medians = measure(args)
-    text = report(args, medians)
+    peer = torch_times(args)
+    text = report(args, medians) + ("\n" + peer_report(args, medians, peer) if peer else "")
     print(text)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "lm_step.md").write_text(text)
-        (out / "lm_step.json").write_text(json.dumps({"args": vars(args), "median_s": medians}, indent=2))
+        record = {"args": vars(args), "median_s": medians, "torch_median_s": peer}
+        (out / "lm_step.json").write_text(json.dumps(record, indent=2))
 
 
 if __name__ == "__main__":

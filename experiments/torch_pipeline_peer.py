@@ -1,7 +1,11 @@
-"""The peer of ``bench_schedules.py``: torch.distributed.pipelining on the same model and machine.
+"""The peer of ``bench_schedules.py`` and ``bench_lm.py``: torch.distributed.pipelining on the same model
+and machine.
 
-The model is jaxmp's ``mlp`` written in PyTorch: ``Linear(F, D)``, ``depth`` pre-norm residual blocks
-``x + down(gelu(up(LayerNorm(x))))``, ``Linear(D, classes)``, mean cross-entropy, Adam. Ranks are CPU
+``--model mlp`` is jaxmp's ``mlp`` written in PyTorch: ``Linear(F, D)``, ``depth`` pre-norm residual
+blocks ``x + down(gelu(up(LayerNorm(x))))``, ``Linear(D, classes)``, mean cross-entropy, Adam.
+``--model gpt`` is jaxmp's ``gpt``: token and learned position embeddings, ``depth`` pre-norm blocks
+(causal attention through ``scaled_dot_product_attention`` with one fused QKV projection, then the
+GELU MLP), a final LayerNorm and the head, cross-entropy per token over random token ids. Ranks are CPU
 processes on gloo, one pipeline stage each (two for the interleaved and zero-bubble schedules, in a V
 for ZBV); each
 rank uses ``threads // ranks`` intra-op threads, the one-process plain step all ``threads``.
@@ -45,18 +49,48 @@ class Block(nn.Module):
         return x + self.down(torch.nn.functional.gelu(self.up(self.norm(x))))
 
 
+class Embedding(nn.Module):
+    def __init__(self, vocab: int, seq: int, width: int):
+        super().__init__()
+        self.tokens, self.positions = nn.Embedding(vocab, width), nn.Parameter(torch.randn(seq, width) * 0.02)
+
+    def forward(self, ids):
+        return self.tokens(ids) + self.positions[: ids.shape[1]]
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, width: int, hidden: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.attention_norm, self.qkv, self.out = nn.LayerNorm(width), nn.Linear(width, 3 * width), nn.Linear(width, width)
+        self.mlp = Block(width, hidden)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.attention_norm(x)).view(b, t, 3, self.heads, d // self.heads).unbind(2)
+        o = nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        return self.mlp(x + self.out(o.transpose(1, 2).reshape(b, t, d)))
+
+
 def layers(args) -> list[nn.Module]:
     torch.manual_seed(0)
+    if args.model == "gpt":
+        blocks = [TransformerBlock(args.width, args.hidden, args.heads) for _ in range(args.depth)]
+        head = nn.Sequential(nn.LayerNorm(args.width), nn.Linear(args.width, args.classes, bias=False))
+        return [Embedding(args.classes, args.seq, args.width), *blocks, head]
     blocks = [Block(args.width, args.hidden) for _ in range(args.depth)]
     return [nn.Linear(args.features, args.width), *blocks, nn.Linear(args.width, args.classes)]
 
 
 def loss_fn(logits, labels):
-    return nn.functional.cross_entropy(logits, labels)
+    return nn.functional.cross_entropy(logits.flatten(0, -2), labels.flatten())
 
 
 def batch(args):
     g = torch.Generator().manual_seed(0)
+    if args.model == "gpt":
+        ids = torch.randint(0, args.classes, (args.batch, args.seq + 1), generator=g)
+        return ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
     x = torch.randn(args.batch, args.features, generator=g)
     return x, torch.randint(0, args.classes, (args.batch,), generator=g)
 
@@ -149,7 +183,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     for flag, default in (("width", 512), ("hidden", 2048), ("depth", 8), ("batch", 1024), ("features", 784)):
         p.add_argument(f"--{flag}", type=int, default=default)
-    p.add_argument("--classes", type=int, default=10)
+    p.add_argument("--model", choices=("mlp", "gpt"), default="mlp")
+    p.add_argument("--classes", type=int, default=10, help="classes, or the vocabulary of --model gpt")
+    p.add_argument("--seq", type=int, default=64, help="--model gpt: tokens per window")
+    p.add_argument("--heads", type=int, default=4, help="--model gpt: attention heads")
     p.add_argument("--ranks", type=int, default=4)
     p.add_argument("--microbatches", type=int, default=8)
     p.add_argument("--threads", type=int, default=os.cpu_count())
