@@ -62,13 +62,19 @@ class TransformerBlock(nn.Module):
     def __init__(self, width: int, hidden: int, heads: int):
         super().__init__()
         self.heads = heads
-        self.attention_norm, self.qkv, self.out = nn.LayerNorm(width), nn.Linear(width, 3 * width), nn.Linear(width, width)
+        self.attention_norm, self.qkv, self.out = (
+            nn.LayerNorm(width),
+            nn.Linear(width, 3 * width),
+            nn.Linear(width, width),
+        )
         self.mlp = Block(width, hidden)
 
     def forward(self, x):
         b, t, d = x.shape
         q, k, v = self.qkv(self.attention_norm(x)).view(b, t, 3, self.heads, d // self.heads).unbind(2)
-        o = nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        o = nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
+        )
         return self.mlp(x + self.out(o.transpose(1, 2).reshape(b, t, d)))
 
 

@@ -300,7 +300,8 @@ def _losses(path) -> tuple[dict, dict]:
 
 def test_gpt_trains_resumes_on_another_mesh_and_writes_text(tmp_path, capsys):
     """A pipelined run with tied embeddings (the table on both end stages) saved at step 3 resumes on a
-    mesh without pipe, with FSDP, and continues the loss trajectory of an uninterrupted run; evaluation reports perplexity, and the sample is printed."""
+    mesh without pipe, with FSDP, and continues the loss trajectory of an uninterrupted run; evaluation
+    reports perplexity, and the sample is printed."""
     pipelined = ["--mesh", "data=2,tensor=2,pipe=2", "--microbatches", "2"]
     straight = tmp_path / "straight.jsonl"
     assert main([*LM_RUN, *pipelined, "--steps", "6", "--metrics-file", str(straight), "--sample-tokens", "40"]) == 0
@@ -456,7 +457,9 @@ def tied_run(spec: str | None, schedule: str = "1f1b"):
     cfg = gpt_config(tie_embeddings=True, depth=4)
     if spec is not None:
         cfg = cfg.replace(mesh=spec, microbatches=4 if pipelined else 1, schedule=schedule)
-    program = build_program(cfg, mesh_from_spec(spec) if spec else single_device_mesh(), (SEQ,), VOCAB, poison=pipelined, **TOKENS)
+    program = build_program(
+        cfg, mesh_from_spec(spec) if spec else single_device_mesh(), (SEQ,), VOCAB, poison=pipelined, **TOKENS
+    )
     state = program.init()
     batch = program.put_batch(*token_batch())
     loss, grads = program.grad_step(state, *batch)

@@ -88,7 +88,13 @@ PRESETS: dict[str, Preset] = {
     "mnist-cnn": Preset(_mnist_cnn, ("dp", "tp", "hybrid"), "none"),
     "dense": Preset(_dense, ("dp", "column", "row"), "none"),
     "gpt": Preset(
-        _gpt, ("dp", "tp"), "gelu", ("width", "hidden", "depth", "heads", "dropout", "tie_embeddings"), _gpt_mesh, True, True
+        _gpt,
+        ("dp", "tp"),
+        "gelu",
+        ("width", "hidden", "depth", "heads", "dropout", "tie_embeddings"),
+        _gpt_mesh,
+        True,
+        True,
     ),
 }
 

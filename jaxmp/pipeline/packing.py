@@ -173,7 +173,10 @@ class Packing:
                 where[(*chunk.pieces[slot.piece].part.key, *slot.path)] = (chunk.stage, slot)
         (alias_stage, alias_slot), (stored_stage, stored_slot) = where[alias], where[stored]
         return TiedCopy(
-            stored_slot.buffer, stored_slot.tile.size, (stored_stage, stored_slot.offset), (alias_stage, alias_slot.offset)
+            stored_slot.buffer,
+            stored_slot.tile.size,
+            (stored_stage, stored_slot.offset),
+            (alias_stage, alias_slot.offset),
         )
 
     @staticmethod
