@@ -37,14 +37,19 @@ def fixed_batches(steps: int, batch: int, seed: int = 0) -> tuple[np.ndarray, np
 OWN = "own"  # the README's example model (not a preset), in place of a preset name
 
 
-@functools.cache
-def readme_model_class():
-    """``MyModel`` from the README's "Your own model" section: the documented code is the tested code."""
+def readme_model_source() -> str:
+    """The first code block of the README's "Your own model" section: ``MyModel`` and ``digits_model``."""
     text = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
     section = text[text.index("## Your own model") :]
     code = section[section.index("```python\n") + len("```python\n") :]
+    return code[: code.index("\n```")] + "\n"
+
+
+@functools.cache
+def readme_model_class():
+    """``MyModel`` from the README's "Your own model" section: the documented code is the tested code."""
     namespace: dict = {}
-    exec(code[: code.index("\n```")], namespace)  # noqa: S102 (our own README)
+    exec(readme_model_source(), namespace)  # noqa: S102 (our own README)
     return namespace["MyModel"]
 
 

@@ -8,7 +8,7 @@ import json
 import os
 
 import pytest
-from support import assert_one_line_error, run_module
+from support import assert_one_line_error, readme_model_source, run_module
 
 import jaxmp.training.loop
 from jaxmp.train import main
@@ -40,7 +40,7 @@ def corrupt_idx_dir(tmp_path):
 
 
 BAD_INPUTS = [
-    (["--mesh", "data=3"], "needs 3 devices but 8 are available"),
+    (["--mesh", "data=16"], "needs 16 devices but 8 are available"),
     (["--mesh", "data=2,foo=4"], "'foo=4' is not AXIS=SIZE"),
     (["--mesh", "data=-1,tensor=-1"], "only one axis to -1"),
     (["--mesh", "data=0,tensor=8"], "size 0 for data must be positive"),
@@ -57,13 +57,13 @@ BAD_INPUTS = [
         "cannot run this",
     ),
     (["--schedule-plot", "plot.txt"], "--schedule-plot plot.txt must end in .png"),
-    (["--schedule-plot", "/no/such/folder/s.png"], "folder /no/such/folder does not exist"),
+    (["--schedule-plot", "/dev/null/s.png"], "--schedule-plot /dev/null/s.png: /dev/null is a file; give a folder"),
     (["--schedule-plot", "s.png"], "--schedule-plot needs a pipelined run"),
     (["--remat", "some"], "--remat 'some' is not one of"),
     (["--weight-pass", "keep"], "--weight-pass 'keep' is not one of recompute, stash"),
     (["--mesh", "data=4,pipe=2", "--weight-pass", "stash"], "--weight-pass stash needs a schedule with W actions"),
     (["--repeats", "0"], "--repeats must be positive"),
-    (["--cpu-devices", "4"], "came too late"),
+    (["--cpu-devices", "16"], "--cpu-devices 16 came too late: JAX already started with 8 devices"),
     (["--model", "resnet"], "--model 'resnet' is not one of mlp, mlp-1024"),
     (["--dataset", "imagenet"], "--dataset 'imagenet' is not one of"),
     (["--strategy", "column"], "--strategy column does not apply to --model mlp"),
@@ -131,10 +131,24 @@ def test_corrupt_data_file_is_named(tmp_path, metrics, capsys):
     assert metrics.read_text() == PRECIOUS
 
 
-@pytest.mark.parametrize("target", ["missing-dir/m.jsonl", "."])
+@pytest.mark.parametrize("target", ["a-file/m.jsonl", "."])
 def test_unwritable_metrics_path(tmp_path, target, capsys):
+    (tmp_path / "a-file").write_text("")
     assert exit_code(["--metrics-file", str(tmp_path / target)]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_output_folders_are_made_as_needed(tmp_path):
+    """Paths in folders that do not exist yet pass the checks (nothing is made until the run writes);
+    the README's commands and ``fit`` block then write into such folders (``tests/test_readme.py``)."""
+    from jaxmp.pipeline.plot import check_plot_path
+    from jaxmp.training.metrics import check_metrics_path, make_parent
+
+    nested = tmp_path / "runs" / "a" / "m.jsonl"
+    check_metrics_path(str(nested))
+    check_plot_path(str(tmp_path / "plots" / "s.png"))
+    assert not (tmp_path / "runs").exists()
+    assert make_parent(str(nested)) == str(nested) and nested.parent.is_dir()
 
 
 def test_failed_run_keeps_the_old_metrics_file(metrics, monkeypatch):
@@ -226,7 +240,35 @@ class Outside(nnx.Module):
     def __init__(self, rngs):
         self.layers = nnx.List([Dense(64, 10, rngs)])
         self.extra = Dense(10, 10, rngs)
+
+
+class NeedsArgs(nnx.Module):
+    def __init__(self, features, classes, rngs):
+        self.layers = nnx.List([Dense(features, classes, rngs)])
+
+
+def raises(rngs):
+    raise RuntimeError("no weights here")
+
+
+def no_rngs():
+    return Good(nnx.Rngs(0))
+
+
+class Misfit(nnx.Module):
+    def __init__(self, rngs):
+        self.layers = nnx.List([Dense(64, 16, rngs), Dense(32, 10, rngs)])
+
+
+class TooFew(nnx.Module):
+    def __init__(self, rngs):
+        self.layers = nnx.List([Dense(64, 16, rngs), Dense(16, 5, rngs)])
 """
+
+
+def _line(text: str) -> int:
+    """The line of MODELS_FILE (as written to models.py) that holds ``text``."""
+    return next(i for i, line in enumerate(MODELS_FILE.splitlines(), 1) if text in line)
 
 
 @pytest.mark.parametrize(
@@ -235,6 +277,11 @@ class Outside(nnx.Module):
         ("NoLayers", "has no layer list: give it self.layers = nnx.List"),
         ("Outside", "parameter extra.linear.bias is outside pre, layers and post"),
         ("Missing", "has no callable Missing"),
+        ("NeedsArgs", "NeedsArgs(rngs), but it takes features, classes, rngs; give the rest defaults, or name a"),
+        ("raises", f"failed while building the model (models.py:{_line('raise RuntimeError')}): RuntimeError: no"),
+        ("no_rngs", "no_rngs(rngs), but it takes no arguments"),
+        ("Misfit", f"fails on inputs of shape (16, 8, 8, 1) (models.py:{_line('return self.linear')}): TypeError: dot"),
+        ("TooFew", "the model gives 5 outputs per label, fewer than the 10 classes of the data"),
     ],
 )
 def test_a_model_of_your_own_that_breaks_the_contract_is_one_line(name, message, tmp_path, capsys):
@@ -259,24 +306,16 @@ def test_a_model_of_your_own_that_breaks_the_contract_is_one_line(name, message,
     assert not metrics.exists()
 
 
-def test_a_model_of_your_own_trains_from_the_command_line(tmp_path):
-    path = tmp_path / "models.py"
-    path.write_text(MODELS_FILE)
-    argv = [
-        "--model-fn",
-        f"{path}:Good",
-        "--mesh",
-        "data=4,pipe=2",
-        "--microbatches",
-        "2",
-        "--steps",
-        "3",
-        "--batch-size",
-        "16",
-        "--no-report",
-    ]
-    assert exit_code([*argv, "--metrics-file", str(tmp_path / "m.jsonl")]) == 0
-    assert len([line for line in (tmp_path / "m.jsonl").read_text().splitlines() if '"loss"' in line]) == 3
+def test_the_readmes_model_trains_from_the_command_line(tmp_path, monkeypatch, capsys):
+    """The README's ``MyModel`` file and its ``digits_model`` factory, as the README runs them; the
+    summary names the function and the pipeline."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models.py").write_text(readme_model_source())
+    argv = ["--model-fn", "models.py:digits_model", "--mesh", "data=2,tensor=2,pipe=2", "--microbatches", "4"]
+    assert exit_code([*argv, "--steps", "2", "--batch-size", "16", "--no-report"]) == 0
+    out = capsys.readouterr().out
+    assert "models.py:digits_model / tp" in out
+    assert "1f1b, 4 micro-batches, 2 chunks on 2 stages, bubble 0.200" in out
 
 
 @pytest.mark.parametrize(

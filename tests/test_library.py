@@ -243,8 +243,39 @@ def test_fit_stops_a_run_that_diverges_naming_the_step(tmp_path):
     from jaxmp import fit
     from jaxmp.training.loop import Diverged
 
+    def poisoned(outputs, labels):  # finite data, a loss that is not
+        return outputs[:, 0] * jnp.nan
+
     with pytest.raises(Diverged, match=r"loss is nan at step \d+"):
-        fit(ResidualMLP, _data(nan_at=range(64)), steps=3, batch_size=BATCH, report=False, rules={"hidden": None})
+        fit(ResidualMLP, _data(), loss=poisoned, steps=3, batch_size=BATCH, report=False, rules={"hidden": None})
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_fit_refuses_non_finite_data_naming_the_split_and_row(split):
+    from jaxmp import fit
+
+    bad, good = _data(nan_at=5), _data()
+    with pytest.raises(ConfigError, match=rf"{split} data: example 5 holds a non-finite value"):
+        fit(ResidualMLP, *((bad, good) if split == "train" else (good, bad)), steps=1, batch_size=BATCH)
+
+
+def test_put_batch_names_what_it_expected_and_what_it_got():
+    program = build_program(
+        Config().replace(batch_size=BATCH),
+        single_device_mesh(),
+        IMAGE,
+        CLASSES,
+        model_fn=ResidualMLP,
+        rules={"hidden": None},
+    )
+    x, y = _data(BATCH)
+    with pytest.raises(
+        ConfigError, match=rf"put_batch: x is int32\[{BATCH}, 12, 12, 1\], the program was built for float32"
+    ):
+        program.put_batch(x.astype(np.int32), y)
+    with pytest.raises(ConfigError, match=rf"put_batch: y is int32\[10\], the program was built for int32\[{BATCH}\]"):
+        program.put_batch(x, y[:10])
+    program.put_batch(x, y)  # the right batch passes
 
 
 @pytest.mark.parametrize(
@@ -279,3 +310,10 @@ def test_the_readme_layout_lists_every_module_and_nothing_else():
     modules = {str(p.relative_to(root)) for p in (root / "jaxmp").rglob("*.py") if "__pycache__" not in p.parts}
     modules = {m for m in modules if not re.fullmatch(r"jaxmp/\w+/__init__\.py", m)}
     assert listed == modules
+
+
+def test_a_mesh_larger_than_the_devices_says_how_to_simulate_more():
+    from jaxmp import MeshShape, build_mesh
+
+    with pytest.raises(ConfigError, match=r"needs 16 devices, JAX has 8; on CPU call jaxmp.simulate_cpu_devices\(16\)"):
+        build_mesh(MeshShape(data=16))

@@ -23,6 +23,7 @@ import pytest
 from ipykernel.kernelspec import write_kernel_spec
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
+from jupyter_core.utils import run_sync
 from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +54,10 @@ def execute(path: Path, kernel_dir: Path):
         kernel_name=KERNEL, kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(kernel_dir)])
     )
     client = NotebookClient(notebook, km=manager, timeout=600, resources={"metadata": {"path": str(path.parent)}})
-    client.execute()  # raises CellExecutionError (with the cell and traceback) on the first failing cell
+    try:
+        client.execute()  # raises CellExecutionError (with the cell and traceback) on the first failing cell
+    finally:  # the client does not stop a kernel it did not start: each would keep its devices and memory
+        run_sync(manager.shutdown_kernel)(now=True)
     return notebook
 
 

@@ -49,7 +49,7 @@ CASES = [
     ("mnist-cnn", "1f1b", 4, 9, 1, 1, 1, "uniform", None),  # M = 2S + 1
     (OWN, "1f1b", 2, 4, 1, 2, 2, "uniform", None),
     (OWN, "zb-h1", 3, 5, 1, 1, 1, "uniform", None),
-    ("mlp", "zb-v", 4, 9, 1, 1, 1, "auto", None),  # a V: the turn on stage 3 is a message to itself
+    ("mlp", "zb-v", 4, 5, 1, 1, 1, "auto", None),  # a V: the turn on stage 3 is a message to itself
     ("mnist-cnn", "zb-v", 2, 4, 1, 2, 2, "uniform", None),
 ]
 

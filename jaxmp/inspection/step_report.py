@@ -97,14 +97,14 @@ def setup(cfg: Config, input_shape: tuple[int, ...] | None = None, classes: int 
     options, simulated devices (before JAX starts), mesh, dataset (read only when ``input_shape`` or
     ``classes`` is not given). The batch may exceed the dataset: nothing is trained.
     """
-    from jaxmp.parallel.mesh import simulate_cpu_devices
+    from jaxmp.parallel.mesh import run_mesh, simulate_cpu_devices
     from jaxmp.training.data import load_dataset
     from jaxmp.training.loop import batch_shape
 
     validate(cfg)
     if cfg.run.cpu_devices:
         simulate_cpu_devices(cfg.run.cpu_devices)
-    mesh = analysis_mesh(cfg.run.mesh)
+    mesh = run_mesh(cfg.run.mesh, cfg.run.cpu_devices)  # the first devices it needs, as the trainer takes them
     batch = {}
     if input_shape is None or classes is None:
         dataset = load_dataset(cfg.data, cfg.run.seed)
@@ -112,22 +112,6 @@ def setup(cfg: Config, input_shape: tuple[int, ...] | None = None, classes: int 
         classes = classes or dataset.num_classes
         batch = batch_shape(dataset)
     return mesh, tuple(input_shape), classes, batch
-
-
-def analysis_mesh(spec: str) -> jax.sharding.Mesh:
-    """The mesh ``spec`` names, on the first devices it needs: an analysis may use fewer devices than
-    there are (``--cpu-devices 8 --mesh tensor=2``); a ``-1`` axis still fills all of them."""
-    from jaxmp.config import ConfigError
-    from jaxmp.parallel.mesh import build_mesh, mesh_from_spec, parse_mesh
-
-    devices = jax.devices()
-    if "-1" not in spec.replace(" ", ""):
-        for count in range(1, len(devices) + 1):
-            try:
-                return build_mesh(parse_mesh(spec, count), devices[:count])
-            except ConfigError:
-                continue
-    return mesh_from_spec(spec, devices)  # raises the trainer's error for a spec no device count fits
 
 
 def memory_breakdown(compiled: jax.stages.Compiled) -> Memory:

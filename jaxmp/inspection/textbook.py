@@ -1,6 +1,7 @@
 """Dettmers' one-layer example of data versus model parallelism: the closed form, and what XLA compiles.
 
-Why both in one place: ANCHORS.md quotes the textbook's numbers for a 1000x500 layer on two devices;
+Why both in one place: Dettmers ("How to Parallelize Deep Learning on GPUs, Part 2/2: Model
+Parallelism", 2014) gives the textbook's numbers for a 1000x500 layer on two devices;
 :func:`textbook_layer` is that closed form and :func:`textbook_layer_exchange` compiles the same layer
 (forward and backward, inside a network) on a real mesh, so a test or the analyzer can put them side by
 side.
@@ -40,7 +41,7 @@ def textbook_layer_exchange(
 ) -> list[Collective]:
     """Collectives XLA emits for forward + backward of one bias-free dense layer ``y = x @ W``.
 
-    Dettmers' example (ANCHORS.md): batch 128, W 1000x500, two devices. The step returns ``y`` and, for
+    Dettmers' example (2014): batch 128, W 1000x500, two devices. The step returns ``y`` and, for
     an output cotangent ``dy``, ``dx = dy @ W.T`` and ``dW = x.T @ dy`` (via ``jax.vjp``): the layer as
     it runs inside a network, where the input gradient is needed. Strategies (the ``dense`` model's
     rules table, :mod:`jaxmp.parallel.sharding`), with ``g`` devices on the split axis:

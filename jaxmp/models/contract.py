@@ -264,6 +264,67 @@ def load_model_fn(spec: str) -> Callable:
     return found
 
 
+def function_label(fn: Callable) -> str:
+    """A user's function as a person finds it: ``name``, or ``lambda at FILE:LINE``."""
+    import os
+
+    name = getattr(fn, "__qualname__", type(fn).__name__)
+    code = getattr(fn, "__code__", None)
+    if code is not None and "<lambda>" in name:
+        return f"lambda at {os.path.basename(code.co_filename)}:{code.co_firstlineno}"
+    return name
+
+
+def user_frame(error: BaseException) -> str:
+    """``FILE:LINE`` of the deepest frame of ``error``'s traceback in the user's code (not in jaxmp or an
+    installed package), or ``""``."""
+    import os
+    import traceback
+
+    ours = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    frames = [
+        f
+        for f in traceback.extract_tb(error.__traceback__)
+        if not f.filename.startswith(ours) and "site-packages" not in f.filename and "/lib/python" not in f.filename
+    ]
+    return f"{os.path.basename(frames[-1].filename)}:{frames[-1].lineno}" if frames else ""
+
+
+def check_model_fn(fn: Callable, label: str) -> None:
+    """``fn`` must be callable as ``fn(rngs)``: a class whose constructor needs more (the README's
+    ``MyModel(features, classes, rngs)``) is one line saying what to do instead."""
+    import inspect
+
+    try:  # a class: its __init__ (an nnx.Module's metaclass hides it behind *args, **kwargs)
+        signature = inspect.signature(fn.__init__ if inspect.isclass(fn) else fn)
+    except (TypeError, ValueError):  # a builtin or C callable: nothing to check
+        return
+    params = list(signature.parameters.values())[1 if inspect.isclass(fn) else 0 :]
+    signature = signature.replace(parameters=params)
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    required = [p.name for p in params if p.default is p.empty and p.kind is not p.VAR_KEYWORD]
+    if not positional or len(required) > 1:
+        needs = ", ".join(required) or "no arguments"
+        raise ConfigError(
+            f"{label}{signature} is called as {label}(rngs), but it takes {needs}; give the rest defaults, or "
+            "name a function rngs -> model (def my_model(rngs): return MyModel(64, 10, rngs))."
+        )
+
+
+def build_own_model(fn: Callable, label: str, rngs) -> nnx.Module:
+    """``fn(rngs)``, with any exception the user's code raises turned into one line naming ``label``."""
+    try:
+        return fn(rngs)
+    except ConfigError:
+        raise
+    except Exception as error:  # the user's code: one line naming where it failed
+        where = user_frame(error)
+        where = f" ({where})" if where else ""
+        raise ConfigError(f"{label}(rngs) failed while building the model{where}: {first_line(error)}") from error
+
+
 def own_model_fn(cfg, model_fn: Callable | None) -> Callable | None:
     """The model of the user's own a run builds: ``model_fn`` if given, else the one ``--model-fn``
     names (loaded), else None (the preset ``--model``)."""

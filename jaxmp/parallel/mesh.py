@@ -76,16 +76,17 @@ def parse_mesh(spec: str, num_devices: int) -> MeshShape:
 
 
 def simulate_cpu_devices(count: int) -> None:
-    """Make JAX's CPU backend expose ``count`` devices; must run before JAX initialises a backend.
+    """Make JAX's CPU backend expose ``count`` devices; must run before JAX initialises a backend. If JAX
+    already started with at least ``count`` devices, nothing changes: a mesh uses the first it needs.
 
     Raises:
-      ConfigError: when JAX has already started with a different device count.
+      ConfigError: when JAX has already started with fewer devices.
     """
     import jax
     from jax._src import xla_bridge
 
     if xla_bridge.backends_are_initialized():
-        if jax.device_count() == count:
+        if jax.device_count() >= count:
             return
         raise ConfigError(
             f"--cpu-devices {count} came too late: JAX already started with {jax.device_count()} devices."
@@ -119,15 +120,41 @@ def build_mesh(shape: MeshShape, devices=None):
 
     if devices is None:
         devices = jax.devices()[: shape.size]
+    if len(devices) < shape.size:
+        raise ConfigError(
+            f"the mesh {shape} needs {shape.size} devices, JAX has {len(devices)}; on CPU call "
+            f"jaxmp.simulate_cpu_devices({shape.size}) before JAX starts (the CLI: --cpu-devices {shape.size})."
+        )
     return jax.make_mesh(tuple(shape), AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=list(devices))
 
 
 def mesh_from_spec(spec: str, devices=None):
-    """Parse ``spec`` against the available devices and build the mesh."""
+    """Parse ``spec`` against the available devices and build the mesh: a spec of fixed sizes on the
+    first devices it needs (``tensor=2`` on 8 devices uses 2), a ``-1`` axis filling all of them."""
     import jax
 
     devices = jax.devices() if devices is None else devices
+    sizes = [item.partition("=")[2].strip() for item in spec.split(",")]
+    if "-1" not in sizes and jax.process_count() == 1:  # several processes: every one's devices take part
+        try:
+            needed = math.prod(int(size) for size in sizes)
+        except ValueError:  # parse_mesh names the bad item
+            needed = len(devices)
+        if 0 < needed < len(devices):
+            devices = devices[:needed]
     return build_mesh(parse_mesh(spec, len(devices)), devices)
+
+
+def run_mesh(spec: str, cpu_devices: int | None = None):
+    """The mesh of a run (``--mesh``), on the first ``--cpu-devices`` devices when that is given (a
+    process that already has more, e.g. a test's 8, runs a 2-device command as written). With several
+    processes ``--cpu-devices`` counts each one's own, and the mesh spans them all."""
+    import jax
+
+    devices = jax.devices()
+    if cpu_devices and jax.process_count() == 1:
+        devices = devices[:cpu_devices]
+    return mesh_from_spec(spec, devices)
 
 
 def as_mesh(mesh):

@@ -163,19 +163,20 @@ def _is_value_key(key) -> bool:
     return getattr(key, "name", None) == "value" or getattr(key, "key", None) == "value"
 
 
-def print_sharding_report(params, mesh: jax.sharding.Mesh, console=None, opt_state=None) -> None:
+def print_sharding_report(params, mesh: jax.sharding.Mesh, console=None, opt_state=None, note: str = "") -> None:
     """Print the sharding report as a rich table, with the mesh and the totals.
 
     Args:
       opt_state: the optimizer state (same kind of leaves as ``params``); adds a line with its bytes
         per device, which is what FSDP / ZeRO divides along with the parameters.
+      note: added to the title (a pipelined run: where the bytes are).
     """
     from rich.console import Console
     from rich.table import Table
 
     console = console or Console()
     mesh_text = ", ".join(f"{name}={size}" for name, size in mesh.shape.items())
-    table = Table(title=f"parameters on mesh ({mesh_text})", title_justify="left")
+    table = Table(title=f"parameters on mesh ({mesh_text}){note}", title_justify="left")
     rows = sharding_report(params)
     table.add_column("parameter", no_wrap=True, min_width=max([9, *(len(r.name) for r in rows)]))
     for column in ("global shape", "PartitionSpec", "bytes/device"):

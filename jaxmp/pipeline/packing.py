@@ -504,9 +504,10 @@ def print_stage_report(packing: Packing, console=None) -> None:
 
     console = console or Console()
     table = Table(title="pipeline stages (parameters per device)", title_justify="left")
-    for column in ("stage", "chunks", "layers", "bytes/device", "stored (padded)"):
-        table.add_column(column, justify="right" if "bytes" in column or "stored" in column else "left")
+    for column in ("stage", "chunks", "layers", "bytes/device", "padding/device"):
+        table.add_column(column, justify="right" if "/device" in column else "left")
     for row in packing.stage_table():
         chunks = ",".join(map(str, row["chunks"]))
-        table.add_row(str(row["stage"]), chunks, row["layers"], f"{row['bytes']:,}", f"{row['stored']:,}")
+        padding = row["stored"] - row["bytes"]
+        table.add_row(str(row["stage"]), chunks, row["layers"], f"{row['bytes']:,}", f"{padding:,}")
     console.print(table)

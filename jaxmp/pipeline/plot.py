@@ -61,16 +61,17 @@ def plot(schedule: Schedule, path: str | Path | None = None, *, ax=None, title: 
 
 
 def check_plot_path(path: str | None) -> None:
-    """``--schedule-plot``: a PNG path in an existing folder (checked before anything runs)."""
+    """``--schedule-plot``: a PNG path whose folder exists or can be made (checked before anything runs)."""
+    from jaxmp.training.metrics import check_output_dir
+
     if path is None:
         return
     target = Path(path)
     if target.suffix.lower() != ".png":
         raise ConfigError(f"--schedule-plot {path} must end in .png.")
-    if not target.parent.resolve().is_dir():
-        raise ConfigError(f"--schedule-plot {path}: folder {target.parent} does not exist.")
     if target.is_dir():
         raise ConfigError(f"--schedule-plot {path} is a folder.")
+    check_output_dir("--schedule-plot", str(target.parent), file=path)
 
 
 def save_schedule_plot(pipeline, path: str | None) -> None:
@@ -81,4 +82,6 @@ def save_schedule_plot(pipeline, path: str | None) -> None:
         raise ConfigError("--schedule-plot needs a pipelined run (--mesh with pipe > 1, or --microbatches > 1).")
     import matplotlib.pyplot as plt
 
-    plt.close(plot(pipeline.train.schedule, path))
+    from jaxmp.training.metrics import make_parent
+
+    plt.close(plot(pipeline.train.schedule, make_parent(path)))

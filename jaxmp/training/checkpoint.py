@@ -22,7 +22,9 @@ check of a checkpoint against the run (model, shapes, dtypes, batch size) happen
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 from typing import Any, NamedTuple
 
@@ -124,12 +126,30 @@ def restore(
 
     path, step = check_resume(cfg, input_shape, classes, own)
     target = _abstract_item(program)
-    _check_arrays(path, target)
+    with _quiet_missing_metadata():
+        _check_arrays(path, target)
     try:
-        item = ocp.StandardCheckpointer().restore(os.path.join(path, "state"), target)
+        with _quiet_missing_metadata():
+            item = ocp.StandardCheckpointer().restore(os.path.join(path, "state"), target)
     except Exception as err:  # noqa: BLE001 (TensorStore raises bare Exception for damaged data)
         raise ConfigError(f"checkpoint {path} cannot be read ({_first_line(err)}).") from None
     return Restored(program.from_saved(from_item(item)), step, path)
+
+
+@contextlib.contextmanager
+def _quiet_missing_metadata():
+    """Hide Orbax's warning that the item folder has no ``_CHECKPOINT_METADATA``: the manager writes
+    that file one level up (the step folder), and this restore reads the item directly."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return "Metadata file does not exist" not in record.getMessage()
+
+    logger = logging.getLogger("absl")
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
 
 
 def _first_line(err: Exception) -> str:

@@ -111,7 +111,15 @@ def _pair(arrays, what: str) -> tuple[np.ndarray, np.ndarray]:
     if per_token and not np.issubdtype(x.dtype, np.integer):
         raise ConfigError(f"{what} data: per-token labels need integer token ids as examples, got {x.dtype}.")
     integer = np.issubdtype(x.dtype, np.integer)
-    return x.astype(np.int32 if integer else np.float32), y.astype(np.int32)
+    x = x.astype(np.int32 if integer else np.float32)
+    if not integer:
+        bad = np.flatnonzero(~np.isfinite(x.reshape(len(x), -1)).all(axis=1))
+        if bad.size:
+            raise ConfigError(
+                f"{what} data: example {bad[0]} holds a non-finite value (NaN or infinity), and {bad.size} "
+                "example(s) in all; clean or drop them."
+            )
+    return x, y.astype(np.int32)
 
 
 # ----------------------------------------------------------------------------------------- loading

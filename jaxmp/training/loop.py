@@ -27,12 +27,12 @@ import jax
 
 from jaxmp.config import Config, ConfigError, RunStopped, validate
 from jaxmp.models import check_preset
-from jaxmp.models.contract import own_model_fn
-from jaxmp.parallel.mesh import MeshShape, as_mesh, mesh_from_spec, simulate_cpu_devices
+from jaxmp.models.contract import function_label, own_model_fn
+from jaxmp.parallel.mesh import MeshShape, as_mesh, run_mesh, simulate_cpu_devices
 from jaxmp.parallel.sharding import print_sharding_report
 from jaxmp.pipeline.packing import print_stage_report
 from jaxmp.pipeline.plot import check_plot_path, save_schedule_plot
-from jaxmp.training.checkpoint import Restored, Saver, check_directory, check_resume, restore
+from jaxmp.training.checkpoint import Restored, Saver, check_directory, check_resume, complete_steps, restore
 from jaxmp.training.data import Dataset, batch_rows, eval_batches, load_dataset, num_batches
 from jaxmp.training.distributed import initialize, is_main_process
 from jaxmp.training.metrics import MetricsWriter, carried_records, check_metrics_path, check_tensorboard
@@ -97,6 +97,8 @@ class Summary(NamedTuple):
     losses: tuple[float, ...]
     state: TrainState | None = None  # the final train state (parameters as the program holds them)
     sample: str | None = None  # text datasets: what the model wrote (--sample-tokens)
+    program: Program | None = None  # the compiled program that trained (its HLO, memory, shardings)
+    dataset: Dataset | None = None  # the data it trained on
 
     @property
     def eval_perplexity(self) -> float:
@@ -122,7 +124,10 @@ class Own(NamedTuple):
         return dict(model_fn=self.model_fn, optimizer=self.optimizer, loss=self.loss, rules=self.rules)
 
     def model_name(self, cfg: Config) -> str:
-        return cfg.model.model if self.model_fn is None else self.describe()["model"]["model"]
+        """What the summary calls the model: the preset, or the function of the user's own."""
+        if self.model_fn is None:
+            return cfg.model.model
+        return cfg.model.model_fn or function_label(self.model_fn)
 
     def describe(self) -> dict:
         """What a checkpoint records of these parts, so a resume with other parts is refused."""
@@ -183,7 +188,7 @@ def prepare(cfg: Config, own: Own = PRESETS) -> Setup:
     if cfg.run.cpu_devices:
         simulate_cpu_devices(cfg.run.cpu_devices)
     initialize(cfg.distributed)
-    mesh = own.mesh if own.mesh is not None else mesh_from_spec(cfg.run.mesh)
+    mesh = own.mesh if own.mesh is not None else run_mesh(cfg.run.mesh, cfg.run.cpu_devices)
     dataset = own.dataset if own.dataset is not None else load_dataset(cfg.data, cfg.run.seed)
     if cfg.run.sample_tokens and dataset.vocab is None:
         raise ConfigError(
@@ -244,6 +249,7 @@ class _Tracker:
         self.losses: list[float] = []
         self.pending = None
         self.start = self.ready = time.perf_counter()
+        self.stepped_seconds = 0.0  # the steps' own time: no compilation, evaluation or saving
 
     def push(self, step: int, metrics) -> None:
         """Record the previous step (its result is needed only now that this one is dispatched)."""
@@ -267,8 +273,13 @@ class _Tracker:
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             raise Diverged(self._diverged_message(step, loss, grad_norm))
         self.losses.append(loss)
-        if self.on_step:
-            self.on_step(step, loss, self.batch_size / step_time)
+        self.stepped_seconds += step_time
+        if self.on_step:  # the mean rate so far: one step's time varies with what the host queued ahead
+            self.on_step(step, loss, self.examples_per_second)
+
+    @property
+    def examples_per_second(self) -> float:
+        return self.batch_size * len(self.losses) / self.stepped_seconds if self.stepped_seconds else 0.0
 
     def _diverged_message(self, step: int, loss: float, grad_norm: float) -> str:
         what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {grad_norm}"
@@ -387,6 +398,11 @@ def run(cfg: Config, console=None, own: Own = PRESETS) -> Summary:
     setup = prepare(cfg, own)
     main = is_main_process()
     console = console or Console(quiet=not main)
+    if setup.restored:
+        mesh = ",".join(f"{name}={size}" for name, size in setup.program.mesh.shape.items())
+        console.print(f"resumed from step {setup.restored.step} ({setup.restored.path}) on mesh {mesh}")
+    if cfg.run.schedule_plot:
+        console.print(f"wrote the schedule plot {cfg.run.schedule_plot}")
     if cfg.run.report:
         _print_report(setup, console)
     start = setup.restored.step if setup.restored else 0
@@ -409,9 +425,32 @@ def run(cfg: Config, console=None, own: Own = PRESETS) -> Summary:
         if saver:
             saver.close()
     sample = _sample(setup, state) if cfg.run.sample_tokens else None
-    summary = Summary(setup.steps, losses[-1], eval_loss, eval_accuracy, seconds, tuple(losses), state, sample)
-    _print_summary(console, cfg, setup, summary, own)
+    summary = Summary(
+        setup.steps,
+        losses[-1],
+        eval_loss,
+        eval_accuracy,
+        seconds,
+        tuple(losses),
+        state,
+        sample,
+        setup.program,
+        setup.dataset,
+    )
+    _print_summary(console, cfg, setup, summary)
+    _announce_outputs(console, cfg, saver)
     return summary
+
+
+def _announce_outputs(console, cfg: Config, saver: Saver | None) -> None:
+    """Name each file or folder the run wrote, once."""
+    if cfg.run.metrics_file:
+        console.print(f"wrote metrics {cfg.run.metrics_file}")
+    if saver:
+        steps = ", ".join(map(str, complete_steps(saver.directory)))
+        console.print(f"wrote checkpoints {saver.directory} (steps {steps})")
+    if cfg.run.tensorboard_dir:
+        console.print(f"wrote TensorBoard scalars {cfg.run.tensorboard_dir}")
 
 
 def _eval_record(dataset: Dataset, eval_loss: float, eval_accuracy: float) -> dict:
@@ -435,10 +474,14 @@ def _sample(setup: Setup, state: TrainState) -> str:
 def _print_report(setup: Setup, console) -> None:
     """Parameters (and optimizer state) per device: what ``--fsdp`` divides."""
     program = setup.program
-    abstract = program.state_abstract
-    print_sharding_report(abstract.params, program.mesh, console, opt_state=abstract.opt_state)
-    if program.pipeline is not None:
-        print_stage_report(program.pipeline.packing, console)
+    if program.pipeline is None:
+        abstract = program.state_abstract
+        print_sharding_report(abstract.params, program.mesh, console, opt_state=abstract.opt_state)
+        return
+    saved = program.saved_abstract  # the layers by name (the stage buffers hold them packed)
+    note = ": each on the devices of its stage only, bytes there (stages and padding below)"
+    print_sharding_report(saved.params, program.mesh, console, opt_state=saved.opt_state, note=note)
+    print_stage_report(program.pipeline.packing, console)
 
 
 def _progress_bar(console, total: int, completed: int = 0):
@@ -462,14 +505,14 @@ def _progress_bar(console, total: int, completed: int = 0):
     return progress, on_step
 
 
-def _print_summary(console, cfg: Config, setup: Setup, summary: Summary, own: Own) -> None:
+def _print_summary(console, cfg: Config, setup: Setup, summary: Summary) -> None:
     from rich.table import Table
 
     mesh = setup.program.mesh
     mesh_text = ",".join(f"{name}={size}" for name, size in mesh.shape.items())
     table = Table(title="summary", title_justify="left", show_header=False)
     rows = {
-        "model / strategy": f"{own.model_name(cfg)} / {cfg.model.strategy}",
+        "model / strategy": f"{setup.own.model_name(cfg)} / {cfg.model.strategy}",
         "mesh": mesh_text,
         "steps": f"{summary.steps}",
         "final train loss": f"{summary.final_loss:.4f}",
@@ -477,6 +520,12 @@ def _print_summary(console, cfg: Config, setup: Setup, summary: Summary, own: Ow
         "eval accuracy": f"{summary.eval_accuracy:.4f}",
         "train time": f"{summary.train_time_s:.2f} s",
     }
+    if setup.program.pipeline is not None:
+        schedule = setup.program.pipeline.train.schedule
+        rows["pipeline"] = (
+            f"{cfg.pipeline.schedule}, {schedule.microbatches} micro-batches, {len(schedule.chunk_stage)} chunks on "
+            f"{schedule.stages} stages, bubble {schedule.bubble_fraction:.3f}"
+        )
     if setup.dataset.vocab is not None:
         from jaxmp.training.text import unigram_entropy
 

@@ -19,24 +19,30 @@ def check_metrics_path(path: str | None) -> None:
     """Raise ``ConfigError`` if ``path`` cannot be written, before the run touches anything."""
     if path is None:
         return
-    folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         raise ConfigError(f"--metrics-file {path} is a directory; give a file path.")
-    if not os.path.isdir(folder):
-        raise ConfigError(f"--metrics-file {path}: folder {folder} does not exist.")
-    if not os.access(folder, os.W_OK):
-        raise ConfigError(f"--metrics-file {path}: folder {folder} is not writable.")
+    check_output_dir("--metrics-file", os.path.dirname(os.path.abspath(path)), file=path)
 
 
-def check_output_dir(flag: str, path: str) -> None:
-    """Raise ``ConfigError`` unless ``path`` is a folder or could be created as one."""
+def check_output_dir(flag: str, path: str, file: str | None = None) -> None:
+    """Raise ``ConfigError`` unless ``path`` is a folder or could be created as one (the run creates
+    it when it first writes there: :func:`make_parent`). ``file``: the path the flag named, when
+    ``path`` is its folder."""
+    named = f"{flag} {file or path}"
     if os.path.exists(path) and not os.path.isdir(path):
-        raise ConfigError(f"{flag} {path} is a file; give a folder.")
+        where = f"{named}: {path}" if file else named
+        raise ConfigError(f"{where} is a file; give a folder.")
     parent = os.path.abspath(path)
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
-        raise ConfigError(f"{flag} {path}: {parent} is not a writable folder.")
+        raise ConfigError(f"{named}: {parent} is not a writable folder.")
+
+
+def make_parent(path: str) -> str:
+    """Create the folders above the file ``path`` (output folders are made as needed); ``path``."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    return path
 
 
 class MetricsWriter:
@@ -50,7 +56,7 @@ class MetricsWriter:
 
     def __init__(self, path: str | None, carried: list[dict[str, Any]] = (), tensorboard_dir: str | None = None):
         self.path = path
-        self._file = open(path + ".partial", "w") if path else None  # noqa: SIM115 (closed in commit/close)
+        self._file = open(make_parent(path) + ".partial", "w") if path else None  # noqa: SIM115 (closed in commit/close)
         for record in carried:
             self._write_line(record)
         self._scalars = ScalarWriter(tensorboard_dir)

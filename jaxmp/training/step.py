@@ -17,6 +17,7 @@ functions are already compiled for one mesh, strategy and batch shape. Parameter
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -28,7 +29,15 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxmp.config import Config, ConfigError, OptimConfig, first_line, validate
 from jaxmp.models import build_model, check_mesh, check_preset
-from jaxmp.models.contract import ModelParts, apply_model, model_parts
+from jaxmp.models.contract import (
+    ModelParts,
+    apply_model,
+    build_own_model,
+    check_model_fn,
+    function_label,
+    model_parts,
+    user_frame,
+)
 from jaxmp.models.layers import LayerContext
 from jaxmp.parallel.mesh import as_mesh
 from jaxmp.parallel.rules import (
@@ -73,14 +82,36 @@ class Program(NamedTuple):
     pipeline: Any = None  # the pipeline's plans and packing (jaxmp.pipeline.Pipeline), when pipelined
     model: Any = None  # the model as shapes (nnx.eval_shape): its layers and parameter names, for inspection
     rules: Mapping | None = None  # the whole rules table the program was built with
+    batch: tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct] | None = None  # one global batch (x, y) as shapes
 
     def put_batch(self, x, y) -> tuple[jax.Array, jax.Array]:
-        """Place a host batch on the mesh with the shardings the compiled steps expect."""
+        """Place a host batch on the mesh with the shardings the compiled steps expect.
+
+        Raises:
+          ConfigError: ``x`` or ``y`` is not of the shape and dtype kind the program was built for.
+        """
+        if self.batch is not None:
+            for name, value, want in zip(("x", "y"), (x, y), self.batch, strict=True):
+                check_batch_array(name, value, want)
         return put_global(x, self.x_sharding), put_global(y, self.y_sharding)
 
     def put_rows(self, x_all, y_all, rows) -> tuple[jax.Array, jax.Array]:
         """The batch made of examples ``rows`` of host arrays; each process reads only the rows it holds."""
         return put_rows(x_all, rows, self.x_sharding), put_rows(y_all, rows, self.y_sharding)
+
+
+def check_batch_array(name: str, value, want: jax.ShapeDtypeStruct) -> None:
+    """``value`` must have ``want``'s shape and dtype kind (floats for floats, integers for integers)."""
+    import numpy as np
+
+    shape = tuple(np.shape(value))
+    dtype = value.dtype if hasattr(value, "dtype") else np.asarray(value).dtype
+    same_kind = jnp.issubdtype(dtype, jnp.floating) == jnp.issubdtype(want.dtype, jnp.floating)
+    if shape != tuple(want.shape) or not same_kind or jnp.issubdtype(dtype, jnp.complexfloating):
+        raise ConfigError(
+            f"put_batch: {name} is {dtype}{list(shape)}, the program was built for {jnp.dtype(want.dtype)}"
+            f"{list(want.shape)} (batch_size {want.shape[0]}; input_dtype= and label_shape= of build_program)."
+        )
 
 
 def put_global(a, sharding: NamedSharding) -> jax.Array:
@@ -252,6 +283,19 @@ def _layout(cfg: Config, mesh, rules, tx, make_model, shapes: BatchShape) -> _La
     following them, batch shardings."""
     abstract_model = nnx.eval_shape(lambda: _construct(make_model, 0))
     parts = model_parts(abstract_model)
+    x_struct = shapes.x(cfg.run.batch_size)
+    try:  # before the pipeline cuts the model: one line for layers that do not fit together, on any mesh
+        outputs = jax.eval_shape(
+            lambda p, x: apply_model(parts, p, x, LayerContext()),
+            nnx.to_pure_dict(nnx.state(abstract_model, nnx.Param)),
+            x_struct,
+        )
+    except ConfigError:
+        raise
+    except Exception as error:  # the user's layers, traced on shapes: one line saying so
+        where = user_frame(error)
+        where = f" ({where})" if where else ""
+        raise ConfigError(f"the model fails on inputs of shape {x_struct.shape}{where}: {first_line(error)}") from error
     graphdef, abstract_state = nnx.split(abstract_model, nnx.Param)
     input_axis = getattr(type(abstract_model), "INPUT_BATCH_AXIS", "batch")
     x_spec = _batch_spec((input_axis,), 1 + len(shapes.input_shape), rules)
@@ -269,7 +313,6 @@ def _layout(cfg: Config, mesh, rules, tx, make_model, shapes: BatchShape) -> _La
     pipeline = None
     params_sh = layer_params_sh
     if pipelined:
-        x_struct = shapes.x(cfg.run.batch_size)
         axes = tuple(dict.fromkeys(a for spec in (x_spec, y_spec) for a in as_axes(spec[0]) if mesh.shape[a] > 1))
         with jax.set_mesh(mesh), use_rules(rules):
             boundary_names = getattr(type(abstract_model), "BOUNDARY_NAMES", None)
@@ -288,13 +331,6 @@ def _layout(cfg: Config, mesh, rules, tx, make_model, shapes: BatchShape) -> _La
     )
     state_sh = TrainState(params_sh, opt_sh, replicated, replicated)
     x_sh, y_sh = NamedSharding(mesh, x_spec), NamedSharding(mesh, y_spec)
-    x_struct = shapes.x(cfg.run.batch_size)
-    try:
-        outputs = jax.eval_shape(
-            lambda p, x: apply_model(parts, p, x, LayerContext()), nnx.to_pure_dict(abstract_state), x_struct
-        )
-    except Exception as error:  # the user's layers, traced on shapes: one line saying so
-        raise ConfigError(f"the model fails on inputs of shape {x_struct.shape}: {first_line(error)}") from error
     return _Layout(graphdef, parts, state_sh, x_sh, y_sh, layer_params_sh, pipeline, outputs, abstract_model)
 
 
@@ -349,6 +385,11 @@ def build_program(
         def model_fn(rngs):
             return build_model(cfg.model, input_shape, classes, rngs)
 
+    else:
+        label = cfg.model.model_fn or function_label(model_fn)
+        check_model_fn(model_fn, label)
+        model_fn = functools.partial(build_own_model, model_fn, label)
+
     shapes = BatchShape(tuple(input_shape), jnp.dtype(input_dtype), tuple(label_shape))
     layout = _layout(cfg, mesh, rules, tx, model_fn, shapes)
     if layout.pipeline is not None and poison or not masked:
@@ -363,6 +404,11 @@ def build_program(
 
     if loss is not None:
         check_loss(loss, layout.outputs, shapes.y(cfg.run.batch_size))
+    elif layout.outputs.shape[-1] < classes:
+        raise ConfigError(
+            f"the model gives {layout.outputs.shape[-1]} outputs per label, fewer than the {classes} classes of the "
+            "data: cross-entropy needs one logit per class."
+        )
     loss_and_grad, evaluate = _objectives(layout, heads(loss or cross_entropy))
 
     def grad_step(state: TrainState, x, y):
@@ -504,6 +550,7 @@ def _compile_program(mesh, rules, layout: _Layout, steps: _Steps, batch, shapes:
         layout.pipeline,
         layout.model,
         rules,
+        (shapes.x(batch), shapes.y(batch)),
     )
 
 
