@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import sys
 
-from jaxmp.cli import run_cli
+from jaxmp.cli import TRAINING_ONLY, run_cli
 from jaxmp.config import Config
 from jaxmp.inspection.step_report import analyze, to_json
 
@@ -35,7 +35,7 @@ def _run(cfg: Config, extras) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Analyze the train step of the configuration the flags describe; returns the exit code."""
     description = "Collectives, memory and FLOPs of the compiled train step, against the closed-form prediction."
-    return run_cli(_run, argv, "jaxmp.analyze", description, add_flags=_add_flags)
+    return run_cli(_run, argv, "jaxmp.analyze", description, add_flags=_add_flags, skip=TRAINING_ONLY)
 
 
 if __name__ == "__main__":

@@ -21,17 +21,39 @@ class _OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see --help)\n")
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown, except on a required option, which says so instead."""
+
+    def _get_help_string(self, action):
+        if action.required:
+            return (action.help or "") + " (required)"
+        return super()._get_help_string(action)
+
+
 _TYPES = {"int": int, "float": float, "str": str, "int | None": int, "str | None": str}
 
+# The options only a training run reads: the cost tools (analyze, plan) compile a step and run nothing.
+TRAINING_ONLY = frozenset(
+    {"steps", "epochs", "eval_every", "metrics_file", "tensorboard_dir", "profile_steps", "profile_dir", "report"}
+    | {"sample_tokens", "checkpoint_dir", "checkpoint_every", "keep", "resume"}
+    | {"coordinator_address", "num_processes", "process_id"}
+)
 
-def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    """An argparse parser with one flag per config leaf."""
-    parser = _OneLineParser(prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+def build_parser(prog: str, description: str, add_flags=None, skip=frozenset()) -> argparse.ArgumentParser:
+    """An argparse parser with the tool's own flags first (``add_flags(group)``), then one flag per
+    config leaf except those in ``skip``."""
+    parser = _OneLineParser(prog=prog, description=description, formatter_class=_HelpFormatter)
+    if add_flags is not None:
+        add_flags(parser.add_argument_group(prog))
     defaults = Config()
     for group_field in dataclasses.fields(Config):
         group_value = getattr(defaults, group_field.name)
+        fields = [f for f in dataclasses.fields(group_value) if f.name not in skip]
+        if not fields:
+            continue
         group = parser.add_argument_group(group_field.name, type(group_value).__doc__)
-        for f in dataclasses.fields(group_value):
+        for f in fields:
             flag = "--" + f.name.replace("_", "-")
             default = getattr(group_value, f.name)
             help_text = f.metadata.get("help", "")
@@ -52,28 +74,32 @@ def parse_config(argv: list[str] | None, prog: str = "jaxmp.train", description:
 
 
 def parse_config_and_extras(
-    argv: list[str] | None, prog: str, description: str, add_flags
+    argv: list[str] | None, prog: str, description: str, add_flags, skip=frozenset()
 ) -> tuple[Config, argparse.Namespace]:
     """Like :func:`parse_config`, for a CLI with its own flags: ``add_flags(group)`` adds them to an
-    argument group named after ``prog``; returns the validated config and a namespace of those flags."""
-    parser = build_parser(prog, description)
-    add_flags(parser.add_argument_group(prog))
-    args = vars(parser.parse_args(argv))
+    argument group named after ``prog``, shown first; the config leaves in ``skip`` are not offered and
+    keep their defaults. Returns the validated config and a namespace of the tool's own flags."""
+    args = vars(build_parser(prog, description, add_flags, skip).parse_args(argv))
     leaves = {f.name for group in dataclasses.fields(Config) for f in dataclasses.fields(group.default_factory)}
     cfg = validate(Config().replace(**{k: v for k, v in args.items() if k in leaves}))
     return cfg, argparse.Namespace(**{k: v for k, v in args.items() if k not in leaves})
 
 
 def run_cli(
-    main, argv: list[str] | None = None, prog: str = "jaxmp.train", description: str = "", add_flags=None
+    main,
+    argv: list[str] | None = None,
+    prog: str = "jaxmp.train",
+    description: str = "",
+    add_flags=None,
+    skip=frozenset(),
 ) -> int:
     """Parse flags, call ``main(cfg)`` (``main(cfg, extras)`` with ``add_flags``), and turn a
-    ``ConfigError`` into one line and exit code 2."""
+    ``ConfigError`` into one line and exit code 2. ``skip``: config leaves the tool does not offer."""
     try:
         if add_flags is None:
             main(parse_config(argv, prog, description))
         else:
-            main(*parse_config_and_extras(argv, prog, description, add_flags))
+            main(*parse_config_and_extras(argv, prog, description, add_flags, skip))
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -83,4 +109,4 @@ def run_cli(
     return 0
 
 
-__all__ = ["ConfigError", "build_parser", "parse_config", "parse_config_and_extras", "run_cli"]
+__all__ = ["TRAINING_ONLY", "ConfigError", "build_parser", "parse_config", "parse_config_and_extras", "run_cli"]

@@ -12,7 +12,7 @@ import sys
 
 import jax
 
-from jaxmp.cli import run_cli
+from jaxmp.cli import TRAINING_ONLY, run_cli
 from jaxmp.config import Config, ConfigError
 from jaxmp.inspection.hardware import get_hardware
 from jaxmp.inspection.planner import parse_factors, plan, print_plan, to_json
@@ -45,7 +45,8 @@ def _run(cfg: Config, extras) -> None:
     _, input_shape, classes, batch = setup(cfg.replace(mesh="data=1"))  # simulates --cpu-devices; the plan picks meshes
     if jax.device_count() < extras.devices:
         raise ConfigError(f"--devices {extras.devices} needs --cpu-devices of at least {extras.devices}.")
-    rows = plan(cfg, extras.devices, hw, input_shape, classes, factors, **batch)
+    with Console(stderr=True).status("compiling the candidates") as status:  # shown on a terminal only
+        rows = plan(cfg, extras.devices, hw, input_shape, classes, factors, progress=status.update, **batch)
     if extras.json:
         print(json.dumps(to_json(rows, hw), indent=1))
     else:
@@ -55,7 +56,8 @@ def _run(cfg: Config, extras) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Plan the mesh for the model the flags describe; returns the exit code (2 for invalid input)."""
     description = "Rank every (data, tensor, pipe) mesh of N devices by a roofline step time from compiled programs."
-    return run_cli(_run, argv, "jaxmp.plan", description, add_flags=_add_flags)
+    skip = TRAINING_ONLY | {"mesh", "schedule_plot"}  # plan picks the meshes itself
+    return run_cli(_run, argv, "jaxmp.plan", description, add_flags=_add_flags, skip=skip)
 
 
 if __name__ == "__main__":

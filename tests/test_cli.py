@@ -341,3 +341,20 @@ def test_an_entry_added_to_a_table_is_offered_by_the_cli(module, table, option, 
         main(["--help"])
     out = capsys.readouterr().out
     assert "new-one" in " ".join(out[out.index(f"\n  --{option} ") :].split("\n  --")[1].split())
+
+
+@pytest.mark.parametrize(
+    ("module", "own"), [("jaxmp.analyze", "--json"), ("jaxmp.plan", "--devices DEVICES     number of devices")]
+)
+def test_the_cost_tools_help_shows_their_own_options_first_and_no_training_flags(module, own, capsys):
+    import importlib
+
+    with pytest.raises(SystemExit):
+        importlib.import_module(module).main(["--help"])
+    text = capsys.readouterr().out
+    text = text[text.index("options:") :]  # the option list, after the usage summary
+    assert text.index(own) < text.index("--model MODEL") < text.index("--batch-size BATCH_SIZE")
+    for flag in ("--checkpoint-dir", "--metrics-file", "--steps", "--profile-steps", "--coordinator-address"):
+        assert flag not in text, flag
+    if module == "jaxmp.plan":
+        assert "to plan for (required)" in text and "--mesh" not in text

@@ -53,7 +53,20 @@ def planned():
     # split state and its step's temporaries fit
     memory = 3 * 4 * params * 5 // 4
     hw = get_hardware("cpu")._replace(memory_bytes=memory)
-    return plan(cfg, 8, hw, IMAGE, CLASSES, factors=(1,)), hw
+    lines: list[str] = []
+    rows = plan(cfg, 8, hw, IMAGE, CLASSES, factors=(1,), progress=lines.append)
+    assert len(lines) >= len(factorisations(8)) and lines[-1].endswith("mesh 10 of 10")  # a line per compilation
+    return rows, hw
+
+
+def test_the_compute_term_is_flops_over_peak_and_reads_as_a_figure(planned):
+    from jaxmp.inspection.planner import duration
+
+    rows, hw = planned
+    for row in (r for r in rows if r.feasible):
+        assert row.flops > 0 and row.t_compute == pytest.approx(row.flops / hw.flops_for("float32"), rel=1e-12)
+        assert float(duration(row.t_compute).split()[0]) > 0  # never "0.000 ms"
+    assert [duration(s) for s in (2.5, 0.0123, 4.56e-6, 7e-10)] == ["2.5 s", "12.3 ms", "4.56 µs", "0.7 ns"]
 
 
 def test_every_factorisation_is_listed(planned):

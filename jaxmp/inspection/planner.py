@@ -136,19 +136,24 @@ def plan(
     factors: tuple[int, ...] = (1, 2, 4),
     *,
     model_fn: Callable | None = None,
+    progress: Callable[[str], None] | None = None,
     **pieces,
 ) -> list[PlanRow]:
     """Every factorisation of ``devices`` x micro-batch candidate, feasible ones by predicted step time first.
 
     ``model_fn`` (default: ``--model-fn``, else the preset) and ``pieces`` (``optimizer=``, ``loss=``,
     ``rules=``) are a model and parts of your own, as :func:`jaxmp.training.step.build_program` takes them.
+    ``progress``: called with a line before each candidate is compiled (each takes seconds).
     """
     from jaxmp.models.contract import own_model_fn
 
     pieces["model_fn"] = own_model_fn(cfg, model_fn)
     rows = []
-    for shape in factorisations(devices):
+    shapes = factorisations(devices)
+    for i, shape in enumerate(shapes, 1):
         for m in microbatch_candidates(shape.pipe, factors):
+            if progress:
+                progress(f"compiling {shape} with {m} micro-batch(es): mesh {i} of {len(shapes)}")
             row = evaluate(cfg, shape, m, input_shape, classes, hw, **pieces)
             if not row.feasible and row.peak_bytes is None and "micro-batch" not in row.reason:
                 rows.append(row._replace(microbatches=0))  # fails whatever M is: one row for the shape
@@ -177,6 +182,17 @@ def to_json(rows: list[PlanRow], hw: Hardware) -> dict[str, Any]:
     return {"hardware": hw._asdict(), "roofline": "max(flops/peak, bytes/hbm_bw) + comm/link_bw", "shapes": shapes}
 
 
+def duration(seconds: float | None) -> str:
+    """Seconds as a person reads them, 3 significant digits in the unit that fits (a tiny model's
+    compute term is microseconds: milliseconds with 3 decimals would read 0.000)."""
+    if seconds is None:
+        return ""
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6)):
+        if abs(seconds) >= scale:
+            return f"{seconds / scale:.3g} {unit}"
+    return f"{seconds / 1e-9:.3g} ns"
+
+
 def print_plan(rows: list[PlanRow], hw: Hardware, console) -> None:
     """The ranking as a rich table, then the hardware numbers and their source."""
     from rich.table import Table
@@ -187,9 +203,6 @@ def print_plan(rows: list[PlanRow], hw: Hardware, console) -> None:
     table.add_column("t_step", justify="right", style="bold")
     table.add_column("infeasible because", justify="left", overflow="fold")
 
-    def ms(seconds: float | None) -> str:
-        return "" if seconds is None else f"{seconds * 1e3:.3f} ms"
-
     for rank, row in enumerate(rows, 1):
         peak = "" if row.peak_bytes is None else f"{row.peak_bytes / 2**20:,.1f} MiB"
         table.add_row(
@@ -198,10 +211,10 @@ def print_plan(rows: list[PlanRow], hw: Hardware, console) -> None:
             str(row.microbatches or "any"),
             f"{row.bubble:.0%}" if row.mesh.pipe > 1 and row.flops is not None else "",
             peak,
-            ms(row.t_compute),
-            ms(row.t_memory),
-            ms(row.t_comm),
-            ms(row.t_step if row.feasible else None),
+            duration(row.t_compute),
+            duration(row.t_memory),
+            duration(row.t_comm),
+            duration(row.t_step if row.feasible else None),
             row.reason,
         )
     console.print(table)
