@@ -142,15 +142,15 @@ def test_own_model_optimizer_and_loss_train_like_a_hand_written_loop(reference, 
 )
 def test_bad_pieces_are_one_line_errors(kwargs, message):
     with pytest.raises(ConfigError, match=message):
-        build_program(
-            Config().replace(batch_size=BATCH),
-            single_device_mesh(),
-            IMAGE,
-            CLASSES,
-            model_fn=ResidualMLP,
-            rules={"hidden": None},
-            **kwargs,
-        )
+        _one_device_program(**kwargs)
+
+
+def _one_device_program(**pieces):
+    """The own MLP on one device, with ``pieces`` (optimizer=, loss=) of a test's own."""
+    cfg = Config().replace(batch_size=BATCH)
+    return build_program(
+        cfg, single_device_mesh(), IMAGE, CLASSES, model_fn=ResidualMLP, rules={"hidden": None}, **pieces
+    )
 
 
 class _NotALayer(nnx.Module):
@@ -260,14 +260,7 @@ def test_fit_refuses_non_finite_data_naming_the_split_and_row(split):
 
 
 def test_put_batch_names_what_it_expected_and_what_it_got():
-    program = build_program(
-        Config().replace(batch_size=BATCH),
-        single_device_mesh(),
-        IMAGE,
-        CLASSES,
-        model_fn=ResidualMLP,
-        rules={"hidden": None},
-    )
+    program = _one_device_program()
     x, y = _data(BATCH)
     with pytest.raises(
         ConfigError, match=rf"put_batch: x is int32\[{BATCH}, 12, 12, 1\], the program was built for float32"

@@ -276,8 +276,8 @@ def function_label(fn: Callable) -> str:
 
 
 def user_frame(error: BaseException) -> str:
-    """``FILE:LINE`` of the deepest frame of ``error``'s traceback in the user's code (not in jaxmp or an
-    installed package), or ``""``."""
+    """`` (FILE:LINE)`` of the deepest frame of ``error``'s traceback in the user's code (not in jaxmp or an
+    installed package), or ``""``: ready to follow the words it locates."""
     import os
     import traceback
 
@@ -287,7 +287,7 @@ def user_frame(error: BaseException) -> str:
         for f in traceback.extract_tb(error.__traceback__)
         if not f.filename.startswith(ours) and "site-packages" not in f.filename and "/lib/python" not in f.filename
     ]
-    return f"{os.path.basename(frames[-1].filename)}:{frames[-1].lineno}" if frames else ""
+    return f" ({os.path.basename(frames[-1].filename)}:{frames[-1].lineno})" if frames else ""
 
 
 def check_model_fn(fn: Callable, label: str) -> None:
@@ -321,7 +321,6 @@ def build_own_model(fn: Callable, label: str, rngs) -> nnx.Module:
         raise
     except Exception as error:  # the user's code: one line naming where it failed
         where = user_frame(error)
-        where = f" ({where})" if where else ""
         raise ConfigError(f"{label}(rngs) failed while building the model{where}: {first_line(error)}") from error
 
 

@@ -399,7 +399,7 @@ def run(cfg: Config, console=None, own: Own = PRESETS) -> Summary:
     main = is_main_process()
     console = console or Console(quiet=not main)
     if setup.restored:
-        mesh = ",".join(f"{name}={size}" for name, size in setup.program.mesh.shape.items())
+        mesh = MeshShape(*setup.program.mesh.shape.values())
         console.print(f"resumed from step {setup.restored.step} ({setup.restored.path}) on mesh {mesh}")
     if cfg.run.schedule_plot:
         console.print(f"wrote the schedule plot {cfg.run.schedule_plot}")
@@ -509,7 +509,7 @@ def _print_summary(console, cfg: Config, setup: Setup, summary: Summary) -> None
     from rich.table import Table
 
     mesh = setup.program.mesh
-    mesh_text = ",".join(f"{name}={size}" for name, size in mesh.shape.items())
+    mesh_text = str(MeshShape(*mesh.shape.values()))
     table = Table(title="summary", title_justify="left", show_header=False)
     rows = {
         "model / strategy": f"{setup.own.model_name(cfg)} / {cfg.model.strategy}",

@@ -294,7 +294,6 @@ def _layout(cfg: Config, mesh, rules, tx, make_model, shapes: BatchShape) -> _La
         raise
     except Exception as error:  # the user's layers, traced on shapes: one line saying so
         where = user_frame(error)
-        where = f" ({where})" if where else ""
         raise ConfigError(f"the model fails on inputs of shape {x_struct.shape}{where}: {first_line(error)}") from error
     graphdef, abstract_state = nnx.split(abstract_model, nnx.Param)
     input_axis = getattr(type(abstract_model), "INPUT_BATCH_AXIS", "batch")
