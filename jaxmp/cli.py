@@ -11,7 +11,8 @@ import argparse
 import dataclasses
 import sys
 
-from jaxmp.config import Config, ConfigError, RunStopped, validate
+from jaxmp.config import Config, ConfigError, RunStopped, leaf_names, validate
+from jaxmp.speech import command_line
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -80,7 +81,7 @@ def parse_config_and_extras(
     argument group named after ``prog``, shown first; the config leaves in ``skip`` are not offered and
     keep their defaults. Returns the validated config and a namespace of the tool's own flags."""
     args = vars(build_parser(prog, description, add_flags, skip).parse_args(argv))
-    leaves = {f.name for group in dataclasses.fields(Config) for f in dataclasses.fields(group.default_factory)}
+    leaves = leaf_names()
     cfg = validate(Config().replace(**{k: v for k, v in args.items() if k in leaves}))
     return cfg, argparse.Namespace(**{k: v for k, v in args.items() if k not in leaves})
 
@@ -96,10 +97,11 @@ def run_cli(
     """Parse flags, call ``main(cfg)`` (``main(cfg, extras)`` with ``add_flags``), and turn a
     ``ConfigError`` into one line and exit code 2. ``skip``: config leaves the tool does not offer."""
     try:
-        if add_flags is None:
-            main(parse_config(argv, prog, description))
-        else:
-            main(*parse_config_and_extras(argv, prog, description, add_flags, skip))
+        with command_line():
+            if add_flags is None:
+                main(parse_config(argv, prog, description))
+            else:
+                main(*parse_config_and_extras(argv, prog, description, add_flags, skip))
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -246,6 +246,11 @@ class Config:
         return Config(**groups)
 
 
+def leaf_names() -> frozenset[str]:
+    """The name of every leaf option (``batch_size``, ``mesh``, ...): the CLI's flags and ``replace``'s keys."""
+    return frozenset(f.name for group in dataclasses.fields(Config) for f in dataclasses.fields(group.default_factory))
+
+
 def _group_of(leaf: str) -> str:
     for group in dataclasses.fields(Config):
         if leaf in {f.name for f in dataclasses.fields(group.default_factory)}:

@@ -59,6 +59,7 @@ def test_two_processes_train_like_one(tmp_path):
     for child, (_, err) in zip(two, outputs, strict=True):
         assert child.returncode == 0, err[-3000:]
     assert "summary" in outputs[0][0] and "summary" not in outputs[1][0]  # process 0 alone reports
+    assert "[Gloo]" not in outputs[0][0] + outputs[1][0]  # 20 connection lines per process unfiltered
     np.testing.assert_allclose(losses(tmp_path / "two.jsonl"), losses(tmp_path / "one.jsonl"), rtol=1e-5)
     assert len(losses(tmp_path / "one.jsonl")) == 8
 
@@ -71,3 +72,13 @@ def test_two_processes_train_like_one(tmp_path):
     assert one.step == two_saved.step == 8
     for a, b in zip(jax.tree.leaves(one.state.params), jax.tree.leaves(two_saved.state.params), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+
+
+def test_the_gloo_filter_drops_interleaved_connection_lines_only():
+    from jaxmp.training.distributed import GLOO_CONNECTED
+
+    interleaved = b"[Gloo] Rank [Gloo] Rank 01 is connected to  is connected to 11 peer ranks.  peer ranks. "
+    interleaved += b"Expected number of connected peer ranks is : Expected number of connected peer ranks is : 11\n"
+    assert GLOO_CONNECTED.fullmatch(interleaved) and GLOO_CONNECTED.fullmatch(b"\n")
+    assert not GLOO_CONNECTED.fullmatch(b"[Gloo] Rank 0: connection refused\n")
+    assert not GLOO_CONNECTED.fullmatch(b"step 10 loss 2.3\n")

@@ -169,17 +169,26 @@ def test_a_model_that_fails_on_its_input_is_one_line():
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"lr": float("nan")}, "--lr must be a finite number, got nan"),
-        ({"weight_decay": float("inf")}, "--weight-decay must be a finite number, got inf"),
-        ({"microbatches": 0}, "--microbatches must be positive, got 0"),
-        ({"model": "resnet"}, "--model 'resnet' is not one of"),
-        ({"depth": "8"}, "--depth must be an int, got '8'"),
-        ({"fsdp": 1}, "--fsdp must be a bool, got 1"),
+        ({"lr": float("nan")}, "^lr must be a finite number, got nan"),
+        ({"weight_decay": float("inf")}, "^weight_decay must be a finite number, got inf"),
+        ({"microbatches": 0}, "^microbatches must be positive, got 0"),
+        ({"model": "resnet"}, "^model 'resnet' is not one of"),
+        ({"depth": "8"}, "^depth must be an int, got '8'"),
+        ({"fsdp": 1}, "^fsdp must be a bool, got 1"),
     ],
 )
-def test_the_python_api_validates_like_the_cli(overrides, message):
+def test_the_python_api_validates_like_the_cli_in_python_terms(overrides, message):
     with pytest.raises(ConfigError, match=message):
         build_program(Config().replace(**overrides), single_device_mesh(), IMAGE, CLASSES)
+
+
+def test_python_terms_rename_the_config_flags_only():
+    from jaxmp.speech import in_python_terms
+
+    message = "--checkpoint-every needs --checkpoint-dir; --no-resume; --cpu-devices 8; pip download --no-deps x"
+    assert in_python_terms(message) == (
+        "checkpoint_every needs checkpoint_dir; resume=False; jaxmp.simulate_cpu_devices(8); pip download --no-deps x"
+    )
 
 
 # ---------------------------------------------------------------- jaxmp.fit: the loop around it
@@ -226,7 +235,7 @@ def test_fit_trains_resumes_on_another_mesh_and_refuses_another_model(tmp_path):
     assert 0.0 <= one.eval_accuracy <= 1.0 and one.state is not None
     from jaxmp import fit
 
-    with pytest.raises(ConfigError, match=r"was saved with --model ResidualMLP, but this run has \S*<lambda>"):
+    with pytest.raises(ConfigError, match=r"was saved with model ResidualMLP, but this run has \S*<lambda>"):
         fit(
             lambda r: ResidualMLP(r, width=8),
             _data(),
@@ -308,5 +317,5 @@ def test_the_readme_layout_lists_every_module_and_nothing_else():
 def test_a_mesh_larger_than_the_devices_says_how_to_simulate_more():
     from jaxmp import MeshShape, build_mesh
 
-    with pytest.raises(ConfigError, match=r"needs 16 devices, JAX has 8; on CPU call jaxmp.simulate_cpu_devices\(16\)"):
+    with pytest.raises(ConfigError, match=r"needs 16 devices, JAX has 8; on CPU, jaxmp.simulate_cpu_devices\(16\)"):
         build_mesh(MeshShape(data=16))

@@ -167,7 +167,7 @@ def test_attention_is_megatron_two_all_reduces_per_layer_each_way():
 
 
 def test_heads_must_divide_tensor():
-    with pytest.raises(ConfigError, match=r"--heads 4 is not divisible by 8, the devices of mesh axes tensor"):
+    with pytest.raises(ConfigError, match=r"^heads 4 is not divisible by 8, the devices of mesh axes tensor"):
         build_program(gpt_config(heads=4, mesh="tensor=8"), mesh_from_spec("tensor=8"), (SEQ,), VOCAB, **TOKENS)
 
 
@@ -388,7 +388,7 @@ def test_sequence_parallel_messages_between_stages_are_split_by_tokens():
 
 def test_sequence_parallel_needs_a_sequence_that_tensor_divides():
     cfg = gpt_config(mesh="data=2,tensor=4", heads=4, sequence_parallel=True)
-    with pytest.raises(ConfigError, match=r"--seq-len 6 is not divisible by 4, the devices of mesh axes tensor"):
+    with pytest.raises(ConfigError, match=r"^seq_len 6 is not divisible by 4, the devices of mesh axes tensor"):
         build_program(cfg, mesh_from_spec("data=2,tensor=4"), (6,), VOCAB, input_dtype=jnp.int32, label_shape=(6,))
 
 

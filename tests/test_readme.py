@@ -108,6 +108,13 @@ def test_a_broken_block_fails_the_script(tmp_path):
     assert result.returncode != 0 and "NameError: name 'digits_modle' is not defined" in result.stderr
 
 
+def test_the_readmes_model_is_the_example_module_verbatim():
+    """Notebook 05 and ``--model-fn jaxmp.examples.digits:digits_model`` train the model the README shows."""
+    from support import readme_model_source
+
+    assert readme_model_source() == (ROOT / "jaxmp" / "examples" / "digits.py").read_text()
+
+
 COMMANDS = commands(README)
 
 

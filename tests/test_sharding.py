@@ -128,7 +128,7 @@ def test_indivisible_parameter_is_named():
 
 def test_indivisible_batch_is_rejected():
     cfg = small_config("mlp", "dp", batch_size=12)
-    with pytest.raises(ConfigError, match="--batch-size 12 is not divisible by 8"):
+    with pytest.raises(ConfigError, match="^batch_size 12 is not divisible by 8"):
         build_program(cfg, build_mesh(MeshShape(2, 4)), IMAGE, CLASSES)
 
 

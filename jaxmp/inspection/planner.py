@@ -36,6 +36,7 @@ from jaxmp.inspection.compiled import memory_and_flops
 from jaxmp.inspection.flops import hlo_cost
 from jaxmp.inspection.hardware import GIB, Hardware
 from jaxmp.parallel.mesh import MeshShape
+from jaxmp.speech import speaks_python
 
 
 class PlanRow(NamedTuple):
@@ -127,6 +128,7 @@ def evaluate(
     return row
 
 
+@speaks_python
 def plan(
     cfg: Config,
     devices: int,

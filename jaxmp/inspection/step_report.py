@@ -32,6 +32,7 @@ from jaxmp.inspection.collectives import AxisTotal, Collective, origin, per_axis
 from jaxmp.inspection.compiled import memory_and_flops
 from jaxmp.inspection.flops import hlo_cost
 from jaxmp.inspection.textbook import textbook_layer, textbook_layer_exchange
+from jaxmp.speech import speaks_python
 
 _SMALL = 4  # collectives of at most this many elements (loss scalars) never trigger a note on their own
 
@@ -309,6 +310,7 @@ def diagnose(cfg: Config, program, colls: list[Collective], rows: list[Row], pre
     return notes
 
 
+@speaks_python
 def analyze(
     cfg: Config | None = None,
     *,

@@ -13,6 +13,7 @@ import os
 from typing import NamedTuple
 
 from jaxmp.config import ConfigError
+from jaxmp.speech import speaks_python
 
 AXES = ("data", "tensor", "pipe")
 
@@ -32,6 +33,7 @@ class MeshShape(NamedTuple):
         return ",".join(f"{name}={size}" for name, size in zip(AXES, self, strict=True))
 
 
+@speaks_python
 def parse_mesh(spec: str, num_devices: int) -> MeshShape:
     """Parse ``"data=2,tensor=-1"`` into a :class:`MeshShape` that uses exactly ``num_devices``.
 
@@ -75,6 +77,7 @@ def parse_mesh(spec: str, num_devices: int) -> MeshShape:
     return shape
 
 
+@speaks_python
 def simulate_cpu_devices(count: int) -> None:
     """Make JAX's CPU backend expose ``count`` devices; must run before JAX initialises a backend. If JAX
     already started with at least ``count`` devices, nothing changes: a mesh uses the first it needs.
@@ -107,6 +110,7 @@ def cpu_threads(devices: int) -> int:
     return max(16, 2 * devices)
 
 
+@speaks_python
 def build_mesh(shape: MeshShape, devices=None):
     """A ``jax.sharding.Mesh`` with axes data, tensor, pipe (all ``AxisType.Auto``).
 
@@ -122,12 +126,13 @@ def build_mesh(shape: MeshShape, devices=None):
         devices = jax.devices()[: shape.size]
     if len(devices) < shape.size:
         raise ConfigError(
-            f"the mesh {shape} needs {shape.size} devices, JAX has {len(devices)}; on CPU call "
-            f"jaxmp.simulate_cpu_devices({shape.size}) before JAX starts (the CLI: --cpu-devices {shape.size})."
+            f"the mesh {shape} needs {shape.size} devices, JAX has {len(devices)}; on CPU, "
+            f"--cpu-devices {shape.size} simulates them (before JAX starts)."
         )
     return jax.make_mesh(tuple(shape), AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=list(devices))
 
 
+@speaks_python
 def mesh_from_spec(spec: str, devices=None):
     """Parse ``spec`` against the available devices and build the mesh: a spec of fixed sizes on the
     first devices it needs (``tensor=2`` on 8 devices uses 2), a ``-1`` axis filling all of them."""
@@ -157,6 +162,7 @@ def run_mesh(spec: str, cpu_devices: int | None = None):
     return mesh_from_spec(spec, devices)
 
 
+@speaks_python
 def as_mesh(mesh):
     """A jaxmp mesh from a spec (``"data=2,tensor=4"``) or a ``jax.sharding.Mesh`` of your own.
 

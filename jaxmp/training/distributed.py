@@ -12,6 +12,13 @@ process; a plain ``python -m jaxmp.train`` stays single-process.
 
 from __future__ import annotations
 
+import atexit
+import io
+import os
+import re
+import sys
+import threading
+
 from jaxmp.config import ConfigError, DistributedConfig
 
 
@@ -62,7 +69,47 @@ def initialize(cfg: DistributedConfig) -> bool:
         where = cfg.coordinator_address or "the detected launcher"
         line = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
         raise ConfigError(f"jax.distributed.initialize with {where} failed: {line}.") from None
+    drop_gloo_connection_lines()
     return True
+
+
+# Gloo writes its line in pieces, from several threads at once: the pieces of two lines interleave, and a
+# line of the stream may hold parts of several, or only the newline of one.
+_GLOO_PIECES = rb"\[Gloo\] Rank|is connected to|peer ranks\.|Expected number of connected peer ranks is :|\d+| "
+GLOO_CONNECTED = re.compile(rb"(" + _GLOO_PIECES + rb")*\n?")
+
+
+def drop_gloo_connection_lines() -> None:
+    """Keep Gloo's "[Gloo] Rank r is connected to p peer ranks" lines (one per communicator it opens, 20
+    per process in a short run, written by C++ straight to file descriptor 1) off the user's screen.
+
+    How: descriptor 1 becomes a pipe whose reader forwards every other line to the real stdout, and
+    Python's own ``sys.stdout`` writes to the real stdout directly, so it stays a terminal (colours,
+    live progress) when it was one. At exit the pipe is closed and drained.
+    """
+    sys.stdout.flush()
+    real = os.dup(1)
+    read, write = os.pipe()
+    os.dup2(write, 1)
+    os.close(write)
+    encoding = sys.stdout.encoding or "utf-8"
+    sys.stdout = io.TextIOWrapper(os.fdopen(os.dup(real), "wb", buffering=0), encoding, line_buffering=True)
+
+    def forward():
+        with os.fdopen(read, "rb") as lines, os.fdopen(real, "wb", buffering=0) as out:
+            for line in lines:
+                if not GLOO_CONNECTED.fullmatch(line):
+                    out.write(line)
+
+    pump = threading.Thread(target=forward, name="jaxmp-stdout-filter", daemon=True)
+    pump.start()
+
+    def close():
+        sys.stdout.flush()
+        os.dup2(os.dup(sys.stdout.fileno()), 1)  # the pipe's last writer goes: the reader drains and stops
+        pump.join(timeout=5)
+
+    atexit.register(close)
 
 
 def is_main_process() -> bool:

@@ -32,6 +32,7 @@ from jaxmp.parallel.mesh import MeshShape, as_mesh, run_mesh, simulate_cpu_devic
 from jaxmp.parallel.sharding import print_sharding_report
 from jaxmp.pipeline.packing import print_stage_report
 from jaxmp.pipeline.plot import check_plot_path, save_schedule_plot
+from jaxmp.speech import speaks_python
 from jaxmp.training.checkpoint import Restored, Saver, check_directory, check_resume, complete_steps, restore
 from jaxmp.training.data import Dataset, batch_rows, eval_batches, load_dataset, num_batches
 from jaxmp.training.distributed import initialize, is_main_process
@@ -42,6 +43,7 @@ from jaxmp.training.step import Program, TrainState, build_program, put_global
 STOP_SYNC_EVERY = 10  # multi-process runs agree on a stop request every this many steps
 
 
+@speaks_python
 def fit(
     model_fn: Callable,
     train,

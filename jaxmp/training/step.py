@@ -52,6 +52,7 @@ from jaxmp.parallel.sharding import axis_size, check_divisible, fsdp_specs, para
 from jaxmp.pipeline import Pipeline, build_pipeline, is_pipelined, split_microbatches
 from jaxmp.pipeline import run as run_pipeline
 from jaxmp.pipeline.stage_collectives import check_stage_collectives
+from jaxmp.speech import speaks_python
 
 
 class TrainState(NamedTuple):
@@ -84,6 +85,7 @@ class Program(NamedTuple):
     rules: Mapping | None = None  # the whole rules table the program was built with
     batch: tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct] | None = None  # one global batch (x, y) as shapes
 
+    @speaks_python
     def put_batch(self, x, y) -> tuple[jax.Array, jax.Array]:
         """Place a host batch on the mesh with the shardings the compiled steps expect.
 
@@ -333,6 +335,7 @@ def _layout(cfg: Config, mesh, rules, tx, make_model, shapes: BatchShape) -> _La
     return _Layout(graphdef, parts, state_sh, x_sh, y_sh, layer_params_sh, pipeline, outputs, abstract_model)
 
 
+@speaks_python
 def build_program(
     cfg: Config,
     mesh: jax.sharding.Mesh,
