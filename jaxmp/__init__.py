@@ -4,19 +4,39 @@ The public API, re-exported; everything else lives in the submodules. Importing 
 a JAX backend, so ``simulate_cpu_devices`` can still run afterwards. The command-line modules
 (``jaxmp.train``, ``jaxmp.analyze``, ``jaxmp.plan``) are not imported here, so ``python -m`` runs them
 cleanly; the cost tools behind them are ``jaxmp.inspection.step_report.analyze`` and
-``jaxmp.inspection.planner.plan``. ``jaxmp.fit`` (the training loop, with Orbax behind it) is imported
-on first use.
+``jaxmp.inspection.planner.plan``. Every name but ``Config`` and ``ConfigError`` is imported on first
+use, JAX with it.
 """
 
 from jaxmp.config import Config, ConfigError
-from jaxmp.inspection.closed_forms import predict, predict_program
-from jaxmp.inspection.collectives import Collective, collectives
-from jaxmp.inspection.hardware import HARDWARE, Hardware
-from jaxmp.inspection.textbook import textbook_layer_exchange
-from jaxmp.parallel.mesh import MeshShape, as_mesh, build_mesh, mesh_from_spec, parse_mesh, simulate_cpu_devices
-from jaxmp.parallel.sharding import print_sharding_report, sharding_report
-from jaxmp.pipeline import Schedule, build_schedule, gpipe, naive, one_f_one_b, plot, render, validate, zb_h1, zb_v
-from jaxmp.training.step import Program, TrainState, build_program
+
+# Everything else loads on first use (PEP 562), so ``python -m jaxmp.train`` starts its signal handling
+# before JAX is imported: a Ctrl-C during start-up is one line, never an import traceback.
+_LAZY = {
+    "predict": "jaxmp.inspection.closed_forms",
+    "predict_program": "jaxmp.inspection.closed_forms",
+    "Collective": "jaxmp.inspection.collectives",
+    "collectives": "jaxmp.inspection.collectives",
+    "HARDWARE": "jaxmp.inspection.hardware",
+    "Hardware": "jaxmp.inspection.hardware",
+    "textbook_layer_exchange": "jaxmp.inspection.textbook",
+    "MeshShape": "jaxmp.parallel.mesh",
+    "as_mesh": "jaxmp.parallel.mesh",
+    "build_mesh": "jaxmp.parallel.mesh",
+    "mesh_from_spec": "jaxmp.parallel.mesh",
+    "parse_mesh": "jaxmp.parallel.mesh",
+    "simulate_cpu_devices": "jaxmp.parallel.mesh",
+    "print_sharding_report": "jaxmp.parallel.sharding",
+    "sharding_report": "jaxmp.parallel.sharding",
+    **dict.fromkeys(
+        ("Schedule", "build_schedule", "gpipe", "naive", "one_f_one_b", "plot", "render", "validate", "zb_h1", "zb_v"),
+        "jaxmp.pipeline",
+    ),
+    "Program": "jaxmp.training.step",
+    "TrainState": "jaxmp.training.step",
+    "build_program": "jaxmp.training.step",
+    "fit": "jaxmp.training.loop",
+}
 
 __all__ = [
     "HARDWARE",
@@ -54,8 +74,12 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    if name == "fit":
-        from jaxmp.training.loop import fit
+    if name in _LAZY:
+        import importlib
 
-        return fit
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'jaxmp' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -9,9 +9,8 @@ one line, exit code 2.
 from __future__ import annotations
 
 import json
-import sys
 
-from jaxmp.cli import TRAINING_ONLY, run_cli
+from jaxmp.cli import TRAINING_ONLY, run_as_command, run_cli
 from jaxmp.config import Config
 from jaxmp.inspection.step_report import analyze, to_json
 
@@ -39,4 +38,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_as_command(main)

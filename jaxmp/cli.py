@@ -8,10 +8,15 @@ input does.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import os
+import signal
 import sys
+import threading
 
-from jaxmp.config import Config, ConfigError, RunStopped, leaf_names, validate
+import jaxmp.config
+from jaxmp.config import Config, ConfigError, RunStopped, StoppedAtOnce, leaf_names, stop_at_once, validate
 from jaxmp.speech import command_line
 
 
@@ -95,9 +100,11 @@ def run_cli(
     skip=frozenset(),
 ) -> int:
     """Parse flags, call ``main(cfg)`` (``main(cfg, extras)`` with ``add_flags``), and turn a
-    ``ConfigError`` into one line and exit code 2. ``skip``: config leaves the tool does not offer."""
+    ``ConfigError`` into one line and exit code 2, a stopped run (divergence, a signal, a failed write)
+    into one line and its own exit code. ``skip``: config leaves the tool does not offer."""
+    global _exit_now
     try:
-        with command_line():
+        with command_line(), _signals_stop_at_once():
             if add_flags is None:
                 main(parse_config(argv, prog, description))
             else:
@@ -105,10 +112,61 @@ def run_cli(
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except RunStopped as stop:  # diverged loss, Ctrl-C: one line and the run's own exit code
+    except (RunStopped, StoppedAtOnce) as stop:  # diverged loss, a signal, a failed write: one line, own exit code
         print(f"{stop.label}: {stop}", file=sys.stderr)
+        _exit_now = stop.exit_now
         return stop.exit_code
     return 0
 
 
-__all__ = ["TRAINING_ONLY", "ConfigError", "build_parser", "parse_config", "parse_config_and_extras", "run_cli"]
+_exit_now = False  # the last run_cli call ended with threads or a teardown not worth waiting for
+
+
+@contextlib.contextmanager
+def _signals_stop_at_once():
+    """SIGINT and SIGTERM outside a training loop (which handles them itself) stop the command at once
+    with one line, not a traceback or a silent kill."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        name = signal.Signals(signum).name
+        stop_at_once(f"{name} before the first step; nothing was written.", signum)
+
+    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def run_as_command(main) -> None:
+    """The ``python -m jaxmp.*`` entry point: run ``main()`` and end the process with its exit code; a
+    signal with no step boundary to wait for ends it at once (``jaxmp.config.stop_at_once``)."""
+    jaxmp.config._signals_end_the_process = True
+    exit_process(main())
+
+
+def exit_process(code: int) -> None:
+    """End a ``python -m jaxmp.*`` process with ``code``. After a stop that left library threads behind
+    (a cut save: Orbax's threads wait up to 300 s; compilation cut by a signal), skip the interpreter's
+    teardown: the line was printed and everything worth keeping is on disk."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if _exit_now:
+        os._exit(code)
+    sys.exit(code)
+
+
+__all__ = [
+    "TRAINING_ONLY",
+    "ConfigError",
+    "build_parser",
+    "exit_process",
+    "run_as_command",
+    "parse_config",
+    "parse_config_and_extras",
+    "run_cli",
+]

@@ -9,9 +9,12 @@ what would be valid; the CLI prints that sentence and exits with code 2.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import math
+import os
+import sys
 from dataclasses import dataclass, field
 
 
@@ -26,10 +29,69 @@ def first_line(error: BaseException) -> str:
 
 
 class RunStopped(Exception):
-    """A run that ended early (diverged, interrupted): one line for the user and the process exit code."""
+    """A run that ended early (diverged, interrupted): one line for the user and the process exit code.
+
+    ``exit_now``: the command line ends the process at once after the line, without waiting for library
+    threads that a cut save or start-up left behind (Orbax's wait up to 300 s for signals that will
+    never come; a teardown in the middle of compilation can crash)."""
 
     label = "error"
     exit_code = 1
+    exit_now = False
+
+
+class Interrupted(RunStopped):
+    """SIGINT (Ctrl-C) or SIGTERM (what SLURM sends before it kills a job) stopped training at a step
+    boundary, after saving if checkpoints were asked for; exit code 128 + signal."""
+
+    label = "stopped"
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+class StoppedAtOnce(KeyboardInterrupt):
+    """SIGINT or SIGTERM at a moment with no step boundary to wait for (start-up, compilation, after the
+    last step, a second Ctrl-C): raised from the signal handler, exit code 128 + signal.
+
+    Why a ``KeyboardInterrupt``: it can surface anywhere, and no ``except Exception`` on the way (in JAX,
+    Orbax or jaxmp) may swallow it, as none swallows Ctrl-C's own."""
+
+    label = "stopped"
+    exit_now = True
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+_signals_end_the_process = False  # set by the ``python -m jaxmp.*`` entry points (jaxmp.cli.run_as_command)
+
+
+def stop_at_once(message: str, signum: int):
+    """From a signal handler: end a ``python -m jaxmp.*`` process right here, with one line and exit code
+    128 + signal; a Python caller gets :class:`StoppedAtOnce` instead.
+
+    Why end the process from the handler: an exception raised there can land in a garbage-collector
+    callback, where Python prints and drops it and the run goes on; and a teardown in the middle of
+    compilation or of a save can crash. Nothing is lost: at these moments nothing is being written but a
+    save that was not committed (the next run removes its temporary folder).
+    """
+    if not _signals_end_the_process:
+        raise StoppedAtOnce(message, signum)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):  # a stream busy in the interrupted frame
+            stream.flush()
+    os.write(2, f"\nstopped: {message}\n".encode())
+    os._exit(128 + signum)
+
+
+class WriteFailed(RunStopped):
+    """A checkpoint, the metrics or TensorBoard could not be written (a folder made read-only, a full
+    disk): one line naming the path and the cause; everything written before stays as it was."""
+
+    exit_now = True
 
 
 def _opt(default, help: str, **kw):
@@ -214,6 +276,13 @@ class CheckpointConfig:
     checkpoint_every: int = _opt(0, "save every N steps (0: only at the end and on Ctrl-C)")
     keep: int = _opt(3, "keep the K newest checkpoints")
     resume: bool = _opt(False, "continue from the newest checkpoint in --checkpoint-dir (onto any mesh)")
+    resume_from: int | None = _opt(
+        None, "continue from the checkpoint of this step; newer ones are moved to DIR/set-aside, never deleted"
+    )
+
+    @property
+    def resuming(self) -> bool:
+        return self.resume or self.resume_from is not None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -334,8 +403,10 @@ def _validate_checkpoint(cfg: CheckpointConfig) -> None:
     if cfg.checkpoint_every < 0:
         raise ConfigError(f"--checkpoint-every must be 0 or positive, got {cfg.checkpoint_every}.")
     _positive("keep", cfg.keep)
+    _positive("resume_from", cfg.resume_from)
     if cfg.checkpoint_dir is None:
-        for flag, given in (("--resume", cfg.resume), ("--checkpoint-every", cfg.checkpoint_every)):
+        asked = {"--resume": cfg.resume, "--resume-from": cfg.resume_from, "--checkpoint-every": cfg.checkpoint_every}
+        for flag, given in asked.items():
             if given:
                 raise ConfigError(f"{flag} needs --checkpoint-dir, the folder that holds the checkpoints.")
 

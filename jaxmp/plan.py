@@ -8,11 +8,10 @@ Invalid input: one line, exit code 2.
 from __future__ import annotations
 
 import json
-import sys
 
 import jax
 
-from jaxmp.cli import TRAINING_ONLY, run_cli
+from jaxmp.cli import TRAINING_ONLY, run_as_command, run_cli
 from jaxmp.config import Config, ConfigError
 from jaxmp.inspection.hardware import get_hardware
 from jaxmp.inspection.planner import parse_factors, plan, print_plan, to_json
@@ -61,4 +60,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_as_command(main)

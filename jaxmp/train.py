@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-import sys
-
-from jaxmp.cli import run_cli
+from jaxmp.cli import run_as_command, run_cli
 
 
 def main(argv: list[str] | None = None) -> int:
     """Train from command-line flags; returns the exit code (2 for invalid input)."""
-    from jaxmp.training.loop import run
+    return run_cli(_run, argv, "jaxmp.train", "Train a model with data, tensor or hybrid parallelism.")
 
-    return run_cli(run, argv, "jaxmp.train", "Train a model with data, tensor or hybrid parallelism.")
+
+def _run(cfg) -> None:
+    from jaxmp.training.loop import run  # JAX loads here, after run_cli's signal handling is in place
+
+    run(cfg)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_as_command(main)

@@ -18,6 +18,14 @@ the next run removes). Older checkpoints are deleted (``--keep``) only after a n
 committed, and the loop saves a step only after its loss and gradient norm came back finite. Every
 check of a checkpoint against the run (model, shapes, dtypes, batch size) happens in
 :func:`restore` before training starts and raises one-sentence :class:`ConfigError`.
+
+Why damage is caught: ``meta`` holds a digest of every array (:mod:`jaxmp.training.digest`, the same
+on any mesh), computed from the state as it was saved; :func:`restore` recomputes it on the arrays it
+read and refuses a checkpoint whose data changed on disk, naming the array. A damaged or incomplete
+checkpoint is never used silently: the error names the newest older checkpoint that restores intact,
+and ``--resume-from STEP`` resumes it, moving the newer ones to ``DIR/set-aside`` (never deleting them).
+Saving checks the folder is writable and has room first, so a folder made read-only or a full disk ends
+the run in one line (:class:`WriteFailed`) instead of in Orbax's background threads.
 """
 
 from __future__ import annotations
@@ -26,18 +34,27 @@ import contextlib
 import json
 import logging
 import os
+import re
+import shutil
+import sys
 from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 
-from jaxmp.config import Config, ConfigError
+from jaxmp.config import Config, ConfigError, WriteFailed
 from jaxmp.models import activation_of, preset
 from jaxmp.parallel.sharding import path_name
+from jaxmp.training.digest import digests, first_mismatch
 from jaxmp.training.metrics import check_output_dir
 from jaxmp.training.step import Program, TrainState
 
-FORMAT = 1  # bump when the layout of ``state`` or ``meta`` changes
+FORMAT = 1  # bump when the layout of ``state`` or ``meta`` changes (``digests`` and ``health`` are optional)
+SET_ASIDE = "set-aside"  # where --resume-from moves the checkpoints newer than the one it resumes
+
+
+class DamagedCheckpoint(ConfigError):
+    """A checkpoint whose files are missing, unreadable, or changed since it was saved."""
 
 
 def signature(cfg: Config, input_shape: tuple[int, ...], classes: int, own: dict | None = None) -> dict[str, Any]:
@@ -74,7 +91,7 @@ def check_directory(cfg: Config) -> None:
     Without ``--resume`` the folder must hold no checkpoint (a new run would mix with, then delete,
     the old ones); with it, there must be one to resume from.
     """
-    directory, resume = cfg.checkpoint.checkpoint_dir, cfg.checkpoint.resume
+    directory, resume, chosen = cfg.checkpoint.checkpoint_dir, cfg.checkpoint.resuming, cfg.checkpoint.resume_from
     if directory is None:
         return
     check_output_dir("--checkpoint-dir", directory)
@@ -82,6 +99,8 @@ def check_directory(cfg: Config) -> None:
     steps = complete_steps(directory)
     if resume and not steps:
         raise ConfigError(f"--resume: {flag} holds no complete checkpoint to resume from.")
+    if chosen is not None and chosen not in steps:
+        raise ConfigError(f"--resume-from {chosen}: {flag} holds checkpoints of steps {steps_text(steps)} only.")
     if not resume and steps:
         raise ConfigError(
             f"{flag} already holds checkpoints up to step {steps[-1]}; add --resume to continue that run "
@@ -107,7 +126,7 @@ def check_resume(cfg: Config, input_shape: tuple[int, ...], classes: int, own: d
         optimizer, data, batch size or seed.
     """
     directory = os.path.abspath(cfg.checkpoint.checkpoint_dir)
-    step = complete_steps(directory)[-1]
+    step = cfg.checkpoint.resume_from or complete_steps(directory)[-1]
     path = os.path.join(directory, str(step))
     _compare(_read_meta(path), signature(cfg, input_shape, classes, own), path)
     return path, step
@@ -116,24 +135,80 @@ def check_resume(cfg: Config, input_shape: tuple[int, ...], classes: int, own: d
 def restore(
     cfg: Config, program: Program, input_shape: tuple[int, ...], classes: int, own: dict | None = None
 ) -> Restored:
-    """Restore the newest checkpoint of ``--checkpoint-dir`` onto ``program``'s shardings.
+    """Restore the newest checkpoint of ``--checkpoint-dir`` (or ``--resume-from``'s) onto ``program``'s
+    shardings, verified against the digests it was saved with.
 
     Raises:
-      ConfigError: see :func:`check_resume`; also an array of another shape or dtype, or unreadable
-        array data; one sentence names it.
+      DamagedCheckpoint: unreadable or missing files, or an array that no longer matches its digest; the
+        message names the newest older checkpoint that restores intact and how to resume it.
+      ConfigError: see :func:`check_resume`; also an array of another shape or dtype; one sentence.
     """
+    wanted = signature(cfg, input_shape, classes, own)
+    path, step = check_resume_or_damage(cfg, input_shape, classes, own)
+    try:
+        state = _restore_verified(path, program, wanted)
+    except DamagedCheckpoint as damage:
+        advice = _fallback_advice(os.path.dirname(path), step, program, wanted)
+        raise DamagedCheckpoint(f"{str(damage).rstrip('.')}. {advice}") from None
+    return Restored(state, step, path)
+
+
+def check_resume_or_damage(cfg: Config, input_shape, classes: int, own: dict | None = None) -> tuple[str, int]:
+    """:func:`check_resume`, except that a damaged description is left for :func:`restore` to report
+    with its fallback (which needs the compiled program)."""
+    try:
+        return check_resume(cfg, input_shape, classes, own)
+    except DamagedCheckpoint:
+        directory = os.path.abspath(cfg.checkpoint.checkpoint_dir)
+        step = cfg.checkpoint.resume_from or complete_steps(directory)[-1]
+        return os.path.join(directory, str(step)), step
+
+
+def _restore_verified(path: str, program: Program, wanted: dict[str, Any]) -> TrainState:
+    """The state of the checkpoint at ``path`` on ``program``'s shardings, its arrays checked against the
+    digests written when it was saved."""
     import orbax.checkpoint as ocp
 
-    path, step = check_resume(cfg, input_shape, classes, own)
+    meta = _read_meta(path)
+    _compare(meta, wanted, path)
     target = _abstract_item(program)
     with _quiet_missing_metadata():
         _check_arrays(path, target)
     try:
-        with _quiet_missing_metadata():
-            item = ocp.StandardCheckpointer().restore(os.path.join(path, "state"), target)
+        with _quiet_missing_metadata(), ocp.StandardCheckpointer() as checkpointer:
+            item = checkpointer.restore(os.path.join(path, "state"), target)
     except Exception as err:  # noqa: BLE001 (TensorStore raises bare Exception for damaged data)
-        raise ConfigError(f"checkpoint {path} cannot be read ({_first_line(err)}).") from None
-    return Restored(program.from_saved(from_item(item)), step, path)
+        raise DamagedCheckpoint(f"checkpoint {path} cannot be read ({_first_line(err)}).") from None
+    stored = meta.get("digests")
+    if stored is not None:
+        bad = first_mismatch(stored, item)
+        if bad is not None:
+            raise DamagedCheckpoint(
+                f"checkpoint {path} is damaged: {bad} no longer matches the digest it was saved with."
+            )
+    return program.from_saved(from_item(item))
+
+
+def _fallback_advice(directory: str, damaged: int, program: Program, wanted: dict[str, Any]) -> str:
+    """Which older checkpoint restores intact, and how to resume it (each is restored and verified)."""
+    older = [step for step in complete_steps(directory) if step < damaged]
+    for step in reversed(older):
+        try:
+            _restore_verified(os.path.join(directory, str(step)), program, wanted)
+        except ConfigError:
+            continue
+        return (
+            f"The newest intact checkpoint is step {step}: resume it with --resume-from {step} "
+            f"(the newer ones are moved to {os.path.join(directory, SET_ASIDE)}, not deleted)."
+        )
+    if older:
+        return f"No older checkpoint restores intact either (steps {steps_text(older)})."
+    return "There is no older checkpoint in that folder."
+
+
+def steps_text(steps: list[int]) -> str:
+    """``2, 4, 6`` (or ``none``)."""
+    return ", ".join(map(str, steps)) or "none"
 
 
 @contextlib.contextmanager
@@ -165,10 +240,15 @@ def _read_meta(path: str) -> dict[str, Any]:
         with open(meta_file) as f:
             meta = json.load(f)
     except (OSError, ValueError) as err:
-        raise ConfigError(f"checkpoint {path} is corrupt: {meta_file} is unreadable ({_first_line(err)}).") from None
-    if not isinstance(meta, dict) or "format" not in meta:
-        raise ConfigError(f"checkpoint {path} is corrupt: {meta_file} is not a jaxmp checkpoint description.")
+        raise DamagedCheckpoint(
+            f"checkpoint {path} is damaged: {meta_file} is unreadable ({_first_line(err)})."
+        ) from None
+    if not isinstance(meta, dict) or not set(meta) >= _DESCRIPTION:
+        raise DamagedCheckpoint(f"checkpoint {path} is damaged: {meta_file} is not a jaxmp checkpoint description.")
     return meta
+
+
+_DESCRIPTION = {"format", "model", "optimizer", "data", "batch"}  # what every jaxmp checkpoint records
 
 
 _NOT_FLAGS = {"input_shape": "input shape", "classes": "number of classes"}
@@ -219,10 +299,11 @@ def _stored_arrays(path: str) -> dict[str, tuple[list[int], str]]:
     import orbax.checkpoint as ocp
 
     try:
-        metadata = ocp.StandardCheckpointer().metadata(os.path.join(path, "state"))
+        with ocp.StandardCheckpointer() as checkpointer:
+            metadata = checkpointer.metadata(os.path.join(path, "state"))
     except (ValueError, KeyError, OSError, RuntimeError, TypeError) as err:
         reason = _first_line(err)
-        raise ConfigError(f"checkpoint {path} is corrupt: its array index is unreadable ({reason}).") from None
+        raise DamagedCheckpoint(f"checkpoint {path} is damaged: its array index is unreadable ({reason}).") from None
     tree = getattr(metadata, "item_metadata", metadata)
     tree = getattr(tree, "tree", tree)
     arrays = {}
@@ -230,7 +311,7 @@ def _stored_arrays(path: str) -> dict[str, tuple[list[int], str]]:
         if hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
             arrays[path_name(p)] = (list(leaf.shape), str(np.dtype(leaf.dtype)))
     if not arrays:
-        raise ConfigError(f"checkpoint {path} is corrupt: its array index lists no arrays.")
+        raise DamagedCheckpoint(f"checkpoint {path} is damaged: its array index lists no arrays.")
     return arrays
 
 
@@ -262,12 +343,62 @@ def to_item_abstract(state: TrainState) -> dict[str, Any]:
     return {"params": state.params, "opt_state": state.opt_state, "step": state.step, "key": key}
 
 
+class Health(NamedTuple):
+    """How training stood at a saved step, recorded in its ``meta``: after a divergence, the newest
+    *steady* checkpoint is the one worth resuming (:func:`steady_checkpoint`).
+
+    Steady: the loss is finite and at most ``LOSS_GROWTH`` times the lowest loss the run had reached,
+    and the gradient norm is finite and at most ``GRAD_GROWTH`` times the median of the run's so far.
+    A checkpoint saved while the loss was already climbing holds parameters that will diverge again.
+    """
+
+    loss: float
+    grad_norm: float
+    best_loss: float
+    median_grad_norm: float
+
+    LOSS_GROWTH = 2.0
+    GRAD_GROWTH = 10.0
+
+    @property
+    def steady(self) -> bool:
+        finite = all(map(np.isfinite, self))
+        return bool(
+            finite
+            and self.loss <= self.LOSS_GROWTH * self.best_loss
+            and self.grad_norm <= self.GRAD_GROWTH * self.median_grad_norm
+        )
+
+
+def steady_checkpoint(directory: str) -> tuple[int | None, str]:
+    """The newest checkpoint in ``directory`` recorded as steady, and why the newer ones are not."""
+    unsteady = []
+    for step in reversed(complete_steps(directory)):
+        try:
+            health = _read_meta(os.path.join(directory, str(step))).get("health")
+        except DamagedCheckpoint:
+            continue
+        if health is None or Health(**health).steady:
+            return step, _unsteady_text(unsteady)
+        unsteady.append((step, health))
+    return None, _unsteady_text(unsteady)
+
+
+def _unsteady_text(unsteady: list[tuple[int, dict]]) -> str:
+    if not unsteady:
+        return ""
+    step, health = unsteady[-1]
+    return f"step {step} and newer were saved with the loss at {health['loss']:.4g} (best {health['best_loss']:.4g})"
+
+
 class Saver:
     """Saves checkpoints of one run into ``--checkpoint-dir`` (asynchronously; :meth:`close` waits).
 
     ``program`` converts its states to the saved form (layer order); without it, states are saved as given.
 
-    Created only after every check passed, so a run with bad input never creates the folder.
+    Created only after every check passed, so a run with bad input never creates the folder. With
+    ``--resume-from``, the checkpoints newer than that step are moved to ``DIR/set-aside`` first
+    (:attr:`set_aside` lists them): the run will save those steps again, and the user keeps the old ones.
     """
 
     def __init__(
@@ -285,28 +416,142 @@ class Saver:
         self.every = cfg.checkpoint.checkpoint_every
         self._signature = signature(cfg, input_shape, classes, own)
         self._to_saved = program.to_saved if program is not None else (lambda state: state)
+        self.set_aside = _set_aside_newer(self.directory, cfg.checkpoint.resume_from)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=cfg.checkpoint.keep, create=True, cleanup_tmp_directories=True
         )
+        self._errors = _OrbaxErrors().install()  # until close: failures come from Orbax's threads at any time
         self._manager = ocp.CheckpointManager(self.directory, options=options)
         self.last_saved: int | None = max(self._manager.all_steps(), default=None)
 
     def due(self, step: int) -> bool:
         return bool(self.every) and step % self.every == 0
 
-    def save(self, step: int, state: TrainState) -> None:
-        """Start saving ``state`` as step ``step`` (the caller has checked that it is finite)."""
+    def save(self, step: int, state: TrainState, health: Health | None = None) -> None:
+        """Start saving ``state`` as step ``step`` (the caller has checked that it is finite).
+
+        Raises:
+          WriteFailed: the folder is not writable or has no room, or an earlier save failed.
+        """
         if step == self.last_saved:
             return
         ocp = self._ocp
+        item = to_item(self._to_saved(state))
+        self._check_room(step, item)
         meta = {**self._signature, "step": step, "data_position": {"batches_consumed": step}}
-        args = ocp.args.Composite(
-            state=ocp.args.StandardSave(to_item(self._to_saved(state))), meta=ocp.args.JsonSave(meta)
-        )
-        self._manager.save(step, args=args, force=True)
-        self.last_saved = step
+        meta["digests"] = digests(item)
+        if health is not None:
+            meta["health"] = health._asdict()
+        args = ocp.args.Composite(state=ocp.args.StandardSave(item), meta=ocp.args.JsonSave(meta))
+        previous, self.last_saved = self.last_saved, step
+        self._call(previous, lambda: self._manager.save(step, args=args, force=True))
+
+    def wait(self) -> None:
+        """Block until the save in flight is committed (its folder renamed into place)."""
+        self._call(self.last_saved, self._manager.wait_until_finished)
+
+    def committed(self, step: int | None) -> bool:
+        return step is not None and os.path.isdir(os.path.join(self.directory, str(step)))
 
     def close(self) -> None:
         """Wait for the save in flight to be committed, then release Orbax's threads."""
-        self._manager.wait_until_finished()
-        self._manager.close()
+        try:
+            self.wait()
+            self._call(self.last_saved, self._manager.close)
+        finally:
+            self._errors.remove()
+
+    def _check_room(self, step: int, item) -> None:
+        """Raise ``WriteFailed`` before a save that cannot succeed: an unwritable folder, a full disk."""
+        needed = sum(leaf.nbytes for leaf in jax.tree.leaves(item))
+        probe = os.path.join(self.directory, f".jaxmp-write-test-{os.getpid()}")
+        try:
+            with open(probe, "wb") as f:
+                f.write(b"\0" * 4096)
+            os.remove(probe)
+            free = shutil.disk_usage(self.directory).free
+        except OSError as err:
+            raise self._failed(step, err.strerror or str(err)) from None
+        if free < needed:
+            raise self._failed(
+                step, f"it needs about {needed / 2**20:,.1f} MiB, the disk has {free / 2**20:,.1f} MiB free"
+            )
+
+    def _call(self, in_flight: int | None, action) -> None:
+        """Run an Orbax call; a failure in it, or in the save of ``in_flight`` it waited for, becomes one
+        ``WriteFailed`` naming the step that was not committed."""
+        try:
+            action()
+            self._manager.check_for_errors()
+        except Exception as err:  # noqa: BLE001 (Orbax re-raises its threads' errors as they came)
+            failed = in_flight if in_flight is not None and not self.committed(in_flight) else self.last_saved
+            raise self._failed(failed, _os_cause(self._errors.first or str(err))) from None
+
+    def _failed(self, step: int | None, cause: str) -> WriteFailed:
+        intact = [s for s in complete_steps(self.directory) if s != step]
+        kept = (
+            f"the checkpoints saved before (steps {steps_text(intact)}) are intact"
+            if intact
+            else "no checkpoint was saved"
+        )
+        what = f"checkpoint {step}" if step is not None else "a checkpoint"
+        return WriteFailed(f"cannot save {what} in {self.directory}: {cause}; {kept}.")
+
+
+def _set_aside_newer(directory: str, step: int | None) -> list[int]:
+    """Move the checkpoints newer than ``step`` to ``DIR/set-aside/<step>`` (process 0; the others wait)."""
+    if step is None:
+        return []
+    newer = [s for s in complete_steps(directory) if s > step]
+    if newer and jax.process_index() == 0:
+        aside = os.path.join(directory, SET_ASIDE)
+        os.makedirs(aside, exist_ok=True)
+        for s in newer:
+            target = os.path.join(aside, str(s))
+            suffix = 1
+            while os.path.exists(target):
+                target, suffix = os.path.join(aside, f"{s}-{suffix}"), suffix + 1
+            os.rename(os.path.join(directory, str(s)), target)
+    if newer and jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("jaxmp set-aside")
+    return newer
+
+
+def _os_cause(text: str) -> str:
+    """The operating system's words in a storage library's error (``[Errno 28] No space left on
+    device``), else the error's first line."""
+    found = re.findall(r"\[Errno \d+\] ([^:\]\[\n\"']+)", text)  # Python's OSError
+    found += re.findall(r"([A-Z][^:\]\[\n\"]*) \[os_error_code='?\d+'?\]", text)  # TensorStore's
+    return found[-1].strip() if found else _first_line(RuntimeError(text))
+
+
+class _OrbaxErrors(logging.Filter):
+    """While installed, keep Orbax's error logs (a traceback per background thread of a failed save) off
+    the screen and remember the first cause, for the one line the run ends with."""
+
+    def __init__(self):
+        super().__init__()
+        self.first: str | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR or "orbax" not in record.pathname:
+            return True
+        if self.first is None and record.exc_info and record.exc_info[1] is not None:
+            self.first = str(record.exc_info[1])
+        return False
+
+    def install(self) -> _OrbaxErrors:
+        logging.getLogger("absl").addFilter(self)
+        self._unraisable, sys.unraisablehook = sys.unraisablehook, self._unraisable_hook
+        return self
+
+    def remove(self) -> None:
+        logging.getLogger("absl").removeFilter(self)
+        sys.unraisablehook = self._unraisable
+
+    def _unraisable_hook(self, unraisable) -> None:
+        """A failed save's TensorStore callbacks find Orbax's event loop closed: not the user's news."""
+        if not (isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value)):
+            self._unraisable(unraisable)

@@ -16,8 +16,10 @@ the next step boundary if ``--checkpoint-dir`` was given and stops (:class:`Inte
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
+import statistics
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -25,7 +27,7 @@ from typing import Any, NamedTuple
 
 import jax
 
-from jaxmp.config import Config, ConfigError, RunStopped, validate
+from jaxmp.config import Config, ConfigError, Interrupted, RunStopped, WriteFailed, stop_at_once, validate
 from jaxmp.models import check_preset
 from jaxmp.models.contract import function_label, own_model_fn
 from jaxmp.parallel.mesh import MeshShape, as_mesh, run_mesh, simulate_cpu_devices
@@ -33,7 +35,18 @@ from jaxmp.parallel.sharding import print_sharding_report
 from jaxmp.pipeline.packing import print_stage_report
 from jaxmp.pipeline.plot import check_plot_path, save_schedule_plot
 from jaxmp.speech import speaks_python
-from jaxmp.training.checkpoint import Restored, Saver, check_directory, check_resume, complete_steps, restore
+from jaxmp.training.checkpoint import (
+    SET_ASIDE,
+    Health,
+    Restored,
+    Saver,
+    check_directory,
+    check_resume_or_damage,
+    complete_steps,
+    restore,
+    steady_checkpoint,
+    steps_text,
+)
 from jaxmp.training.data import Dataset, batch_rows, eval_batches, load_dataset, num_batches
 from jaxmp.training.distributed import initialize, is_main_process
 from jaxmp.training.metrics import MetricsWriter, carried_records, check_metrics_path, check_tensorboard
@@ -162,16 +175,6 @@ class Diverged(RunStopped):
     """The loss or gradient norm became NaN or infinite; that step was not saved."""
 
 
-class Interrupted(RunStopped):
-    """SIGINT or SIGTERM stopped the run between two steps (after saving, if checkpoints were asked for)."""
-
-    label = "stopped"
-
-    def __init__(self, message: str, signum: int):
-        super().__init__(message)
-        self.exit_code = 128 + signum
-
-
 def prepare(cfg: Config, own: Own = PRESETS) -> Setup:
     """Validate ``cfg`` (and the user's ``own`` parts) against devices, data and checkpoints, compile
     the program; writes nothing.
@@ -206,7 +209,7 @@ def prepare(cfg: Config, own: Own = PRESETS) -> Setup:
     )
     save_schedule_plot(program.pipeline, cfg.run.schedule_plot)
     restored = None
-    if cfg.checkpoint.resume:
+    if cfg.checkpoint.resuming:
         restored = restore(cfg, program, input_shape, dataset.num_classes, own.describe())
     for function in (program.init, program.train_step, program.eval_step):
         function.compiled  # noqa: B018 (compile now, so no step time includes compilation)
@@ -220,9 +223,9 @@ def batch_shape(dataset: Dataset) -> dict:
 
 def _check_start(cfg: Config, input_shape: tuple[int, ...], classes: int, steps: int, own: dict) -> int:
     """The step a run starts from: 0, or that of the checkpoint ``--resume`` continues (checked early)."""
-    if not cfg.checkpoint.resume:
+    if not cfg.checkpoint.resuming:
         return 0
-    path, start = check_resume(cfg, input_shape, classes, own)
+    path, start = check_resume_or_damage(cfg, input_shape, classes, own)
     if start >= steps:
         raise ConfigError(
             f"checkpoint {path} is already at step {start} of the {steps} this run trains; "
@@ -246,9 +249,11 @@ def evaluate(program: Program, params, dataset: Dataset, batch_size: int) -> tup
 class _Tracker:
     """Fetches each step's metrics one step late, records them, and stops a diverged run."""
 
-    def __init__(self, writer: MetricsWriter, on_step, batch_size: int, saver: Saver | None):
+    def __init__(self, writer: MetricsWriter, on_step, batch_size: int, saver: Saver | None, history=()):
         self.writer, self.on_step, self.batch_size, self.saver = writer, on_step, batch_size, saver
         self.losses: list[float] = []
+        # every step's loss and gradient norm, earlier runs' included: the baseline of a save's Health
+        self.seen = [(r["loss"], r["grad_norm"]) for r in history if "loss" in r and "grad_norm" in r]
         self.pending = None
         self.start = self.ready = time.perf_counter()
         self.stepped_seconds = 0.0  # the steps' own time: no compilation, evaluation or saving
@@ -275,9 +280,15 @@ class _Tracker:
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             raise Diverged(self._diverged_message(step, loss, grad_norm))
         self.losses.append(loss)
+        self.seen.append((loss, grad_norm))
         self.stepped_seconds += step_time
         if self.on_step:  # the mean rate so far: one step's time varies with what the host queued ahead
             self.on_step(step, loss, self.examples_per_second)
+
+    def health(self) -> Health:
+        """How the newest recorded step stands against the run so far (saved with its checkpoint)."""
+        losses, norms = zip(*self.seen, strict=True)
+        return Health(losses[-1], norms[-1], min(losses), statistics.median(norms))
 
     @property
     def examples_per_second(self) -> float:
@@ -286,32 +297,61 @@ class _Tracker:
     def _diverged_message(self, step: int, loss: float, grad_norm: float) -> str:
         what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {grad_norm}"
         message = f"{what} at step {step}, so the run stopped without saving that step"
-        if self.saver and self.saver.last_saved is not None:
-            message += (
-                f"; the last good checkpoint is step {self.saver.last_saved} in {self.saver.directory} "
-                "(resume with --resume, e.g. with a lower --lr)"
-            )
-        return message + "."
+        if not self.saver:
+            return message + "."
+        self.saver.wait()
+        steady, why_not = steady_checkpoint(self.saver.directory)
+        if steady is None:
+            why_not = f" ({why_not})" if why_not else ""
+            return f"{message}; no checkpoint is worth resuming{why_not}: start again, e.g. with a lower --lr."
+        newer = f" ({why_not})" if why_not else ""
+        return (
+            f"{message}; the newest steady checkpoint is step {steady}{newer}: resume it with "
+            f"--resume-from {steady}, e.g. with a lower --lr."
+        )
 
 
 class _StopRequest:
-    """SIGINT and SIGTERM set a flag that the loop reads between steps; a second SIGINT stops at once.
+    """SIGINT and SIGTERM at any moment of a run end it in one line, with exit code 128 + signal.
 
-    Why a flag: raising ``KeyboardInterrupt`` in the middle of a step could leave the donated train
-    state half-replaced; between steps the state is whole and can be saved.
+    - During training they set a flag that the loop reads between steps: there the donated state is
+      whole, so it is saved (if checkpoints were asked for) and the save committed before the run stops.
+    - Before the first step, after the last, and for a second Ctrl-C while a stop is under way, they
+      stop at once (:class:`StoppedAtOnce` raised from the handler), saying what was and was not saved.
     """
 
+    def __init__(self):
+        self.signum: int | None = None
+        self.phase = "start-up"  # then "training", then "finishing"
+        self.saver: Saver | None = None
+        self._previous = {}
+
     def __enter__(self) -> _StopRequest:
-        self.signum, self._previous = None, {}
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGINT, signal.SIGTERM):
                 self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def _handle(self, signum, frame) -> None:
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signum = signum
+        if self.phase == "training" and self.signum is None:
+            self.signum = signum
+            return
+        if self.phase == "training" and signum != signal.SIGINT:
+            return  # a repeated SIGTERM: the stop it asked for is under way
+        stop_at_once(self._at_once(signal.Signals(signum).name), signum)
+
+    def _at_once(self, name: str) -> str:
+        when = {"start-up": "before the first step", "training": "again, at once", "finishing": "after the last step"}
+        head = f"{name} {when[self.phase]}"
+        saver = self.saver
+        if saver is None:
+            return f"{head}; nothing was written." if self.phase == "start-up" else f"{head}; nothing was saved."
+        steps = complete_steps(saver.directory)
+        newest = f"the newest checkpoint is {saver.directory}/{steps[-1]}" if steps else "no checkpoint was saved"
+        if saver.last_saved is not None and not saver.committed(saver.last_saved):
+            cut = f"checkpoint {saver.last_saved} was not committed (the next run removes its temporary folder)"
+            return f"{head}; {cut}; {newest}."
+        return f"{head}; {newest}."
 
     def __exit__(self, *exc) -> None:
         for signum, handler in self._previous.items():
@@ -331,7 +371,12 @@ class _StopRequest:
 
 
 def train(
-    setup: Setup, writer: MetricsWriter, on_step=None, saver: Saver | None = None
+    setup: Setup,
+    writer: MetricsWriter,
+    on_step=None,
+    saver: Saver | None = None,
+    stop: _StopRequest | None = None,
+    history=(),
 ) -> tuple[TrainState, list[float], float]:
     """Run the steps of ``setup`` (from its checkpoint, if any); returns final state, losses, training time.
 
@@ -341,14 +386,18 @@ def train(
     Raises:
       Diverged: a step's loss or gradient norm was not finite.
       Interrupted: SIGINT or SIGTERM arrived (after the checkpoint of the step reached, if asked for).
+
+    ``stop``: the run's signal handling (default: one for these steps); ``history``: the metrics records
+    of the steps before ``setup``'s checkpoint, the baseline of each save's :class:`Health`.
     """
     cfg, program, ds = setup.cfg, setup.program, setup.dataset
     start = setup.restored.step if setup.restored else 0
     rows = batch_rows(ds, cfg.run.batch_size, cfg.run.seed, start)
     state = setup.restored.state if setup.restored else program.init()
-    tracker = _Tracker(writer, on_step, cfg.run.batch_size, saver)
+    tracker = _Tracker(writer, on_step, cfg.run.batch_size, saver, history)
     profiler = StepProfiler(setup.profile, cfg.run.profile_dir)
-    with _StopRequest() as stop:
+    with contextlib.nullcontext(stop) if stop else _StopRequest() as stop:
+        stop.phase, stop.saver = "training", saver
         try:
             for step in range(start + 1, setup.steps + 1):
                 profiler.before(step)
@@ -360,7 +409,8 @@ def train(
                 _between_steps(setup, step, state, tracker, saver, stop)
         finally:
             profiler.close()
-    tracker.flush()
+        tracker.flush()
+        stop.phase = "finishing"
     return state, tracker.losses, time.perf_counter() - tracker.start
 
 
@@ -375,12 +425,13 @@ def _between_steps(setup: Setup, step: int, state, tracker: _Tracker, saver: Sav
     stopping = stop.requested(step, last)
     if saver and (saver.due(step) or last or stopping):
         tracker.flush()  # raises Diverged before a bad state can be saved
-        saver.save(step, state)
+        saver.save(step, state, tracker.health())
         tracker.restart_clock()  # the save's blocking part is not charged to the next step
     if stopping and not last:
         tracker.flush()
         name = signal.Signals(stop.signum).name
         if saver:
+            saver.wait()  # announced only once its folder is committed
             message = f"{name} at step {step}: saved checkpoint {saver.directory}/{step}; continue with --resume."
         else:
             message = f"{name} at step {step}: nothing saved (no --checkpoint-dir given)."
@@ -397,32 +448,33 @@ def run(cfg: Config, console=None, own: Own = PRESETS) -> Summary:
     """
     from rich.console import Console
 
-    setup = prepare(cfg, own)
-    main = is_main_process()
-    console = console or Console(quiet=not main)
-    if setup.restored:
-        mesh = MeshShape(*setup.program.mesh.shape.values())
-        console.print(f"resumed from step {setup.restored.step} ({setup.restored.path}) on mesh {mesh}")
-    if cfg.run.schedule_plot:
-        console.print(f"wrote the schedule plot {cfg.run.schedule_plot}")
-    if cfg.run.report:
-        _print_report(setup, console)
-    start = setup.restored.step if setup.restored else 0
-    metrics_file = cfg.run.metrics_file if main else None
-    writer = MetricsWriter(
-        metrics_file, carried_records(metrics_file, start), cfg.run.tensorboard_dir if main else None
-    )
-    saver = None
-    if cfg.checkpoint.checkpoint_dir:
-        saver = Saver(cfg, setup.dataset.x_train.shape[1:], setup.dataset.num_classes, setup.program, own.describe())
-    try:
-        progress, on_step = _progress_bar(console, setup.steps, start)
-        with progress:
-            state, losses, seconds = train(setup, writer, on_step, saver)
-        eval_loss, eval_accuracy = evaluate(setup.program, state.params, setup.dataset, cfg.run.batch_size)
-        writer.write({"step": setup.steps, **_eval_record(setup.dataset, eval_loss, eval_accuracy)})
-        writer.commit()
-    finally:
+    with _StopRequest() as stop:
+        setup = prepare(cfg, own)
+        main = is_main_process()
+        console = console or Console(quiet=not main)
+        _announce_start(console, cfg, setup)
+        start = setup.restored.step if setup.restored else 0
+        metrics_file = cfg.run.metrics_file if main else None
+        history = carried_records(metrics_file, start)
+        writer = MetricsWriter(metrics_file, history, cfg.run.tensorboard_dir if main else None)
+        saver = None
+        if cfg.checkpoint.checkpoint_dir:
+            saver = Saver(
+                cfg, setup.dataset.x_train.shape[1:], setup.dataset.num_classes, setup.program, own.describe()
+            )
+            if saver.set_aside:
+                aside = f"{saver.directory}/{SET_ASIDE}"
+                console.print(f"set aside the newer checkpoints {steps_text(saver.set_aside)} in {aside} (kept)")
+        try:
+            progress, on_step = _progress_bar(console, setup.steps, start)
+            with progress:
+                state, losses, seconds = train(setup, writer, on_step, saver, stop, history)
+            eval_loss, eval_accuracy = evaluate(setup.program, state.params, setup.dataset, cfg.run.batch_size)
+            writer.write({"step": setup.steps, **_eval_record(setup.dataset, eval_loss, eval_accuracy)})
+            writer.commit()
+        except BaseException as error:
+            _close_after(error, writer, saver)
+            raise
         writer.close()
         if saver:
             saver.close()
@@ -442,6 +494,26 @@ def run(cfg: Config, console=None, own: Own = PRESETS) -> Summary:
     _print_summary(console, cfg, setup, summary)
     _announce_outputs(console, cfg, saver)
     return summary
+
+
+def _announce_start(console, cfg: Config, setup: Setup) -> None:
+    """Say where the run starts from and what it wrote while starting (the schedule plot)."""
+    if setup.restored:
+        mesh = MeshShape(*setup.program.mesh.shape.values())
+        console.print(f"resumed from step {setup.restored.step} ({setup.restored.path}) on mesh {mesh}")
+    if cfg.run.schedule_plot:
+        console.print(f"wrote the schedule plot {cfg.run.schedule_plot}")
+    if cfg.run.report:
+        _print_report(setup, console)
+
+
+def _close_after(error: BaseException, writer: MetricsWriter, saver: Saver | None) -> None:
+    """Close the outputs of a run that stopped: the metrics stay in their ``.partial`` file; a save in
+    flight is waited for, unless the stop was at once (a second Ctrl-C, a failed write)."""
+    with contextlib.suppress(WriteFailed):  # the error already in flight is the one to report
+        writer.close()
+        if saver and not getattr(error, "exit_now", False):
+            saver.close()
 
 
 def _announce_outputs(console, cfg: Config, saver: Saver | None) -> None:

@@ -8,11 +8,12 @@ scalars are optional: ``--tensorboard-dir`` needs ``tensorboardX`` (the ``tensor
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Any
 
-from jaxmp.config import ConfigError
+from jaxmp.config import ConfigError, WriteFailed
 
 
 def check_metrics_path(path: str | None) -> None:
@@ -63,8 +64,11 @@ class MetricsWriter:
 
     def _write_line(self, record: dict[str, Any]) -> None:
         if self._file:
-            self._file.write(json.dumps(record) + "\n")
-            self._file.flush()
+            try:
+                self._file.write(json.dumps(record) + "\n")
+                self._file.flush()
+            except OSError as err:
+                raise self._failed(err) from None
 
     def write(self, record: dict[str, Any]) -> None:
         self._write_line(record)
@@ -72,15 +76,27 @@ class MetricsWriter:
 
     def commit(self) -> None:
         if self._file:
-            self._file.close()
-            os.replace(self.path + ".partial", self.path)
-            self._file = None
+            try:
+                self._file.close()
+                os.replace(self.path + ".partial", self.path)
+            except OSError as err:
+                raise self._failed(err) from None
+            finally:
+                self._file = None
 
     def close(self) -> None:
         if self._file:
-            self._file.close()
+            with contextlib.suppress(OSError):  # a write already failed and said so; what is there stays
+                self._file.close()
             self._file = None
         self._scalars.close()
+
+    def _failed(self, err: OSError) -> WriteFailed:
+        partial = self.path + ".partial"
+        return WriteFailed(
+            f"cannot write the metrics {partial}: {err.strerror or err}; it keeps the records written before, "
+            f"and {self.path} is as it was."
+        )
 
 
 def carried_records(path: str | None, until_step: int) -> list[dict[str, Any]]:
@@ -121,7 +137,7 @@ class ScalarWriter:
     """TensorBoard scalars (every numeric field of a metrics record), through tensorboardX if asked for."""
 
     def __init__(self, path: str | None):
-        self._writer = None
+        self._writer, self.path = None, path
         if path:
             from tensorboardX import SummaryWriter
 
@@ -130,11 +146,20 @@ class ScalarWriter:
     def write(self, record: dict[str, Any]) -> None:
         if self._writer is None:
             return
-        for name, value in record.items():
-            if name != "step" and isinstance(value, int | float):
-                self._writer.add_scalar(name, value, record["step"])
+        try:
+            for name, value in record.items():
+                if name != "step" and isinstance(value, int | float):
+                    self._writer.add_scalar(name, value, record["step"])
+        except OSError as err:
+            raise self._failed(err) from None
 
     def close(self) -> None:
         if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+            writer, self._writer = self._writer, None
+            try:
+                writer.close()
+            except OSError as err:
+                raise self._failed(err) from None
+
+    def _failed(self, err: OSError) -> WriteFailed:
+        return WriteFailed(f"cannot write TensorBoard scalars in {self.path}: {err.strerror or err}.")
