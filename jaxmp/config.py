@@ -94,8 +94,22 @@ class WriteFailed(RunStopped):
     exit_now = True
 
 
+# The largest value of an int option, and why (``most=`` of a field overrides it).
+INT32_MAX = 2**31 - 1
+_INT32_WHY = "JAX counts and indexes in int32 here (64-bit types are off)"
+SEED_MAX = 2**32 - 1
+_SEED_WHY = "JAX's random keys keep a seed's low 32 bits, so a larger seed would repeat a smaller one's parameters"
+MAX_CPU_DEVICES = 4096
+_CPU_DEVICES_WHY = "each simulated CPU device costs start-up time and memory (100000 take minutes to start)"
+
+
 def _opt(default, help: str, **kw):
-    """A dataclass field whose help text the CLI shows next to its default."""
+    """A dataclass field whose help text the CLI shows next to its default.
+
+    ``kw``: ``choices`` (a :class:`Choices`), ``give`` (what a text option takes, for the message that
+    refuses an empty one) and ``most`` (an int option's ``(largest value, why)``; default: int32; ``None``:
+    no fixed bound, checked where its memory is estimated).
+    """
     return field(default=default, metadata={"help": help, **kw})
 
 
@@ -138,6 +152,7 @@ class ModelConfig:
         None,
         "a model of your own instead of --model: FILE.py:NAME or MODULE:NAME, a callable rngs -> nnx model "
         "written as a list of layers (see the README)",
+        give="FILE.py:NAME or MODULE:NAME",
     )
     width: int = _opt(128, "mlp, gpt: residual stream width")
     hidden: int = _opt(512, "mlp, gpt: hidden width of each block's MLP (split over tensor)")
@@ -184,11 +199,13 @@ class DataConfig:
 
     dataset: str = _opt("digits", "dataset", choices=DATASETS)
     data_dir: str | None = _opt(
-        None, "folder with IDX files (default for fashion-mnist: /usr/share/datasets/fashion-mnist)"
+        None, "folder with IDX files (default for fashion-mnist: /usr/share/datasets/fashion-mnist)", give="a folder"
     )
-    synthetic_shape: str = _opt("28x28x1", "synthetic: example shape HxWxC or a feature count")
+    synthetic_shape: str = _opt(
+        "28x28x1", "synthetic: example shape HxWxC or a feature count", give="HxWxC or a feature count"
+    )
     synthetic_classes: int = _opt(10, "synthetic: number of classes")
-    synthetic_size: int = _opt(2048, "synthetic: number of training examples")
+    synthetic_size: int = _opt(2048, "synthetic: number of training examples", most=None)  # bound: host memory
     seq_len: int = _opt(64, "text datasets: tokens per training window (the model reads seq_len, predicts the next)")
 
 
@@ -233,11 +250,14 @@ class PipelineConfig:
         "uniform",
         "chunk boundaries: uniform, auto (balanced by FLOPs), auto-memory (balanced by parameter bytes) or "
         "layer counts per chunk, e.g. 1,3 (a stacked layer of depth L counts L)",
+        give="uniform, auto, auto-memory or layer counts",
     )
     placement: str | None = _opt(
         None,
         "device along pipe of each layer (consecutive layers on one device form a chunk), e.g. 0,1,1,0, or of "
-        "each chunk of --stage-split; default: chunk c on device c mod pipe",
+        "each chunk of --stage-split; default: chunk c on device c mod pipe (a placement sets the chunks: "
+        "no --repeats with it)",
+        give="devices along pipe, e.g. 0,1,1,0",
     )
     unroll: bool = _opt(
         False,
@@ -250,20 +270,31 @@ class PipelineConfig:
 class RunConfig:
     """Mesh, schedule of the run and outputs."""
 
-    mesh: str = _opt("data=-1", "mesh shape, axes data,tensor,pipe in that order; -1 fills")
-    cpu_devices: int | None = _opt(None, "simulate this many CPU devices (set before JAX starts)")
+    mesh: str = _opt(
+        "data=-1",
+        "mesh shape: AXIS=SIZE for any of data, tensor, pipe, in any order (pipe=2,data=2 is data=2,pipe=2); "
+        "a left-out axis is 1; -1 fills",
+        give="AXIS=SIZE items, e.g. data=2,tensor=4",
+    )
+    cpu_devices: int | None = _opt(
+        None, "simulate this many CPU devices (set before JAX starts)", most=(MAX_CPU_DEVICES, _CPU_DEVICES_WHY)
+    )
     batch_size: int = _opt(64, "global batch size")
     steps: int | None = _opt(None, "train steps (default: --epochs worth)")
     epochs: int = _opt(8, "epochs, used when --steps is not given")
     eval_every: int = _opt(0, "evaluate every N steps (0: only at the end)")
-    seed: int = _opt(0, "seed for parameters, shuffling and dropout")
-    metrics_file: str | None = _opt(None, "write JSON Lines metrics here")
-    tensorboard_dir: str | None = _opt(None, "also write TensorBoard scalars here (needs the tensorboard extra)")
-    profile_steps: str | None = _opt(
-        None, "trace train steps A:B (1-based, inclusive) with jax.profiler, for Perfetto or TensorBoard"
+    seed: int = _opt(0, "seed for parameters, shuffling and dropout", most=(SEED_MAX, _SEED_WHY))
+    metrics_file: str | None = _opt(None, "write JSON Lines metrics here", give="a file path")
+    tensorboard_dir: str | None = _opt(
+        None, "also write TensorBoard scalars here (needs the tensorboard extra)", give="a folder"
     )
-    profile_dir: str = _opt("jaxmp-profile", "folder for the --profile-steps trace")
-    schedule_plot: str | None = _opt(None, "write a PNG picture of the run's pipeline schedule to this path")
+    profile_steps: str | None = _opt(
+        None, "trace train steps A:B (1-based, inclusive) with jax.profiler, for Perfetto or TensorBoard", give="A:B"
+    )
+    profile_dir: str = _opt("jaxmp-profile", "folder for the --profile-steps trace", give="a folder")
+    schedule_plot: str | None = _opt(
+        None, "write a PNG picture of the run's pipeline schedule to this path", give="a .png path"
+    )
     report: bool = _opt(True, "print the sharding report at start-up")
     sample_tokens: int = _opt(0, "text datasets: after training, print this many tokens the model generates")
 
@@ -272,7 +303,9 @@ class RunConfig:
 class CheckpointConfig:
     """Orbax checkpoints of the sharded train state, and resuming from them."""
 
-    checkpoint_dir: str | None = _opt(None, "save checkpoints in this folder (one sub-folder per step)")
+    checkpoint_dir: str | None = _opt(
+        None, "save checkpoints in this folder (one sub-folder per step)", give="a folder"
+    )
     checkpoint_every: int = _opt(0, "save every N steps (0: only at the end and on Ctrl-C)")
     keep: int = _opt(3, "keep the K newest checkpoints")
     resume: bool = _opt(False, "continue from the newest checkpoint in --checkpoint-dir (onto any mesh)")
@@ -289,7 +322,9 @@ class CheckpointConfig:
 class DistributedConfig:
     """Multi-process runs on JAX's runtime (automatic under SLURM, Open MPI and others JAX detects)."""
 
-    coordinator_address: str | None = _opt(None, "HOST:PORT of process 0, for launchers JAX does not detect")
+    coordinator_address: str | None = _opt(
+        None, "HOST:PORT of process 0, for launchers JAX does not detect", give="HOST:PORT"
+    )
     num_processes: int | None = _opt(None, "number of processes, with --coordinator-address")
     process_id: int | None = _opt(None, "this process's rank in 0..num_processes-1, with --coordinator-address")
 
@@ -349,18 +384,32 @@ def _check_type(name: str, annotation: str, value) -> None:
         raise ConfigError(f"{flag} must be a finite number, got {value}.")
 
 
+def _check_value(f: dataclasses.Field, value) -> None:
+    """A text option is not empty (``None`` is how an option is left out, never ``""``); an int option
+    is at most its field's ``most``; a choice is one of its table's."""
+    flag = "--" + f.name.replace("_", "-")
+    choices = f.metadata.get("choices")
+    if choices:
+        if value not in choices:
+            raise ConfigError(f"{flag} {value!r} is not one of {', '.join(choices)}.")
+    elif isinstance(value, str) and not value.strip():
+        raise ConfigError(f"{flag} is empty; give {f.metadata.get('give', 'a value')} (or leave the flag out).")
+    bound = f.metadata.get("most", (INT32_MAX, _INT32_WHY))
+    if isinstance(value, int) and not isinstance(value, bool) and bound is not None:
+        most, why = bound
+        if value > most:
+            raise ConfigError(f"{flag} {value} is beyond {most}: {why}.")
+
+
 def validate(cfg: Config) -> Config:
     """Check every option that can be checked without devices or data; return ``cfg``."""
     if not isinstance(cfg, Config):
         raise ConfigError(f"expected a jaxmp Config, got {type(cfg).__name__}.")
     for group in (getattr(cfg, f.name) for f in dataclasses.fields(cfg)):
         for f in dataclasses.fields(group):
-            choices = f.metadata.get("choices")
             value = getattr(group, f.name)
             _check_type(f.name, f.type, value)
-            if choices and value not in choices:
-                flag = "--" + f.name.replace("_", "-")
-                raise ConfigError(f"{flag} {value!r} is not one of {', '.join(choices)}.")
+            _check_value(f, value)
     for name in ("width", "hidden", "depth", "heads"):
         _positive(name, getattr(cfg.model, name))
     if cfg.model.tie_embeddings and cfg.model.model_fn is not None:
@@ -379,12 +428,19 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"--model-fn {cfg.model.model_fn!r} is not FILE.py:NAME or MODULE:NAME.")
     for name in ("batch_size", "steps", "epochs", "cpu_devices"):
         _positive(name, getattr(cfg.run, name))
+    if cfg.run.seed < 0:
+        raise ConfigError(f"--seed must be 0 or positive, got {cfg.run.seed}.")
     _positive("lr", cfg.optim.lr)
     _positive("microbatches", cfg.pipeline.microbatches)
     _positive("repeats", cfg.pipeline.repeats)
     if cfg.pipeline.schedule == "naive" and cfg.pipeline.microbatches != 1:
         raise ConfigError(
             f"--schedule naive runs one micro-batch; drop --microbatches {cfg.pipeline.microbatches} or use gpipe."
+        )
+    if cfg.pipeline.placement is not None and cfg.pipeline.repeats != 1:
+        raise ConfigError(
+            f"--repeats {cfg.pipeline.repeats} does nothing with --placement {cfg.pipeline.placement}: the placement "
+            "names every chunk's device (name a device twice for two chunks on it); drop --repeats."
         )
     _positive("synthetic_classes", cfg.data.synthetic_classes)
     _positive("synthetic_size", cfg.data.synthetic_size)

@@ -110,17 +110,90 @@ BAD_INPUTS = [
     ),
     (["--tie-embeddings"], "--tie-embeddings applies to --model gpt, not mlp"),
     (["--tie-embeddings", "--model-fn", "jaxmp.models:GPT"], "a model of your own ties a parameter by holding"),
+    # empty paths: None leaves an option out, "" is refused
+    (["--checkpoint-dir", ""], "--checkpoint-dir is empty; give a folder (or leave the flag out)"),
+    (["--metrics-file", ""], "--metrics-file is empty; give a file path (or leave the flag out)"),
+    (["--tensorboard-dir", ""], "--tensorboard-dir is empty; give a folder (or leave the flag out)"),
+    (["--schedule-plot", ""], "--schedule-plot is empty; give a .png path (or leave the flag out)"),
+    # numbers beyond what the code can use
+    (["--seed", str(2**64)], "--seed 18446744073709551616 is beyond 4294967295: JAX's random keys keep"),
+    (["--seed", "-1"], "--seed must be 0 or positive, got -1"),
+    (["--width", str(2**31)], "--width 2147483648 is beyond 2147483647: JAX counts and indexes in int32"),
+    (["--cpu-devices", "100000"], "--cpu-devices 100000 is beyond 4096"),
+    (["--epochs", str(2**30)], "--epochs 1073741824 is 23622320128 steps, beyond 2147483647"),
+    (["--width", "1000000000"], "--width 1000000000: the train state (parameters and optimizer state) needs about"),
+    (["--mesh", "data=4,pipe=2", "--depth", str(2**31 - 1)], "the model has 2147483647 layers (--depth counts each"),
+    (["--dataset", "synthetic", "--synthetic-size", "1e12"], "argument --synthetic-size: invalid int value: '1e12'"),
+    (["--dataset", "synthetic", "--synthetic-size", str(10**12)], "the synthetic dataset needs about"),
+    (["--dataset", "synthetic", "--synthetic-classes", str(10**9)], "the synthetic dataset needs about 2.9 TiB of"),
+    (
+        ["--model", "gpt", "--dataset", "synthetic-text", "--synthetic-classes", str(10**9)],
+        "--synthetic-size 2048 --synthetic-classes 1000000000: the synthetic text needs about 326.0 GiB of host",
+    ),
+    # an option the run would ignore
+    (["--mesh", "data=4,pipe=2", "--placement", "0,1,0,1", "--repeats", "2"], "--repeats 2 does nothing with"),
 ]
 
 
 @pytest.mark.parametrize(("argv", "message"), BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
 def test_bad_input_gets_one_line_and_exit_2(argv, message, metrics, capsys):
-    assert exit_code([*argv, "--metrics-file", str(metrics)]) == 2
+    assert exit_code(["--metrics-file", str(metrics), *argv]) == 2  # a case's own --metrics-file comes last, wins
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1, err
     assert message in err
     assert metrics.read_text() == PRECIOUS
     assert not os.path.exists(f"{metrics}.partial")
+
+
+def test_a_train_state_beyond_the_devices_is_refused_before_any_file(tmp_path, monkeypatch, capsys):
+    """The estimate runs on shapes before the checkpoint folder, the metrics file or the plot are made."""
+    monkeypatch.chdir(tmp_path)
+    argv = ["--width", "1000000000", "--checkpoint-dir", "ck", "--metrics-file", "m.jsonl"]
+    assert exit_code([*argv, "--mesh", "data=2,pipe=2", "--schedule-plot", "s.png"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the devices have" in err and "(4 CPU devices share" in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_every_text_option_refuses_an_empty_value():
+    """From Python too: ``""`` is never a way to leave an option out (``None`` is)."""
+    from jaxmp.config import Config, ConfigError, validate
+
+    texts = [f for f in _schema_fields() if f.type.startswith("str") and not f.metadata.get("choices")]
+    assert len(texts) >= 12
+    for f in texts:
+        flag = "--" + f.name.replace("_", "-")
+        with pytest.raises(ConfigError, match=f"^{flag} is empty; give .* \\(or leave the flag out\\)\\.$"):
+            validate(Config().replace(**{f.name: " "}))
+
+
+def test_every_int_option_has_a_bound():
+    """Each int option is refused beyond what the code can use, in one sentence naming flag, value and bound;
+    --synthetic-size is bounded by the host's memory (the dataset's estimate)."""
+    from jaxmp.config import Config, ConfigError, validate
+
+    ints = [f for f in _schema_fields() if f.type.startswith("int") and f.name != "synthetic_size"]
+    assert len(ints) >= 19
+    for f in ints:
+        flag = "--" + f.name.replace("_", "-")
+        with pytest.raises(ConfigError, match=f"^{flag} {2**64} is beyond \\d+: "):
+            validate(Config().replace(**{f.name: 2**64}))
+
+
+def _schema_fields():
+    import dataclasses
+
+    from jaxmp.config import Config
+
+    return [f for group in dataclasses.fields(Config) for f in dataclasses.fields(group.default_factory)]
+
+
+def test_mesh_axes_may_be_named_in_any_order():
+    """Axes are matched by name: ``pipe=2,data=2`` is the mesh ``data=2,pipe=2`` (as --help and the README say)."""
+    from jaxmp.parallel.mesh import MeshShape, parse_mesh
+
+    assert parse_mesh("pipe=2,data=2", 4) == parse_mesh("data=2,pipe=2", 4) == MeshShape(data=2, pipe=2)
+    assert parse_mesh("pipe=2,tensor=-1,data=2", 8) == MeshShape(2, 2, 2)
 
 
 def test_corrupt_data_file_is_named(tmp_path, metrics, capsys):

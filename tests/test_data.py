@@ -223,6 +223,43 @@ def test_synthetic_is_learnable():
     assert (pred == np.random.default_rng(0).permutation(ds.y_test)).mean() < 0.25
 
 
+@pytest.mark.parametrize(
+    ("dataset", "size", "classes", "shape"),
+    [("synthetic", 2000, 10, "28x28x1"), ("synthetic", 10, 1000, "28x28x1"), ("synthetic", 20000, 3, "5")]
+    + [("synthetic-text", 100000, 10, ""), ("synthetic-text", 1000, 20000, "")],
+)
+def test_synthetic_memory_estimates_match_the_measured_peak(dataset, size, classes, shape):
+    """What the refusal of a dataset beyond the host's memory estimates is the peak numpy and Python
+    allocate (``tracemalloc``), within a margin: never far below it, never several times above it."""
+    import tracemalloc
+
+    from jaxmp.training.data import synthetic_bytes
+    from jaxmp.training.text import synthetic_text_bytes
+
+    cfg = DataConfig(dataset=dataset, synthetic_size=size, synthetic_classes=classes, synthetic_shape=shape or "1")
+    tracemalloc.start()
+    try:
+        load_dataset(cfg, seed=0)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    if dataset == "synthetic":
+        estimate = synthetic_bytes(parse_synthetic_shape(shape), size, classes)
+    else:
+        estimate = synthetic_text_bytes(size, classes)
+    assert 0.95 * peak <= estimate <= 1.6 * peak
+
+
+def test_synthetic_data_beyond_the_host_is_refused_before_allocating():
+    cfg = DataConfig(dataset="synthetic", synthetic_size=2 * 10**9, synthetic_classes=10)
+    with pytest.raises(
+        ConfigError,
+        match=r"^--synthetic-size 2000000000 --synthetic-classes 10 --synthetic-shape "
+        r"28x28x1: the synthetic dataset needs about 18.6 TiB of host memory, this machine has ",
+    ):
+        load_dataset(cfg, seed=0)
+
+
 # ----------------------------------------------------------------------------------------- batching
 
 

@@ -102,6 +102,17 @@ def test_zb_v_turns_with_a_message_to_itself_and_hears_from_two_at_once():
     assert len(plan_transfers(zb_v(4, 32)).loops) == len(transfers.loops)
 
 
+def test_naive_takes_repeats_and_1f1b_a_placement():
+    """Both options change the table (so neither is refused with these schedules; --repeats with gpipe:
+    ``test_circular_bubble``): naive runs its one micro-batch through ``R*S`` circular chunks, 1f1b
+    starts on the device a placement names."""
+    circular = naive(2, repeats=2)
+    assert circular.chunk_stage == (0, 1, 0, 1) and circular.ticks == 2 * naive(2).ticks
+    placed = build_schedule("1f1b", 2, 2, placement=(1, 0, 1))
+    assert placed.chunk_stage == (1, 0, 1)
+    assert (placed.kind[0, 1], placed.chunk[0, 1]) == (FORWARD, 0) and placed.kind[0, 0] == IDLE
+
+
 def test_unknown_or_unfit_schedules_are_refused():
     with pytest.raises(ConfigError, match="unknown pipeline schedule 'pipedream'"):
         build_schedule("pipedream", 2, 2)

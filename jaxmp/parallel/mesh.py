@@ -1,7 +1,8 @@
 """Device meshes from a short text spec: ``"data=2,tensor=2,pipe=2"``.
 
-Axes are always ``data``, ``tensor``, ``pipe`` in that order; an axis left out has size 1 and one axis
-may be ``-1`` (fill the remaining devices). The mesh uses ``AxisType.Auto`` on every axis: current JAX
+A mesh's axes are always ``data``, ``tensor``, ``pipe`` in that order; a spec names them in any order
+(``pipe=2,data=2`` is ``data=2,pipe=2``), an axis left out has size 1 and one axis may be ``-1`` (fill the
+remaining devices). The mesh uses ``AxisType.Auto`` on every axis: current JAX
 defaults to Explicit axes, which raise on ambiguous matmuls instead of letting XLA choose where the
 collectives go, and choosing them is XLA's job here.
 """
@@ -35,7 +36,8 @@ class MeshShape(NamedTuple):
 
 @speaks_python
 def parse_mesh(spec: str, num_devices: int) -> MeshShape:
-    """Parse ``"data=2,tensor=-1"`` into a :class:`MeshShape` that uses exactly ``num_devices``.
+    """Parse ``"data=2,tensor=-1"`` into a :class:`MeshShape` that uses exactly ``num_devices``; axes are
+    matched by name, so their order in ``spec`` does not matter.
 
     Raises:
       ConfigError: unknown or repeated axis, a size that is not a positive integer (or one ``-1``),

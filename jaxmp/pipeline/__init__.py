@@ -115,6 +115,21 @@ def chunk_layout(cfg: PipelineConfig, num_units: int, stages: int, costs) -> tup
     return chunk_bounds(cfg.stage_split, num_units, 2 * stages, costs), v_placement(stages)
 
 
+MAX_UNITS = 2**16  # the most layers (a stack of depth L counts L) a pipeline plans, one by one, on the host
+
+
+def check_unit_count(parts: ModelParts) -> None:
+    """``ConfigError`` for a model of more layers than a pipeline can plan: the split, the packing and the
+    transfers are worked out per layer in Python, so a stack of depth 10**8 would take minutes and one of
+    depth 2**31 all of the host's memory before its train state could be found too large."""
+    units = sum(part.depth or 1 for part in parts.layers)
+    if units > MAX_UNITS:
+        raise ConfigError(
+            f"the model has {units} layers (--depth counts each block), beyond the {MAX_UNITS} a pipeline "
+            "plans (one by one, on the host)."
+        )
+
+
 def check_microbatches(cfg: PipelineConfig, batch: int, batch_parts: int) -> None:
     microbatches = 1 if cfg.schedule == "naive" else cfg.microbatches
     if batch % (microbatches * batch_parts):
@@ -149,6 +164,7 @@ def build_pipeline(
       ConfigError: the split, placement or micro-batches do not fit the model, mesh or batch.
     """
     stages = mesh.shape["pipe"]
+    check_unit_count(parts)
     abstract = parts.with_ties(abstract)  # each part's parameters under its own key (a tied one too)
     costs = unit_costs(cfg.stage_split, parts, abstract, x_struct)
     bounds, chunk_stage = chunk_layout(cfg, len(parts.units), stages, costs)

@@ -18,6 +18,7 @@ sentence naming the value or file and what is wrong.
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import zlib
 from collections.abc import Callable, Iterator
@@ -26,6 +27,7 @@ from typing import NamedTuple
 import numpy as np
 
 from jaxmp.config import ConfigError, DataConfig
+from jaxmp.training.memory import check_host_fits
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 DIGITS_SPLIT_SEED = 0  # fixed, so the digits test set is the same for every run seed
@@ -137,11 +139,15 @@ def load_dataset(cfg: DataConfig, seed: int) -> Dataset:
         The :class:`Dataset`.
 
     Raises:
-        ConfigError: unknown dataset, missing/corrupt IDX files, or a bad synthetic shape.
+        ConfigError: unknown dataset, missing/corrupt IDX files, a bad synthetic shape, or data beyond the
+            host's memory.
     """
     if cfg.dataset not in DATASETS:
         raise ConfigError(f"--dataset {cfg.dataset!r} is not one of {', '.join(DATASETS)}.")
-    return DATASETS[cfg.dataset](cfg, seed)
+    try:
+        return DATASETS[cfg.dataset](cfg, seed)
+    except MemoryError:  # what the estimates of the synthetic datasets let through: still one line
+        raise ConfigError(f"--dataset {cfg.dataset}: the host ran out of memory loading or building it.") from None
 
 
 def _load_idx(cfg: DataConfig, seed: int) -> Dataset:
@@ -158,6 +164,15 @@ def _load_idx(cfg: DataConfig, seed: int) -> Dataset:
 
 def _load_synthetic(cfg: DataConfig, seed: int) -> Dataset:
     return make_synthetic(parse_synthetic_shape(cfg.synthetic_shape), cfg.synthetic_size, cfg.synthetic_classes, seed)
+
+
+def synthetic_bytes(shape: tuple[int, ...], size: int, num_classes: int) -> int:
+    """Host memory :func:`make_synthetic` needs at its peak: the prototypes, the training examples three
+    times over while they are mixed (noise, scaled prototypes, their sum), the test examples, and the
+    labels (int64 draws, then int32)."""
+    example = 4 * math.prod(shape)
+    test = max(size // 4, 1)
+    return example * (num_classes + 3 * size + test) + 12 * (size + test)
 
 
 def load_digits() -> Dataset:
@@ -336,11 +351,16 @@ def make_synthetic(shape: tuple[int, ...], size: int, num_classes: int, seed: in
 
     Returns:
         A :class:`Dataset` named ``synthetic``.
+
+    Raises:
+        ConfigError: a size or class count below 1, or arrays beyond the host's memory.
     """
     if size < 1 or num_classes < 1:
         raise ConfigError(
             f"synthetic data needs positive --synthetic-size and --synthetic-classes, got {size} and {num_classes}."
         )
+    subject = f"--synthetic-size {size} --synthetic-classes {num_classes} --synthetic-shape {'x'.join(map(str, shape))}"
+    check_host_fits(subject, "the synthetic dataset", synthetic_bytes(shape, size, num_classes))
     prototypes = np.random.default_rng([seed, 0]).random((num_classes, *shape), dtype=np.float32)
 
     def split(n: int, stream: int) -> tuple[np.ndarray, np.ndarray]:

