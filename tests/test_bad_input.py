@@ -59,6 +59,7 @@ DAMAGE = {
     "meta-width-64": lambda ck: edit_meta(ck, model__width=64),
     "arrays-truncated": truncate_array_data,
     "index-garbage": lambda ck: garble(ck / "2" / "state" / "_METADATA"),
+    "meta-format-only": lambda ck: (ck / "2" / "meta" / "metadata").write_text('{"format": 1}'),
 }
 
 RESUME = ["--checkpoint-dir", "{ck}", "--resume"]
@@ -98,14 +99,22 @@ CASES = [
     ([*RESUME, "--steps", "2"], None, "is already at step 2 of the 2 this run trains"),
     ([*RESUME, "--profile-steps", "1:3", "--steps", "5"], None, "1:3 lies outside the steps this run trains (3..5)"),
     # corrupt checkpoints
-    ([*RESUME, "--steps", "4"], "meta-garbage", "is corrupt: {ck}/2/meta/metadata is unreadable"),
+    ([*RESUME, "--steps", "4"], "meta-garbage", "is damaged: {ck}/2/meta/metadata is unreadable"),
+    ([*RESUME, "--steps", "4"], "meta-format-only", "is damaged: {ck}/2/meta/metadata is not a jaxmp checkpoint"),
     (
         [*RESUME, "--steps", "4", "--width", "64"],
         "meta-width-64",
         "params.layers.0.layer.down.bias has shape (2, 32), this run needs (2, 64)",
     ),
-    ([*RESUME, "--steps", "4"], "index-garbage", "is corrupt: its array index"),
+    ([*RESUME, "--steps", "4"], "index-garbage", "is damaged: its array index"),
     ([*RESUME, "--steps", "4"], "arrays-truncated", "cannot be read (Encountered error while reading array"),
+    ([*RESUME, "--steps", "4"], "arrays-truncated", "There is no older checkpoint in that folder."),
+    (
+        ["--checkpoint-dir", "{ck}", "--resume-from", "3", "--steps", "4"],
+        None,
+        "{ck} holds checkpoints of steps 2 only",
+    ),
+    (["--resume-from", "2"], None, "--resume-from needs --checkpoint-dir"),
 ]
 
 

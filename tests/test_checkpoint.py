@@ -6,6 +6,7 @@ process (a signal to this one would stop pytest).
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -20,7 +21,7 @@ from support import CLASSES, IMAGE, fixed_batches, small_config
 
 from jaxmp.parallel.mesh import MeshShape, build_mesh, mesh_from_spec
 from jaxmp.train import main
-from jaxmp.training.checkpoint import Saver, complete_steps, restore
+from jaxmp.training.checkpoint import DamagedCheckpoint, Saver, complete_steps, restore
 from jaxmp.training.loop import run
 from jaxmp.training.step import build_program
 
@@ -78,6 +79,58 @@ def test_resume_on_another_mesh_reshards(saved, tmp_path, mesh, fsdp):
     np.testing.assert_allclose(resumed(saved, tmp_path, mesh=mesh, fsdp=fsdp), reference[10:], rtol=1e-5)
 
 
+def largest_data_file(step_folder) -> str:
+    files = [os.path.join(d, f) for d, _, names in os.walk(step_folder / "state") for f in names]
+    return max((f for f in files if "ocdbt.process_" in f and "/d/" in f), key=os.path.getsize)
+
+
+def flip_one_byte(step_folder) -> None:
+    path = largest_data_file(step_folder)
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) // 2)
+        byte = f.read(1)[0]
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte ^ 0x10]))
+
+
+DAMAGE = {
+    "one byte flipped": flip_one_byte,
+    "a data file truncated": lambda step: os.truncate(largest_data_file(step), 100),
+    "a data file deleted": lambda step: os.remove(largest_data_file(step)),
+    "the description deleted": lambda step: os.remove(step / "meta" / "metadata"),
+}
+
+
+@pytest.fixture(scope="module")
+def saved_program(saved):
+    cfg = run_cfg()
+    return build_program(cfg, mesh_from_spec(SAVE_MESH), (8, 8, 1), 10)
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_a_damaged_newest_checkpoint_is_refused_naming_the_intact_one(saved, saved_program, tmp_path, damage):
+    root, _ = saved
+    shutil.copytree(root / "ck", tmp_path / "ck")
+    DAMAGE[damage](tmp_path / "ck" / "20")
+    cfg = run_cfg(checkpoint_dir=str(tmp_path / "ck"), resume=True, steps=30)
+    with pytest.raises(DamagedCheckpoint, match=f"checkpoint {tmp_path / 'ck' / '20'}") as refused:
+        restore(cfg, saved_program, (8, 8, 1), 10)
+    assert "The newest intact checkpoint is step 10: resume it with --resume-from 10" in str(refused.value)
+    if damage == "one byte flipped":  # the data still decodes: only the digest sees the change
+        assert re.search(r"is damaged: \S+ no longer matches the digest it was saved with", str(refused.value))
+
+
+def test_resume_from_an_older_checkpoint_continues_exactly_and_sets_the_newer_aside(saved, tmp_path):
+    root, reference = saved
+    folder = tmp_path / "ck"
+    shutil.copytree(root / "ck", folder)
+    flip_one_byte(folder / "20")
+    summary = run(run_cfg(checkpoint_dir=str(folder), resume_from=10), QUIET)
+    np.testing.assert_array_equal(summary.losses, reference[10:])  # bit for bit, as from an untouched one
+    assert complete_steps(str(folder)) == [10, 20] and os.listdir(folder / "set-aside") == ["20"]
+    assert restore(run_cfg(checkpoint_dir=str(folder), resume=True), summary.program, (8, 8, 1), 10).step == 20
+
+
 @pytest.fixture(scope="module")
 def saved_pipeline(tmp_path_factory):
     """3 steps of mlp-1024 on pipe=2 --stage-split 1,3 (each stage's parameters packed on its own
@@ -130,18 +183,38 @@ def test_pipeline_checkpoint_resumes_on_any_split_and_mesh(saved_pipeline, shape
 SMALL = ["--width", "32", "--hidden", "64", "--batch-size", "16", "--no-report"]
 
 
-def test_diverged_run_stops_names_the_step_and_keeps_the_good_checkpoints(tmp_path, capsys):
-    """SGD at lr 10 blows up at step 4 (found by running it): --keep 2 leaves steps 2 and 3, 4 is never saved."""
+def test_diverged_run_names_no_checkpoint_when_every_one_was_saved_climbing(tmp_path, capsys):
+    """SGD at lr 10 blows up at step 4 (found by running it). Step 2's loss, computed on the parameters
+    saved at step 1, is already 500x the first: no checkpoint is worth resuming, and the message says so
+    instead of pointing at parameters that will diverge again (with --lr 0.01 too)."""
     metrics = tmp_path / "m.jsonl"
     metrics.write_text("earlier run\n")
     argv = [*SMALL, "--optimizer", "sgd", "--lr", "10", "--steps", "30", "--metrics-file", str(metrics)]
     argv += ["--checkpoint-dir", str(tmp_path / "ck"), "--checkpoint-every", "1", "--keep", "2"]
     assert main(argv) == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "nan at step 4" in err and f"step 3 in {tmp_path / 'ck'}" in err, err
+    assert err.count("\n") == 1 and "nan at step 4" in err, err
+    assert "no checkpoint is worth resuming (by step 2 the loss had climbed to " in err, err
     assert complete_steps(str(tmp_path / "ck")) == [2, 3]
     assert metrics.read_text() == "earlier run\n"
     assert json.loads((tmp_path / "m.jsonl.partial").read_text().splitlines()[-1])["step"] == 4
+
+
+class _Info:
+    def __init__(self, step):
+        self.step = step
+
+
+def test_keep_k_also_keeps_the_newest_steady_checkpoint():
+    from jaxmp.training.checkpoint import Health, _KeepNewestAndSteady
+
+    keep = _KeepNewestAndSteady(2, {1, 2})
+    infos = [_Info(step) for step in (1, 2, 3, 4)]
+    assert keep.should_preserve(infos, context=None) == [False, True, True, True]  # 3, 4 and steady 2
+    keep.steady.discard(2)  # step 3 found the parameters of step 2 climbing
+    assert keep.should_preserve(infos, context=None) == [True, False, True, True]
+    assert Health(2.0, 1.0, 1.5, 1.0).steady and not Health(3.1, 1.0, 1.5, 1.0).steady
+    assert not Health(2.0, 11.0, 1.5, 1.0).steady and not Health(float("nan"), 1.0, 1.5, 1.0).steady
 
 
 DIGITS = (8, 8, 1)

@@ -37,6 +37,7 @@ import os
 import re
 import shutil
 import sys
+import time
 from typing import Any, NamedTuple
 
 import jax
@@ -345,11 +346,13 @@ def to_item_abstract(state: TrainState) -> dict[str, Any]:
 
 class Health(NamedTuple):
     """How training stood at a saved step, recorded in its ``meta``: after a divergence, the newest
-    *steady* checkpoint is the one worth resuming (:func:`steady_checkpoint`).
+    *steady* checkpoint is the one worth resuming (:meth:`Saver.steady_checkpoint`).
 
     Steady: the loss is finite and at most ``LOSS_GROWTH`` times the lowest loss the run had reached,
     and the gradient norm is finite and at most ``GRAD_GROWTH`` times the median of the run's so far.
     A checkpoint saved while the loss was already climbing holds parameters that will diverge again.
+    A step's loss is computed on the parameters *before* its update, so a checkpoint of step N counts
+    as steady only if step N + 1 is steady too (:meth:`Saver.observe`).
     """
 
     loss: float
@@ -368,27 +371,6 @@ class Health(NamedTuple):
             and self.loss <= self.LOSS_GROWTH * self.best_loss
             and self.grad_norm <= self.GRAD_GROWTH * self.median_grad_norm
         )
-
-
-def steady_checkpoint(directory: str) -> tuple[int | None, str]:
-    """The newest checkpoint in ``directory`` recorded as steady, and why the newer ones are not."""
-    unsteady = []
-    for step in reversed(complete_steps(directory)):
-        try:
-            health = _read_meta(os.path.join(directory, str(step))).get("health")
-        except DamagedCheckpoint:
-            continue
-        if health is None or Health(**health).steady:
-            return step, _unsteady_text(unsteady)
-        unsteady.append((step, health))
-    return None, _unsteady_text(unsteady)
-
-
-def _unsteady_text(unsteady: list[tuple[int, dict]]) -> str:
-    if not unsteady:
-        return ""
-    step, health = unsteady[-1]
-    return f"step {step} and newer were saved with the loss at {health['loss']:.4g} (best {health['best_loss']:.4g})"
 
 
 class Saver:
@@ -417,8 +399,10 @@ class Saver:
         self._signature = signature(cfg, input_shape, classes, own)
         self._to_saved = program.to_saved if program is not None else (lambda state: state)
         self.set_aside = _set_aside_newer(self.directory, cfg.checkpoint.resume_from)
+        steady, self._unsteady = _recorded_health(self.directory)
+        self._keep = _KeepNewestAndSteady(cfg.checkpoint.keep, steady)
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=cfg.checkpoint.keep, create=True, cleanup_tmp_directories=True
+            preservation_policy=self._keep, create=True, cleanup_tmp_directories=True
         )
         self._errors = _OrbaxErrors().install()  # until close: failures come from Orbax's threads at any time
         self._manager = ocp.CheckpointManager(self.directory, options=options)
@@ -437,14 +421,37 @@ class Saver:
             return
         ocp = self._ocp
         item = to_item(self._to_saved(state))
+        self._call(self.last_saved, self._manager.check_for_errors)  # a failed save in flight speaks first
         self._check_room(step, item)
         meta = {**self._signature, "step": step, "data_position": {"batches_consumed": step}}
         meta["digests"] = digests(item)
         if health is not None:
             meta["health"] = health._asdict()
+            if health.steady:
+                self._keep.steady.add(step)
+            else:
+                self._unsteady[step] = health
         args = ocp.args.Composite(state=ocp.args.StandardSave(item), meta=ocp.args.JsonSave(meta))
         previous, self.last_saved = self.last_saved, step
         self._call(previous, lambda: self._manager.save(step, args=args, force=True))
+
+    def observe(self, step: int, health: Health) -> None:
+        """Step ``step`` was computed on the parameters saved at ``step - 1`` (if they were): an unsteady
+        step makes that checkpoint unsteady too, before the preservation policy next decides."""
+        if not health.steady and step - 1 == self.last_saved:
+            self._keep.steady.discard(step - 1)
+            self._unsteady.setdefault(step - 1, health)
+
+    def steady_checkpoint(self) -> tuple[int | None, str]:
+        """The newest checkpoint worth resuming after a divergence, and why the newer ones are not."""
+        self.wait()
+        steps = complete_steps(self.directory)
+        steady = max((step for step in steps if step in self._keep.steady), default=None)
+        for step in steps:
+            if (steady is None or step > steady) and step in self._unsteady:
+                health = self._unsteady[step]
+                return steady, f"by step {step} the loss had climbed to {health.loss:.4g} (best {health.best_loss:.4g})"
+        return steady, ""
 
     def wait(self) -> None:
         """Block until the save in flight is committed (its folder renamed into place)."""
@@ -471,11 +478,21 @@ class Saver:
             os.remove(probe)
             free = shutil.disk_usage(self.directory).free
         except OSError as err:
+            self._settle()
             raise self._failed(step, err.strerror or str(err)) from None
         if free < needed:
+            self._settle()
             raise self._failed(
                 step, f"it needs about {needed / 2**20:,.1f} MiB, the disk has {free / 2**20:,.1f} MiB free"
             )
+
+    def _settle(self, seconds: float = 10.0) -> None:
+        """Before a refusal: give the save in flight a moment to commit (or to fail, and say so), so that
+        the message lists what is really intact."""
+        deadline = time.monotonic() + seconds
+        while self._manager.is_saving_in_progress() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self._call(self.last_saved, self._manager.check_for_errors)
 
     def _call(self, in_flight: int | None, action) -> None:
         """Run an Orbax call; a failure in it, or in the save of ``in_flight`` it waited for, becomes one
@@ -496,6 +513,37 @@ class Saver:
         )
         what = f"checkpoint {step}" if step is not None else "a checkpoint"
         return WriteFailed(f"cannot save {what} in {self.directory}: {cause}; {kept}.")
+
+
+class _KeepNewestAndSteady:
+    """Orbax's preservation policy for ``--keep K``: the K newest checkpoints, and the newest *steady*
+    one (:class:`Health`) even when it is older, so that a run whose loss climbed for K saves before it
+    diverged still has a checkpoint worth resuming."""
+
+    def __init__(self, newest: int, steady: set[int]):
+        self.newest, self.steady = newest, steady
+
+    def should_preserve(self, checkpoints, *, context) -> list[bool]:
+        steps = [info.step for info in checkpoints]
+        kept = set(sorted(steps)[-self.newest :])
+        kept |= set(sorted(self.steady & set(steps))[-1:])
+        return [step in kept for step in steps]
+
+
+def _recorded_health(directory: str) -> tuple[set[int], dict[int, Health]]:
+    """The checkpoints already in ``directory`` saved steady (or before health was recorded), and the
+    health of the others."""
+    steady, unsteady = set(), {}
+    for step in complete_steps(directory):
+        try:
+            recorded = _read_meta(os.path.join(directory, str(step))).get("health")
+        except DamagedCheckpoint:
+            continue
+        if recorded is None or Health(**recorded).steady:
+            steady.add(step)
+        else:
+            unsteady[step] = Health(**recorded)
+    return steady, unsteady
 
 
 def _set_aside_newer(directory: str, step: int | None) -> list[int]:

@@ -44,7 +44,6 @@ from jaxmp.training.checkpoint import (
     check_resume_or_damage,
     complete_steps,
     restore,
-    steady_checkpoint,
     steps_text,
 )
 from jaxmp.training.data import Dataset, batch_rows, eval_batches, load_dataset, num_batches
@@ -281,10 +280,14 @@ class _Tracker:
         now = time.perf_counter()  # float() above blocked until the step was done
         step_time, self.ready = now - self.ready, now
         self.writer.write({"step": step, "loss": loss, "grad_norm": grad_norm, "step_time_s": step_time})
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        finite = math.isfinite(loss) and math.isfinite(grad_norm)
+        if finite:
+            self.losses.append(loss)
+            self.seen.append((loss, grad_norm))
+        if self.saver:  # this step judges the checkpoint of the previous one
+            self.saver.observe(step, self.health() if finite else Health(loss, grad_norm, loss, grad_norm))
+        if not finite:
             raise Diverged(self._diverged_message(step, loss, grad_norm))
-        self.losses.append(loss)
-        self.seen.append((loss, grad_norm))
         self.stepped_seconds += step_time
         if self.on_step:  # the mean rate so far: one step's time varies with what the host queued ahead
             self.on_step(step, loss, self.examples_per_second)
@@ -303,8 +306,7 @@ class _Tracker:
         message = f"{what} at step {step}, so the run stopped without saving that step"
         if not self.saver:
             return message + "."
-        self.saver.wait()
-        steady, why_not = steady_checkpoint(self.saver.directory)
+        steady, why_not = self.saver.steady_checkpoint()
         if steady is None:
             why_not = f" ({why_not})" if why_not else ""
             return f"{message}; no checkpoint is worth resuming{why_not}: start again, e.g. with a lower --lr."
