@@ -181,7 +181,7 @@ def _restore_verified(path: str, program: Program, wanted: dict[str, Any]) -> Tr
     except Exception as err:  # noqa: BLE001 (TensorStore raises bare Exception for damaged data)
         raise DamagedCheckpoint(f"checkpoint {path} cannot be read ({_first_line(err)}).") from None
     stored = meta.get("digests")
-    if stored is not None:
+    if stored:  # checkpoints written before digests were recorded are read unverified
         bad = first_mismatch(stored, item)
         if bad is not None:
             raise DamagedCheckpoint(
