@@ -83,6 +83,8 @@ MOMENTS = {
     ("moment", "signum", "expected"),
     [
         ("import", signal.SIGINT, "stopped: SIGINT before the first step; nothing was written."),
+        ("import", signal.SIGTERM, "stopped: SIGTERM before the first step; nothing was written."),
+        ("start-up", signal.SIGINT, "stopped: SIGINT before the first step; nothing was written."),
         ("start-up", signal.SIGTERM, "stopped: SIGTERM before the first step; nothing was written."),
         ("training", signal.SIGTERM, "stopped: SIGTERM at step "),
     ],
@@ -219,3 +221,15 @@ def test_a_full_disk_under_the_metrics_keeps_the_partial_stream(tmp_path, small_
     ), err
     assert (small_disk / "m.jsonl").read_text() == "the user's earlier metrics\n"
     assert partial.read_text().count('"loss"') > 100
+
+
+def test_a_full_disk_under_tensorboard_is_one_line_not_a_hang(tmp_path, small_disk):
+    """tensorboardX writes from its own thread; before, a failed write ended that thread and the run
+    then waited forever on its queue."""
+    (small_disk / "filler").write_bytes(b"\0" * (2 * 2**20 - 16 * 2**10))
+    child = start(tmp_path, "--tensorboard-dir", str(small_disk / "tb"))
+    code, err = finish(child, timeout=120)
+    assert (
+        code == 1
+        and one_line(err) == f"error: cannot write TensorBoard scalars in {small_disk}/tb: No space left on device."
+    ), err

@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import threading
+import traceback
 from typing import Any
 
 from jaxmp.config import ConfigError, WriteFailed
@@ -134,18 +136,37 @@ def check_tensorboard(path: str | None) -> None:
 
 
 class ScalarWriter:
-    """TensorBoard scalars (every numeric field of a metrics record), through tensorboardX if asked for."""
+    """TensorBoard scalars (every numeric field of a metrics record), through tensorboardX if asked for.
+
+    tensorboardX writes from a thread of its own. A failed write (a full disk) ends that thread, and
+    the writes after it would wait forever on its queue; so its errors are caught (``threading.excepthook``)
+    and the next write, or ``close``, raises :class:`WriteFailed` instead.
+    """
 
     def __init__(self, path: str | None):
-        self._writer, self.path = None, path
+        self._writer, self.path, self._error = None, path, None
         if path:
             from tensorboardX import SummaryWriter
 
-            self._writer = SummaryWriter(path)
+            self._writer = SummaryWriter(path, max_queue=1000)
+            self._excepthook, threading.excepthook = threading.excepthook, self._thread_failed
+
+    def _thread_failed(self, args) -> None:
+        frames = traceback.extract_tb(args.exc_traceback)
+        if (
+            self._error is None
+            and isinstance(args.exc_value, OSError)
+            and any("tensorboardX" in f.filename for f in frames)
+        ):
+            self._error = args.exc_value
+            return
+        self._excepthook(args)
 
     def write(self, record: dict[str, Any]) -> None:
         if self._writer is None:
             return
+        if self._error is not None:
+            raise self._failed(self._error)
         try:
             for name, value in record.items():
                 if name != "step" and isinstance(value, int | float):
@@ -154,12 +175,16 @@ class ScalarWriter:
             raise self._failed(err) from None
 
     def close(self) -> None:
-        if self._writer is not None:
-            writer, self._writer = self._writer, None
-            try:
-                writer.close()
-            except OSError as err:
-                raise self._failed(err) from None
+        if self._writer is None:
+            return
+        writer, self._writer = self._writer, None
+        threading.excepthook = self._excepthook
+        if self._error is not None:  # its thread is gone: closing would wait for it
+            raise self._failed(self._error)
+        try:
+            writer.close()
+        except OSError as err:
+            raise self._failed(err) from None
 
     def _failed(self, err: OSError) -> WriteFailed:
         return WriteFailed(f"cannot write TensorBoard scalars in {self.path}: {err.strerror or err}.")
