@@ -104,7 +104,7 @@ def run_cli(
     into one line and its own exit code. ``skip``: config leaves the tool does not offer."""
     global _exit_now
     try:
-        with command_line(), _signals_stop_at_once():
+        with command_line(), _signals_stop_at_once("the first step" if prog == "jaxmp.train" else "the report"):
             if add_flags is None:
                 main(parse_config(argv, prog, description))
             else:
@@ -123,16 +123,16 @@ _exit_now = False  # the last run_cli call ended with threads or a teardown not 
 
 
 @contextlib.contextmanager
-def _signals_stop_at_once():
+def _signals_stop_at_once(first_output: str):
     """SIGINT and SIGTERM outside a training loop (which handles them itself) stop the command at once
-    with one line, not a traceback or a silent kill."""
+    with one line, not a traceback or a silent kill; ``first_output``: what the command had not reached."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def stop(signum, frame):
         name = signal.Signals(signum).name
-        stop_at_once(f"{name} before the first step; nothing was written.", signum)
+        stop_at_once(f"{name} before {first_output}; nothing was written.", signum)
 
     previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:

@@ -47,6 +47,7 @@ from jaxmp.config import Config, ConfigError, WriteFailed
 from jaxmp.models import activation_of, preset
 from jaxmp.parallel.sharding import path_name
 from jaxmp.training.digest import digests, first_mismatch
+from jaxmp.training.memory import format_bytes
 from jaxmp.training.metrics import check_output_dir
 from jaxmp.training.step import Program, TrainState
 
@@ -482,9 +483,7 @@ class Saver:
             raise self._failed(step, err.strerror or str(err)) from None
         if free < needed:
             self._settle()
-            raise self._failed(
-                step, f"it needs about {needed / 2**20:,.1f} MiB, the disk has {free / 2**20:,.1f} MiB free"
-            )
+            raise self._failed(step, f"it needs about {format_bytes(needed)}, the disk has {format_bytes(free)} free")
 
     def _settle(self, seconds: float = 10.0) -> None:
         """Before a refusal: give the save in flight a moment to commit (or to fail, and say so), so that
