@@ -7,6 +7,7 @@ import math
 import pathlib
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -115,3 +116,41 @@ def assert_one_line_error(stderr: str, message: str = "") -> None:
     """The project's rule for bad input: one line, ``error: ...``, no traceback, naming ``message``."""
     assert stderr.startswith("error: ") and stderr.count("\n") == 1 and "Traceback" not in stderr, stderr
     assert message in stderr, stderr
+
+
+_HOLD_THE_COMMIT = """
+import os, time
+from orbax.checkpoint._src.path import atomicity
+
+def hold(original):
+    async def finalize(self, *args, **kwargs):
+        if os.path.basename(str(self.get_final())) == "STEP":
+            open("saving", "w").close()  # every array of the step is written; the rename is held back
+            time.sleep(600)
+        return await original(self, *args, **kwargs)
+    return finalize
+
+for cls in (atomicity.AtomicRenameTemporaryPath, atomicity.CommitFileTemporaryPath):
+    cls.finalize = hold(cls.finalize)
+from jaxmp.cli import run_as_command
+from jaxmp.train import main
+run_as_command(main)
+"""
+
+
+def train_holding_the_commit(step: int) -> list[str]:
+    """``python -c`` arguments that run ``jaxmp.train`` (flags follow) with Orbax's commit of checkpoint
+    ``step`` held back for 600 s, after touching ``saving`` in the working folder: a save in flight."""
+    return ["-c", _HOLD_THE_COMMIT.replace("STEP", str(step))]
+
+
+def wait_for(predicate, timeout: float, what: str, child: subprocess.Popen) -> None:
+    """Poll ``predicate`` until it holds; fail if ``child`` ends first or ``timeout`` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if child.poll() is not None:
+            raise AssertionError(f"the run ended before {what}: {child.communicate()}")
+        if time.monotonic() > deadline:
+            child.kill()
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import pytest
 from rich.console import Console
-from support import CLASSES, IMAGE, fixed_batches, small_config
+from support import CLASSES, IMAGE, fixed_batches, small_config, train_holding_the_commit, wait_for
 
 from jaxmp.parallel.mesh import MeshShape, build_mesh, mesh_from_spec
 from jaxmp.train import main
@@ -237,41 +237,11 @@ def _child(args, tmp_path, **kw):
     )
 
 
-def _wait_for(predicate, timeout: float, what: str, process) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if process.poll() is not None:
-            raise AssertionError(f"child exited before {what}: {process.communicate()}")
-        if time.monotonic() > deadline:
-            process.kill()
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
-HANG_IN_COMMIT = """
-import os, sys, time
-from orbax.checkpoint._src.path import atomicity
-
-def hang_before_rename(original):
-    async def finalize(self, *args, **kwargs):
-        if os.path.basename(str(self.get_final())) == "4":
-            open("saving", "w").close()  # every array of step 4 is written; the rename is not done
-            time.sleep(600)
-        return await original(self, *args, **kwargs)
-    return finalize
-
-for cls in (atomicity.AtomicRenameTemporaryPath, atomicity.CommitFileTemporaryPath):
-    cls.finalize = hang_before_rename(cls.finalize)
-from jaxmp.train import main
-sys.exit(main(sys.argv[1:]))
-"""
-
-
 def test_save_killed_midway_leaves_the_previous_checkpoint(tmp_path):
     folder = tmp_path / "ck"
     args = ["--checkpoint-dir", str(folder), "--checkpoint-every", "2", *SMALL]
-    child = _child(["-c", HANG_IN_COMMIT, "--cpu-devices", "8", "--steps", "8", *args], tmp_path)
-    _wait_for(lambda: (tmp_path / "saving").exists(), 120, "the save of step 4", child)
+    child = _child([*train_holding_the_commit(4), "--cpu-devices", "8", "--steps", "8", *args], tmp_path)
+    wait_for(lambda: (tmp_path / "saving").exists(), 120, "the save of step 4", child)
     child.send_signal(signal.SIGKILL)
     child.communicate(timeout=30)
     leftovers = sorted(os.listdir(folder))
@@ -290,7 +260,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     args = ["-m", "jaxmp.train", "--cpu-devices", "8", "--steps", "100000", "--checkpoint-dir", "ck", *SMALL]
     child = _child([*args, "--metrics-file", str(metrics)], tmp_path)
     partial = tmp_path / "m.jsonl.partial"
-    _wait_for(lambda: partial.exists() and partial.read_text().count("\n") >= 3, 120, "three steps", child)
+    wait_for(lambda: partial.exists() and partial.read_text().count("\n") >= 3, 120, "three steps", child)
     child.send_signal(signal.SIGINT)
     out, err = child.communicate(timeout=120)
     assert child.returncode == 128 + signal.SIGINT, err

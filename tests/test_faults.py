@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from support import train_holding_the_commit, wait_for
 
 from jaxmp.training.checkpoint import complete_steps
 
@@ -30,17 +31,6 @@ def start(tmp_path: Path, *args: str, prefix: tuple[str, ...] = ()) -> subproces
         stderr=subprocess.PIPE,
         text=True,
     )
-
-
-def wait_for(predicate, timeout: float, what: str, child: subprocess.Popen) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if child.poll() is not None:
-            raise AssertionError(f"the run ended before {what}: {child.communicate()}")
-        if time.monotonic() > deadline:
-            child.kill()
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def finish(child: subprocess.Popen, timeout: float = 30) -> tuple[int, str]:
@@ -70,10 +60,10 @@ def during_start_up(tmp_path: Path, child: subprocess.Popen) -> None:
     time.sleep(1.0)
 
 
-# When each signal arrives: before JAX is imported, while the run starts (loading, compiling), in the
+# When each signal arrives: while JAX is imported, while the run starts (loading, compiling), in the
 # middle of training; a fourth test sends two while a save is in flight.
-MOMENTS = {
-    "import": lambda tmp_path, child: time.sleep(0.05),
+MOMENTS = {  # "import": as JAX starts to load (earlier, Python itself is still starting: its defaults apply)
+    "import": lambda tmp_path, child: wait_for(lambda: (tmp_path / "loading").exists(), 60, "the import", child),
     "start-up": during_start_up,
     "training": lambda tmp_path, child: wait_for(steps_done(tmp_path, 3), 120, "three steps", child),
 }
@@ -121,31 +111,10 @@ def test_a_signal_at_any_moment_is_one_line_and_its_exit_code(tmp_path, moment, 
         assert steps == [] and not (tmp_path / "m.jsonl").exists()
 
 
-HOLD_THE_COMMIT = """
-import os, sys, time
-from orbax.checkpoint._src.path import atomicity
-
-def hold(original):
-    async def finalize(self, *args, **kwargs):
-        if os.path.basename(str(self.get_final())) == "50":
-            open("saving", "w").close()  # every array of step 50 is written; the rename is held back
-            time.sleep(600)
-        return await original(self, *args, **kwargs)
-    return finalize
-
-for cls in (atomicity.AtomicRenameTemporaryPath, atomicity.CommitFileTemporaryPath):
-    cls.finalize = hold(cls.finalize)
-sys.argv[0] = "jaxmp.train"
-from jaxmp.cli import run_as_command
-from jaxmp.train import main
-run_as_command(main)
-"""
-
-
 def test_a_second_ctrl_c_during_a_save_stops_at_once_and_says_it_was_not_committed(tmp_path):
     args = ["--checkpoint-dir", "ck", "--checkpoint-every", "25", "--metrics-file", "m.jsonl"]
     child = subprocess.Popen(
-        [sys.executable, "-c", HOLD_THE_COMMIT, *SMALL, *args],
+        [sys.executable, *train_holding_the_commit(50), *SMALL, *args],
         cwd=tmp_path,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
