@@ -141,6 +141,7 @@ SCHEDULES = Choices("jaxmp.pipeline.schedule", "SCHEDULES")
 REMATS = Choices("jaxmp.pipeline", "REMAT_POLICIES")
 WEIGHT_PASSES = Choices("jaxmp.pipeline", "WEIGHT_PASSES")
 DTYPES = Choices("jaxmp.models.layers", "COMPUTE_DTYPES")
+CONTEXT_STRATEGIES = Choices("jaxmp.models.attention", "CONTEXT_STRATEGIES")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -163,6 +164,18 @@ class ModelConfig:
         False,
         "gpt: Megatron sequence parallelism: norms, dropout and residual adds split along the sequence over "
         "tensor; each all-reduce becomes an all-gather and a reduce-scatter (same bytes, 1/t of those activations)",
+    )
+    context_strategy: str = _opt(
+        "all-gather",
+        "gpt, when the mesh has a context axis: how attention reads the keys and values of the other parts of "
+        "the sequence. all-gather: gather them; ring: pass blocks round the context devices, never all of them "
+        "on one; ulysses: an all-to-all from a split of the sequence to a split of the heads",
+        choices=CONTEXT_STRATEGIES,
+    )
+    context_balance: bool = _opt(
+        True,
+        "gpt, with a context axis: each device holds a chunk from the head of every sequence and one from its "
+        "tail, so each does the same causal attention work (--no-context-balance: contiguous chunks)",
     )
     tie_embeddings: bool = _opt(
         False,

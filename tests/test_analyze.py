@@ -74,7 +74,7 @@ def param_elements_per_device(program) -> int:
 
 
 def test_data_parallelism_reduces_every_gradient_once():
-    _, program, report = report_for(MeshShape(4, 2), strategy="dp")
+    _, program, report = report_for(MeshShape(data=4, tensor=2), strategy="dp")
     batch_row = row(report, "all-reduce", ("data", "tensor"))
     assert batch_row.status == "equal"
     assert batch_row.measured == param_elements_per_device(program)
@@ -83,7 +83,7 @@ def test_data_parallelism_reduces_every_gradient_once():
 
 def test_megatron_pair_costs_one_all_reduce_each_way_per_block():
     depth = 3
-    _, _, report = report_for(MeshShape(2, 4), depth=depth)
+    _, _, report = report_for(MeshShape(data=2, tensor=4), depth=depth)
     tensor_row = row(report, "all-reduce", ("tensor",))
     assert tensor_row.status == "equal"
     assert tensor_row.measured == 2 * depth * (16 // 2) * WIDTH
@@ -109,7 +109,7 @@ def test_column_split_train_step_is_cheaper_than_the_textbook_and_says_why():
 def test_pipeline_traffic_matches_the_closed_form(microbatches: int, repeats: int):
     stages, depth, batch = 2, 4, 16
     _, _, report = report_for(
-        MeshShape(1, 2, stages), depth=depth, batch_size=batch, microbatches=microbatches, repeats=repeats
+        MeshShape(tensor=2, pipe=stages), depth=depth, batch_size=batch, microbatches=microbatches, repeats=repeats
     )
     schedule = one_f_one_b(stages, microbatches, repeats)  # the default schedule
     ticks = schedule.ticks
@@ -123,14 +123,14 @@ def test_pipeline_traffic_matches_the_closed_form(microbatches: int, repeats: in
 
 
 def test_uncovered_axes_are_measured_only():
-    _, _, report = report_for(MeshShape(4, 2), "mnist-cnn", "tp")
+    _, _, report = report_for(MeshShape(data=4, tensor=2), "mnist-cnn", "tp")
     assert report.prediction.uncovered == ("tensor",)
     on_tensor = [r for r in report.rows if "tensor" in r.axes and r.status != "scalars"]
     assert on_tensor and all(r.predicted is None and r.status == "no closed form" for r in on_tensor)
 
 
 def test_hybrid_conv_to_dense_gather_and_pair():
-    _, _, report = report_for(MeshShape(4, 2), "mnist-cnn", "hybrid")
+    _, _, report = report_for(MeshShape(data=4, tensor=2), "mnist-cnn", "hybrid")
     assert {r.status for r in report.rows} <= {"equal", "scalars"}
     flat = 4 * 4 * 64  # 12x12 images: two 3x3 convs, 2x2 pool
     assert row(report, "all-gather", ("tensor",)).measured == (16 // 4) * flat // 2
@@ -140,7 +140,7 @@ def test_hybrid_conv_to_dense_gather_and_pair():
 
 
 def test_memory_breakdown_matches_the_state():
-    _, program, report = report_for(MeshShape(2, 4), optimizer="adam")
+    _, program, report = report_for(MeshShape(data=2, tensor=4), optimizer="adam")
     params = program.init().params  # real arrays: an independent count of the shards
     params_bytes = 4 * sum(math.prod(p.sharding.shard_shape(p.shape)) for p in jax.tree.leaves(params))
     assert report.memory.params == params_bytes
@@ -168,7 +168,7 @@ def test_loop_free_cost_agrees_with_xla():
 
 
 def test_layer_flops_scale_with_depth():
-    flops = [report_for(MeshShape(8), depth=d)[2].flops for d in (1, 3)]
+    flops = [report_for(MeshShape(data=8), depth=d)[2].flops for d in (1, 3)]
     per_block = 3 * 2 * 2 * (16 // 8) * WIDTH * HIDDEN  # forward + two backward matmuls, up and down
     assert flops[1] - flops[0] == 2 * per_block
 
@@ -222,7 +222,7 @@ def test_predict_needs_no_compilation():
     jax.monitoring.register_event_duration_secs_listener(listen)
     try:
         cfg = small_config("mlp", "tp", depth=2)
-        terms = predict(cfg, build_mesh(MeshShape(2, 4)), IMAGE, CLASSES).terms
+        terms = predict(cfg, build_mesh(MeshShape(data=2, tensor=4)), IMAGE, CLASSES).terms
         assert compiles == []
         jax.jit(lambda a: a * 3.0 + 1.0).lower(jnp.ones(7)).compile()
         assert compiles  # the listener does hear compiles

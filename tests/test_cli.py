@@ -40,6 +40,16 @@ def corrupt_idx_dir(tmp_path):
 
 
 BAD_INPUTS = [
+    (["--mesh", "context=2,data=4"], "--mesh context=2 splits each sequence over 2 devices, and --model mlp has no"),
+    (["--context-strategy", "striped"], "--context-strategy 'striped' is not one of all-gather, ring, ulysses"),
+    (
+        ["--model", "gpt", "--dataset", "synthetic-text", "--mesh", "context=4,data=2", "--seq-len", "12"],
+        "--seq-len 12 is not divisible by 8: --context-balance gives each of the 4 devices of context a chunk",
+    ),
+    (
+        ["--model", "gpt", "--dataset", "synthetic-text", "--mesh", "context=2,pipe=2,data=2", "--context-strategy", "ring"],
+        "--context-strategy ring sends blocks with collective-permutes, which would hang",
+    ),
     (["--mesh", "data=16"], "needs 16 devices but 8 are available"),
     (["--mesh", "data=2,foo=4"], "'foo=4' is not AXIS=SIZE"),
     (["--mesh", "data=-1,tensor=-1"], "only one axis to -1"),
@@ -193,7 +203,7 @@ def test_mesh_axes_may_be_named_in_any_order():
     from jaxmp.parallel.mesh import MeshShape, parse_mesh
 
     assert parse_mesh("pipe=2,data=2", 4) == parse_mesh("data=2,pipe=2", 4) == MeshShape(data=2, pipe=2)
-    assert parse_mesh("pipe=2,tensor=-1,data=2", 8) == MeshShape(2, 2, 2)
+    assert parse_mesh("pipe=2,tensor=-1,data=2", 8) == MeshShape(data=2, tensor=2, pipe=2)
 
 
 def test_corrupt_data_file_is_named(tmp_path, metrics, capsys):

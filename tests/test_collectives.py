@@ -29,7 +29,7 @@ def over(colls, axes):
     return [c for c in colls if c.axes == axes]
 
 
-@pytest.mark.parametrize("shape", [MeshShape(1, 8), MeshShape(2, 4)], ids=str)
+@pytest.mark.parametrize("shape", [MeshShape(tensor=8), MeshShape(data=2, tensor=4)], ids=str)
 def test_megatron_pair_costs_one_all_reduce_each_way(shape):
     program, mesh = program_and_mesh("mlp", "tp", shape)
     batch_per_replica = 16 // shape.data
@@ -55,10 +55,10 @@ def _shard_sizes(params) -> Counter:
 @pytest.mark.parametrize(
     ("model", "strategy", "shape", "batch_axes"),
     [
-        ("mlp", "dp", MeshShape(4, 2), [("data", "tensor")]),
-        ("mlp", "tp", MeshShape(2, 4), [("data",)]),
-        ("mnist-cnn", "hybrid", MeshShape(4, 2), [("data", "tensor"), ("data",)]),
-        ("mlp-1024", "dp", MeshShape(8, 1), [("data",)]),
+        ("mlp", "dp", MeshShape(data=4, tensor=2), [("data", "tensor")]),
+        ("mlp", "tp", MeshShape(data=2, tensor=4), [("data",)]),
+        ("mnist-cnn", "hybrid", MeshShape(data=4, tensor=2), [("data", "tensor"), ("data",)]),
+        ("mlp-1024", "dp", MeshShape(data=8), [("data",)]),
     ],
 )
 def test_each_gradient_is_reduced_once_over_the_batch_axes(model, strategy, shape, batch_axes):
@@ -72,7 +72,7 @@ def test_each_gradient_is_reduced_once_over_the_batch_axes(model, strategy, shap
 
 
 def test_hybrid_reduces_conv_gradients_over_all_devices_and_dense_over_data():
-    program, mesh = program_and_mesh("mnist-cnn", "hybrid", MeshShape(4, 2))
+    program, mesh = program_and_mesh("mnist-cnn", "hybrid", MeshShape(data=4, tensor=2))
     params = program.init().params
     colls = collectives(program.train_step.compiled.as_text(), mesh)
     everywhere = Counter(c.elements for c in over(colls, ("data", "tensor")) if c.elements > 1)
@@ -81,5 +81,5 @@ def test_hybrid_reduces_conv_gradients_over_all_devices_and_dense_over_data():
 
 
 def test_pure_data_parallelism_has_no_tensor_traffic():
-    program, mesh = program_and_mesh("mlp", "dp", MeshShape(8, 1))
+    program, mesh = program_and_mesh("mlp", "dp", MeshShape(data=8))
     assert not over(collectives(program.train_step.compiled.as_text(), mesh), ("tensor",))

@@ -27,17 +27,17 @@ def bfloat16_arrays(hlo: str) -> int:
 def test_bfloat16_computes_in_bfloat16_and_keeps_float32_state(model):
     strategy = "dp" if model == "dense" else "tp"
     cfg = small_config(model, strategy, dtype="bfloat16", optimizer="adam", lr=1e-3)
-    program = build_program(cfg, build_mesh(MeshShape(2, 2)), IMAGE, CLASSES)
+    program = build_program(cfg, build_mesh(MeshShape(data=2, tensor=2)), IMAGE, CLASSES)
     state = program.init()
     assert {a.dtype for a in jax.tree.leaves((state.params, state.opt_state)) if a.ndim} == {np.dtype("float32")}
     assert bfloat16_arrays(program.train_step.compiled.as_text()) > 0
-    float32 = build_program(cfg.replace(dtype="float32"), build_mesh(MeshShape(2, 2)), IMAGE, CLASSES)
+    float32 = build_program(cfg.replace(dtype="float32"), build_mesh(MeshShape(data=2, tensor=2)), IMAGE, CLASSES)
     assert bfloat16_arrays(float32.train_step.compiled.as_text()) == 0
 
 
 def test_bfloat16_pipeline_tracks_float32_and_one_device():
     cfg = small_config("mlp", "tp", dtype="bfloat16", microbatches=4)
-    pipelined = losses_on(cfg, build_mesh(MeshShape(2, 2, 2)))
+    pipelined = losses_on(cfg, build_mesh(MeshShape(data=2, tensor=2, pipe=2)))
     one_device = losses_on(cfg.replace(microbatches=1), single_device_mesh())
     float32 = losses_on(cfg.replace(dtype="float32", microbatches=1), single_device_mesh())
     assert np.all(np.isfinite(pipelined))
@@ -51,7 +51,7 @@ def test_bfloat16_pipelines_stages_of_different_shapes(model):
     """Every pipelined model runs in bfloat16: its messages are bfloat16, its state stays float32, and
     its losses track float32 on one device."""
     cfg = small_config(model, "tp", dtype="bfloat16", microbatches=2, batch_size=16)
-    mesh = build_mesh(MeshShape(1, 2, 2))
+    mesh = build_mesh(MeshShape(tensor=2, pipe=2))
     program = build_program(cfg, mesh, IMAGE, CLASSES)
     assert {a.dtype for a in jax.tree.leaves(program.state_abstract.params)} == {jnp.dtype("float32")}
     assert program.pipeline.train.message_dtype == jnp.bfloat16

@@ -12,10 +12,10 @@ from support import build, fixed_batches, losses_on, reference_losses, single_de
 
 from jaxmp.parallel.mesh import MeshShape, build_mesh
 
-MESHES = [MeshShape(8, 1), MeshShape(4, 2), MeshShape(2, 4), MeshShape(1, 8)]
+MESHES = [MeshShape(data=8), MeshShape(data=4, tensor=2), MeshShape(data=2, tensor=4), MeshShape(tensor=8)]
 # tp splits weights over tensor and the batch over data: every factorisation; dp and hybrid split the
 # batch (hybrid's conv layers over both axes), so one mesh with each axis the larger covers their rules
-MESHES_OF = {"dp": [MeshShape(8, 1), MeshShape(2, 4)], "tp": MESHES, "hybrid": [MeshShape(4, 2), MeshShape(1, 8)]}
+MESHES_OF = {"dp": [MeshShape(data=8), MeshShape(data=2, tensor=4)], "tp": MESHES, "hybrid": [MeshShape(data=4, tensor=2), MeshShape(tensor=8)]}
 MODELS = ["mlp", "mlp-1024", "mnist-cnn"]
 RTOL = 1e-5
 CASES = [(m, s, shape) for m in MODELS for s, shapes in MESHES_OF.items() for shape in shapes]
@@ -34,7 +34,7 @@ def test_loss_trajectory_matches_single_device(model, strategy, mesh_shape):
 def test_dense_layer_matches_single_device(strategy):
     cfg = small_config("dense", strategy, lr=0.1)
     np.testing.assert_allclose(
-        losses_on(cfg, build_mesh(MeshShape(4, 2))),
+        losses_on(cfg, build_mesh(MeshShape(data=4, tensor=2))),
         reference_losses(small_config("dense", "dp", lr=0.1)),
         rtol=RTOL,
     )
@@ -44,7 +44,7 @@ def test_dense_layer_matches_single_device(strategy):
 def test_adaptive_optimizers_match_single_device(optimizer):
     cfg = small_config("mlp", "tp", optimizer=optimizer, lr=1e-3)
     np.testing.assert_allclose(
-        losses_on(cfg, build_mesh(MeshShape(2, 4))), reference_losses(cfg.replace(strategy="dp")), rtol=RTOL
+        losses_on(cfg, build_mesh(MeshShape(data=2, tensor=4))), reference_losses(cfg.replace(strategy="dp")), rtol=RTOL
     )
 
 

@@ -26,10 +26,10 @@ def specs(program) -> dict[str, P]:
 @pytest.mark.parametrize(
     ("model", "strategy", "shape", "microbatches"),
     [
-        ("mlp", "tp", MeshShape(4, 2), 1),
-        ("mlp", "dp", MeshShape(2, 2, 2), 4),
-        ("mnist-cnn", "hybrid", MeshShape(4, 2), 1),
-        ("mlp-1024", "tp", MeshShape(4, 1, 2), 2),
+        ("mlp", "tp", MeshShape(data=4, tensor=2), 1),
+        ("mlp", "dp", MeshShape(data=2, tensor=2, pipe=2), 4),
+        ("mnist-cnn", "hybrid", MeshShape(data=4, tensor=2), 1),
+        ("mlp-1024", "tp", MeshShape(data=4, pipe=2), 2),
     ],
     ids=str,
 )

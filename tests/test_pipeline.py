@@ -61,7 +61,7 @@ def test_pipeline_matches_one_device(model, schedule, stages, microbatches, repe
     cfg, piped = config(
         model, microbatches=microbatches, repeats=repeats, stage_split=split, placement=place, schedule=schedule
     )
-    mesh = build_mesh(MeshShape(data, tensor, stages))
+    mesh = build_mesh(MeshShape(data=data, tensor=tensor, pipe=stages))
     got = loss_and_grads(piped, mesh, poison=True, model=model)
     assert_same(got, loss_and_grads(cfg, single_device_mesh(), model=model))
 
@@ -79,7 +79,7 @@ def test_weight_pass_from_stashed_cotangents_matches_one_device(
 ):
     """--weight-pass stash: B keeps the cotangents W needs in the residual slot (poisoned until then)."""
     cfg, piped = config(model, microbatches=microbatches, stage_split=split, schedule=schedule, weight_pass="stash")
-    mesh = build_mesh(MeshShape(data, tensor, stages))
+    mesh = build_mesh(MeshShape(data=data, tensor=tensor, pipe=stages))
     got = loss_and_grads(piped, mesh, poison=True, model=model)
     assert build(piped, mesh).pipeline.train.stash_cotangents
     assert_same(got, loss_and_grads(cfg, single_device_mesh(), model=model))
@@ -88,14 +88,14 @@ def test_weight_pass_from_stashed_cotangents_matches_one_device(
 def test_dense_accumulates_micro_batches_on_one_stage():
     """A one-layer model pipelines on pipe=1: gradient accumulation over micro-batches, data x tensor."""
     cfg, piped = config("dense", strategy="column", microbatches=4)
-    mesh = build_mesh(MeshShape(2, 2, 1))
+    mesh = build_mesh(MeshShape(data=2, tensor=2))
     assert_same(loss_and_grads(piped, mesh, poison=True), loss_and_grads(cfg, single_device_mesh()))
 
 
 def test_unmasked_messages_let_the_poison_through():
     """The negative control of the poison: writing every message, needed or not, puts NaN in the result."""
     _, piped = config("mlp-1024", microbatches=3)
-    mesh = build_mesh(MeshShape(1, 1, 2))
+    mesh = build_mesh(MeshShape(pipe=2))
     loss, grads = loss_and_grads(piped, mesh, poison=True, masked=False)
     assert not (np.isfinite(loss) and all(np.isfinite(g).all() for g in grads.values()))
     loss, grads = loss_and_grads(piped, mesh, poison=False, masked=False)  # without poison: finite garbage
@@ -106,7 +106,7 @@ def test_unmasked_messages_let_the_poison_through():
 def test_remat_changes_nothing(remat):
     cfg, piped = config("mlp", microbatches=4, remat=remat)
     assert_same(
-        loss_and_grads(piped, build_mesh(MeshShape(1, 2, 4)), poison=True), loss_and_grads(cfg, single_device_mesh())
+        loss_and_grads(piped, build_mesh(MeshShape(tensor=2, pipe=4)), poison=True), loss_and_grads(cfg, single_device_mesh())
     )
 
 
@@ -115,7 +115,7 @@ def test_1f1b_keeps_the_residuals_of_s_micro_batches_gpipe_of_m():
     of all M=8 micro-batches, 1F1B those of S=2 (--remat none: every residual kept); --remat full stashes
     only chunk inputs."""
     cfg = small_config("mlp", "dp", width=16, hidden=256, depth=4, batch_size=512, microbatches=8, remat="none")
-    mesh = build_mesh(MeshShape(1, 1, 2))
+    mesh = build_mesh(MeshShape(pipe=2))
 
     def temps(**overrides):
         return build(cfg.replace(**overrides), mesh).grad_step.compiled.memory_analysis().temp_size_in_bytes
@@ -126,7 +126,7 @@ def test_1f1b_keeps_the_residuals_of_s_micro_batches_gpipe_of_m():
 
 def test_unroll_changes_nothing_but_the_loops():
     cfg, piped = config("mlp", depth=2, batch_size=32, microbatches=2, unroll=True)
-    mesh = build_mesh(MeshShape(1, 2, 2))
+    mesh = build_mesh(MeshShape(tensor=2, pipe=2))
     assert_same(loss_and_grads(piped, mesh, poison=True), loss_and_grads(cfg, single_device_mesh()))
     # The tick loops are the while loops of a known trip count (an action's loop runs once or not at all).
     loops = {
@@ -142,7 +142,7 @@ def test_training_trajectory_on_data_tensor_pipe_mesh(model):
     from support import losses_on, reference_losses
 
     cfg, piped = config(model, microbatches=4)
-    np.testing.assert_allclose(losses_on(piped, build_mesh(MeshShape(2, 2, 2))), reference_losses(cfg), rtol=RTOL)
+    np.testing.assert_allclose(losses_on(piped, build_mesh(MeshShape(data=2, tensor=2, pipe=2))), reference_losses(cfg), rtol=RTOL)
 
 
 def param_bytes(program) -> int:
@@ -156,10 +156,10 @@ def param_bytes(program) -> int:
 def test_each_stage_holds_only_its_own_parameters():
     one = param_bytes(build(config("mlp-1024")[0], single_device_mesh()))
     _, split = config("mlp-1024", microbatches=2, stage_split="1,3")
-    assert param_bytes(build(split, build_mesh(MeshShape(1, 1, 2)))) <= 0.8 * one
-    assert param_bytes(build(split, build_mesh(MeshShape(1, 2, 2)))) <= 0.45 * one
+    assert param_bytes(build(split, build_mesh(MeshShape(pipe=2)))) <= 0.8 * one
+    assert param_bytes(build(split, build_mesh(MeshShape(tensor=2, pipe=2)))) <= 0.45 * one
     cfg, piped = config("mlp", microbatches=4)
-    program = build(piped, build_mesh(MeshShape(1, 1, 4)))
+    program = build(piped, build_mesh(MeshShape(pipe=4)))
     whole = build(cfg, single_device_mesh()).state_abstract.params
     outside = sum(a.size * 4 for k in ("pre", "post") for a in jax.tree.leaves(whole[k]))
     stacked = sum(a.size * 4 for a in jax.tree.leaves(whole["layers"]))
@@ -184,7 +184,7 @@ def test_only_activations_and_cotangents_cross_pipe(schedule, stages, microbatch
     from jaxmp.pipeline import build_schedule
 
     _, piped = config("mlp", batch_size=48, microbatches=microbatches, repeats=repeats, schedule=schedule)
-    mesh = build_mesh(MeshShape(1, 1, stages))
+    mesh = build_mesh(MeshShape(pipe=stages))
     program = build(piped, mesh)
     every = collectives(program.train_step.compiled.as_text(), mesh)
     on_pipe = [c for c in every if "pipe" in c.axes]
@@ -196,7 +196,7 @@ def test_only_activations_and_cotangents_cross_pipe(schedule, stages, microbatch
     assert [c for c in on_pipe if c.kind != "collective-permute" and c.elements > 1] == []
 
 
-@pytest.mark.parametrize(("model", "shape"), [("mlp", MeshShape(2, 2, 2)), ("mnist-cnn", MeshShape(2, 1, 2))])
+@pytest.mark.parametrize(("model", "shape"), [("mlp", MeshShape(data=2, tensor=2, pipe=2)), ("mnist-cnn", MeshShape(data=2, pipe=2))])
 def test_weight_gradients_are_reduced_over_the_batch_axes_once_per_step(model, shape):
     """Each device sums its stage's gradients through the tick loops; one all-reduce per buffer after them."""
     _, piped = config(model, microbatches=4)
@@ -224,11 +224,11 @@ def test_megatron_collectives_inside_a_stage_are_those_of_the_layer():
             c for c in collectives(text, mesh) if c.kind == "all-reduce" and c.axes == ("tensor",) and c.elements > 1
         ]
 
-    flat_mesh = build_mesh(MeshShape(1, 2, 1), jax.devices()[:2])
+    flat_mesh = build_mesh(MeshShape(tensor=2), jax.devices()[:2])
     flat = build(cfg, flat_mesh)
     forward = len(tensor_all_reduces(flat.eval_step.compiled.as_text(), flat_mesh))
     both = len(tensor_all_reduces(flat.grad_step.compiled.as_text(), flat_mesh))
-    mesh = build_mesh(MeshShape(1, 2, 2))
+    mesh = build_mesh(MeshShape(tensor=2, pipe=2))
     counts = [
         len(tensor_all_reduces(build(piped.replace(remat=remat), mesh).grad_step.compiled.as_text(), mesh))
         for remat in ("stage", "none", "full")
@@ -239,13 +239,13 @@ def test_megatron_collectives_inside_a_stage_are_those_of_the_layer():
 @pytest.mark.parametrize(
     ("model", "shape", "overrides", "message"),
     [
-        ("mlp-1024", MeshShape(1, 1, 8), {}, "need at least 8 layers, the model has 4"),
-        ("mnist-cnn", MeshShape(1, 1, 2), dict(stage_split="2,2"), "adding up to the model's 6 layers"),
-        ("mnist-cnn", MeshShape(1, 1, 2), dict(stage_split="fast"), "is not uniform, auto, auto-memory or"),
-        ("mlp-1024", MeshShape(1, 1, 2), dict(placement="0,2,1,0"), "device 2 is not in 0..1"),
-        ("mlp-1024", MeshShape(1, 1, 2), dict(placement="0,0,0,0"), "gives device 1 along pipe no layers"),
-        ("mlp", MeshShape(2, 1, 4), dict(microbatches=3, batch_size=32), "cannot be split into 3 micro-batches"),
-        ("dense", MeshShape(1, 1, 2), dict(strategy="column"), "need at least 2 layers, the model has 1"),
+        ("mlp-1024", MeshShape(pipe=8), {}, "need at least 8 layers, the model has 4"),
+        ("mnist-cnn", MeshShape(pipe=2), dict(stage_split="2,2"), "adding up to the model's 6 layers"),
+        ("mnist-cnn", MeshShape(pipe=2), dict(stage_split="fast"), "is not uniform, auto, auto-memory or"),
+        ("mlp-1024", MeshShape(pipe=2), dict(placement="0,2,1,0"), "device 2 is not in 0..1"),
+        ("mlp-1024", MeshShape(pipe=2), dict(placement="0,0,0,0"), "gives device 1 along pipe no layers"),
+        ("mlp", MeshShape(data=2, pipe=4), dict(microbatches=3, batch_size=32), "cannot be split into 3 micro-batches"),
+        ("dense", MeshShape(pipe=2), dict(strategy="column"), "need at least 2 layers, the model has 1"),
     ],
 )
 def test_bad_pipeline_configs(model, shape, overrides, message):
@@ -270,7 +270,7 @@ def test_auto_splits_balance_and_never_drop_a_layer():
 def test_auto_memory_puts_the_big_layer_alone():
     """mnist-cnn: fc1 holds nearly all the weights, so balancing bytes gives it a stage of its own."""
     _, piped = config("mnist-cnn", microbatches=2, stage_split="auto-memory")
-    program = build(piped, build_mesh(MeshShape(1, 1, 2)))
+    program = build(piped, build_mesh(MeshShape(pipe=2)))
     assert "layers.3" in program.pipeline.packing.stage_table()[1]["layers"]
 
 
@@ -282,7 +282,7 @@ def test_evenly_split_stacks_share_their_offsets_on_every_stage(repeats, split, 
     evenly split stack (one region per chunk a stage runs), never pre or post, nothing when uneven; the
     buffers still round-trip the model's parameters."""
     cfg, piped = config("mlp", microbatches=4, repeats=repeats, stage_split=split)
-    packing = build(piped, build_mesh(MeshShape(1, 1, 4))).pipeline.packing
+    packing = build(piped, build_mesh(MeshShape(pipe=4))).pipeline.packing
     assert [rows for _, key, rows in packing.shared] == shared
     assert all(key[0] == "layers" for _, key, _ in packing.shared)
     for chunk in packing.chunks:

@@ -37,10 +37,10 @@ def test_microbatch_candidates_and_factors():
 
 
 def test_roofline_adds_communication_to_the_slower_of_compute_and_memory():
-    row = PlanRow(MeshShape(8), 1, True, "", t_compute=2.0, t_memory=3.0, t_comm=0.5)
+    row = PlanRow(MeshShape(data=8), 1, True, "", t_compute=2.0, t_memory=3.0, t_comm=0.5)
     assert row.t_step == 3.5
     assert row._replace(t_compute=4.0).t_step == 4.5
-    assert PlanRow(MeshShape(8), 1, False, "x").t_step is None
+    assert PlanRow(MeshShape(data=8), 1, False, "x").t_step is None
 
 
 @pytest.fixture(scope="module")

@@ -78,7 +78,7 @@ BATCH_AXES = {"dp": ("data", "tensor"), "tp": "data", "hybrid": "data", "column"
 
 
 def build(model, strategy, shape=None):
-    return build_program(small_config(model, strategy), build_mesh(shape or MeshShape(2, 4)), IMAGE, CLASSES)
+    return build_program(small_config(model, strategy), build_mesh(shape or MeshShape(data=2, tensor=4)), IMAGE, CLASSES)
 
 
 def spec_table(shardings):
@@ -88,20 +88,20 @@ def spec_table(shardings):
 
 @pytest.mark.parametrize(("model", "strategy"), sorted(EXPECTED))
 def test_parameter_specs_are_exact(model, strategy):
-    program = build(model, strategy, MeshShape(4, 2) if model == "dense" else MeshShape(2, 4))
+    program = build(model, strategy, MeshShape(data=4, tensor=2) if model == "dense" else MeshShape(data=2, tensor=4))
     assert spec_table(program.state_shardings.params) == EXPECTED[model, strategy]
 
 
 @pytest.mark.parametrize(("model", "strategy"), sorted(EXPECTED))
 def test_batch_spec(model, strategy):
-    program = build(model, strategy, MeshShape(4, 2))
+    program = build(model, strategy, MeshShape(data=4, tensor=2))
     conv_batch = ("data", "tensor") if strategy == "hybrid" and model == "mnist-cnn" else BATCH_AXES[strategy]
     assert program.x_sharding.spec[0] == conv_batch
     assert program.y_sharding.spec == P(BATCH_AXES[strategy])
 
 
 def test_initialised_arrays_carry_the_specs_and_adam_state_follows_params():
-    program = build_program(small_config("mlp", "tp", optimizer="adam"), build_mesh(MeshShape(2, 4)), IMAGE, CLASSES)
+    program = build_program(small_config("mlp", "tp", optimizer="adam"), build_mesh(MeshShape(data=2, tensor=4)), IMAGE, CLASSES)
     state = program.init()
     actual = {path_name(p): leaf.sharding.spec for p, leaf in jax.tree_util.tree_flatten_with_path(state.params)[0]}
     assert actual == MLP_TP
@@ -123,13 +123,13 @@ def test_indivisible_parameter_is_named():
     cfg = small_config("mlp", "tp", hidden=60)
     message = r"layers\.0\.layer\.down\.kernel of shape \(2, 60, 32\).*60 is not divisible by 8"
     with pytest.raises(ConfigError, match=message):
-        build_program(cfg, build_mesh(MeshShape(1, 8)), IMAGE, CLASSES)
+        build_program(cfg, build_mesh(MeshShape(tensor=8)), IMAGE, CLASSES)
 
 
 def test_indivisible_batch_is_rejected():
     cfg = small_config("mlp", "dp", batch_size=12)
     with pytest.raises(ConfigError, match="^batch_size 12 is not divisible by 8"):
-        build_program(cfg, build_mesh(MeshShape(2, 4)), IMAGE, CLASSES)
+        build_program(cfg, build_mesh(MeshShape(data=2, tensor=4)), IMAGE, CLASSES)
 
 
 class _Named(nnx.Module):
@@ -157,7 +157,7 @@ class _Flat(nnx.Module):
 
 def _build_named(rules=None, mesh=None, **kw):
     cfg = small_config("mlp", "tp", batch_size=16)
-    mesh = mesh or build_mesh(MeshShape(2, 4))
+    mesh = mesh or build_mesh(MeshShape(data=2, tensor=4))
     return build_program(cfg, mesh, IMAGE, CLASSES, model_fn=lambda r: _Named(r, **kw), rules=rules)
 
 
@@ -191,7 +191,7 @@ def test_bad_rules_tables_are_refused(rules, message):
 def test_a_mesh_with_foreign_axis_names_is_refused():
     mesh = jax.make_mesh((2, 4), ("data", "model"), devices=jax.devices()[:8])
     with pytest.raises(
-        ConfigError, match=r"mesh axes \('data', 'model'\): jaxmp meshes have the axes data, tensor, pipe"
+        ConfigError, match=r"mesh axes \('data', 'model'\): jaxmp meshes have the axes data, context, tensor, pipe"
     ):
         _build_named({"hidden": "tensor"}, mesh=mesh)
 
@@ -201,7 +201,8 @@ def test_a_mesh_of_some_of_the_axes_gets_the_others_as_size_one():
 
     mesh = jax.make_mesh((2, 4), ("data", "tensor"), devices=jax.devices()[:8])
     full = as_mesh(mesh)
-    assert full.axis_names == ("data", "tensor", "pipe") and dict(full.shape) == {"data": 2, "tensor": 4, "pipe": 1}
+    assert full.axis_names == ("data", "context", "tensor", "pipe")
+    assert dict(full.shape) == {"data": 2, "context": 1, "tensor": 4, "pipe": 1}
     assert list(full.devices.flat) == list(mesh.devices.flat)
     swapped = jax.make_mesh((2, 4), ("tensor", "data"), devices=jax.devices()[:8])
     with pytest.raises(ConfigError, match=r"mesh axes \('tensor', 'data'\): .* \(in that order"):

@@ -67,7 +67,7 @@ def factorisations(devices: int) -> list[MeshShape]:
     """Every ``MeshShape(data, tensor, pipe)`` whose sizes multiply to ``devices``, data-major order."""
     divisors = [d for d in range(1, devices + 1) if devices % d == 0]
     return [
-        MeshShape(data, tensor, devices // (data * tensor))
+        MeshShape(data=data, tensor=tensor, pipe=devices // (data * tensor))
         for data in reversed(divisors)
         for tensor in divisors
         if (devices // data) % tensor == 0

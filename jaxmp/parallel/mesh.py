@@ -1,6 +1,8 @@
-"""Device meshes from a short text spec: ``"data=2,tensor=2,pipe=2"``.
+"""Device meshes from a short text spec: ``"data=2,context=2,tensor=2"``, and the one table of mesh axes.
 
-A mesh's axes are always ``data``, ``tensor``, ``pipe`` in that order; a spec names them in any order
+:data:`AXIS_ROLES` says what each axis splits and fixes their order; every other module reads it (mesh
+parsing, the rules tables, FSDP, the pipeline executor, the planner, ``analyze``) instead of spelling the
+axes out. A jaxmp mesh always has all four axes in that order; a spec names them in any order
 (``pipe=2,data=2`` is ``data=2,pipe=2``), an axis left out has size 1 and one axis may be ``-1`` (fill the
 remaining devices). The mesh uses ``AxisType.Auto`` on every axis: current JAX
 defaults to Explicit axes, which raise on ambiguous matmuls instead of letting XLA choose where the
@@ -9,34 +11,63 @@ collectives go, and choosing them is XLA's job here.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
-from typing import NamedTuple
 
 from jaxmp.config import ConfigError
 from jaxmp.speech import speaks_python
 
-AXES = ("data", "tensor", "pipe")
+# Each mesh axis and what it splits, in mesh order (devices are laid out with the last axis varying fastest).
+AXIS_ROLES: dict[str, str] = {
+    "data": "batch",  # examples: replicas of the weights, gradients reduced once per step
+    "context": "sequence",  # a sequence's tokens: attention exchanges keys and values over it
+    "tensor": "weights",  # Megatron's column/row splits, heads and vocabulary
+    "pipe": "stages",  # the layers, cut into pipeline stages
+}
+AXES = tuple(AXIS_ROLES)
 
 
-class MeshShape(NamedTuple):
-    """Sizes of the three mesh axes."""
+def axes_with_role(role: str) -> tuple[str, ...]:
+    """The mesh axes whose role is ``role`` (``"batch"``, ``"sequence"``, ``"weights"``, ``"stages"``)."""
+    return tuple(axis for axis, axis_role in AXIS_ROLES.items() if axis_role == role)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MeshShape:
+    """Sizes of the mesh axes, by name only (``MeshShape(data=2, pipe=4)``); iterating gives them in mesh
+    order. Keyword-only: a positional ``MeshShape(2, 4)`` would silently change meaning as axes are added."""
 
     data: int = 1
+    context: int = 1
     tensor: int = 1
     pipe: int = 1
 
+    def __iter__(self):
+        return iter(self.sizes)
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        return tuple(getattr(self, axis) for axis in AXES)
+
     @property
     def size(self) -> int:
-        return self.data * self.tensor * self.pipe
+        return math.prod(self.sizes)
 
     def __str__(self) -> str:
-        return ",".join(f"{name}={size}" for name, size in zip(AXES, self, strict=True))
+        """``data=2,tensor=2,pipe=2``: every axis, but ``context`` only where it splits (a model without
+        a sequence reads as it always did)."""
+        return ",".join(f"{axis}={size}" for axis, size in zip(AXES, self, strict=True) if axis != "context" or size > 1)
+
+    @classmethod
+    def of(cls, mesh) -> MeshShape:
+        """The shape of a ``jax.sharding.Mesh`` (its axes all in :data:`AXES`)."""
+        return cls(**dict(mesh.shape))
 
 
 @speaks_python
 def parse_mesh(spec: str, num_devices: int) -> MeshShape:
-    """Parse ``"data=2,tensor=-1"`` into a :class:`MeshShape` that uses exactly ``num_devices``; axes are
+    """Parse ``"data=2,context=2,tensor=-1"`` into a :class:`MeshShape` that uses exactly ``num_devices``; axes are
     matched by name, so their order in ``spec`` does not matter.
 
     Raises:
@@ -114,7 +145,7 @@ def cpu_threads(devices: int) -> int:
 
 @speaks_python
 def build_mesh(shape: MeshShape, devices=None):
-    """A ``jax.sharding.Mesh`` with axes data, tensor, pipe (all ``AxisType.Auto``).
+    """A ``jax.sharding.Mesh`` with the axes of :data:`AXES` (all ``AxisType.Auto``).
 
     Args:
       shape: axis sizes.
@@ -168,7 +199,7 @@ def run_mesh(spec: str, cpu_devices: int | None = None):
 def as_mesh(mesh):
     """A jaxmp mesh from a spec (``"data=2,tensor=4"``) or a ``jax.sharding.Mesh`` of your own.
 
-    A ``Mesh`` whose axes are some of data, tensor, pipe, in that order, gets the others as size-1 axes
+    A ``Mesh`` whose axes are some of :data:`AXES`, in that order, gets the others as size-1 axes
     (``jax.make_mesh((8,), ("data",))`` works); its devices keep their order. Any other axis names are a
     ``ConfigError``: map your model's logical names to jaxmp's axes in the rules table instead.
     """

@@ -11,8 +11,11 @@ Logical axes used by the models:
   channels    conv output channels              dense_in  input dim of the textbook layer
   layers      stacked layers (on ``pipe``)      dense_out output dim of the textbook layer
   stage       pipeline stages (on ``pipe``)     vocab     a language model's vocabulary (split by ``tp``)
-  heads       attention heads (split by ``tp``) seq       a sequence's tokens (never split)
-  tokens      the residual stream's tokens (split by ``--sequence-parallel`` as ``heads`` are)
+  heads       attention heads (split by ``tp``) seq       a sequence's tokens (split over ``context``)
+  tokens      the residual stream's tokens (over ``context``; ``--sequence-parallel`` adds the heads' axes)
+  kv_seq      the tokens attention reads keys and values of (whole: all-gathered over ``context``)
+  seq_heads   heads split over the sequence's axes too (Ulysses: an all-to-all from ``seq`` to heads)
+  positions   a learned position table's rows (never split)
 A kernel whose *output* axis maps to ``tensor`` is split by column (outputs stacked / all-gathered);
 one whose *input* axis maps to ``tensor`` is split by row (partial sums added / all-reduced).
 """
@@ -27,6 +30,7 @@ import jax
 from jax.sharding import PartitionSpec
 
 from jaxmp.config import ConfigError
+from jaxmp.parallel.mesh import AXES, axes_with_role
 
 MeshAxes = str | tuple[str, ...] | None
 
@@ -34,10 +38,8 @@ MeshAxes = str | tuple[str, ...] | None
 Rules = Mapping[str, MeshAxes]
 
 
-ALL_DEVICES = ("data", "tensor")
-
-
-MESH_AXES = ("data", "tensor", "pipe")
+# Data parallelism's batch: every device that holds whole weights and whole sequences.
+ALL_DEVICES = (*axes_with_role("batch"), *axes_with_role("weights"))
 
 
 # Logical names every table keeps whole unless a strategy says otherwise: a name no rule maps is an
@@ -45,12 +47,17 @@ MESH_AXES = ("data", "tensor", "pipe")
 WHOLE: Rules = {
     name: None
     for name in ("batch", "conv_batch", "features", "embed", "mlp", "classes", "flat", "channels")
-    + ("dense_in", "dense_out", "vocab", "heads", "seq", "tokens")
+    + ("dense_in", "dense_out", "vocab", "heads", "seq", "tokens", "kv_seq", "seq_heads", "positions")
 }
 
 
-# Stacked layers and pipeline stages live on `pipe` under every strategy.
-PIPELINE_RULES: Rules = {"layers": "pipe", "stage": "pipe"}
+def _one(axes: tuple[str, ...]) -> MeshAxes:
+    return axes[0] if len(axes) == 1 else axes
+
+
+# Stacked layers and pipeline stages live on `pipe`, a sequence's tokens on `context`, under every strategy.
+PIPELINE_RULES: Rules = {"layers": _one(axes_with_role("stages")), "stage": _one(axes_with_role("stages"))}
+CONTEXT_RULES: Rules = {"seq": _one(axes_with_role("sequence")), "tokens": _one(axes_with_role("sequence"))}
 
 
 # A transformer's attention heads and vocabulary over `tensor` (Megatron-LM).
@@ -78,19 +85,21 @@ def rules_for(strategy: str, extra: Rules | None = None) -> Rules:
     """The rules table of a strategy name, with ``extra`` rules added or replacing its own (e.g.
     ``{"hidden": "tensor"}`` for a model of your own); ``ConfigError`` if ``extra`` is not a table."""
     try:
-        rules = {**WHOLE, **STRATEGY_RULES[strategy], **PIPELINE_RULES}
+        rules = {**WHOLE, **STRATEGY_RULES[strategy], **PIPELINE_RULES, **CONTEXT_RULES}
     except KeyError:
         raise ConfigError(f"--strategy {strategy!r} is not one of {', '.join(STRATEGY_RULES)}.") from None
+    # Ulysses' all-to-all turns the sequence split into a split of the heads, after their own axes.
+    rules["seq_heads"] = _one((*as_axes(rules["heads"]), *as_axes(rules["seq"])))
     if extra is None:
         return rules
     if not isinstance(extra, Mapping):
         raise ConfigError(f"rules must map logical axis names to mesh axes, got {type(extra).__name__}.")
     for name, entry in extra.items():
         axes = entry if isinstance(entry, tuple) else (entry,) if entry is not None else ()
-        if not isinstance(name, str) or not all(isinstance(a, str) and a in MESH_AXES for a in axes):
+        if not isinstance(name, str) or not all(isinstance(a, str) and a in AXES for a in axes):
             raise ConfigError(
                 f"rules[{name!r}] = {entry!r}: a rule maps a logical name to None, a mesh axis or a tuple of "
-                f"mesh axes ({', '.join(MESH_AXES)})."
+                f"mesh axes ({', '.join(AXES)})."
             )
         if len(set(axes)) < len(axes):
             raise ConfigError(f"rules[{name!r}] = {entry!r} names a mesh axis twice.")
@@ -98,11 +107,12 @@ def rules_for(strategy: str, extra: Rules | None = None) -> Rules:
 
 
 def sequence_parallel(rules: Rules) -> Rules:
-    """``rules`` with the residual stream's ``tokens`` split over the axes that split the heads (Megatron
-    sequence parallelism); ``ConfigError`` when nothing splits them."""
+    """``rules`` with the residual stream's ``tokens`` split over the axes that split the heads too (Megatron
+    sequence parallelism), after those of the sequence; ``ConfigError`` when nothing splits the heads."""
     if not rules.get("heads"):
         raise ConfigError("--sequence-parallel splits the tokens over tensor: it needs --strategy tp.")
-    return {**rules, "tokens": rules["heads"]}
+    return {**rules, "tokens": _one((*as_axes(rules.get("seq")), *as_axes(rules["heads"])))}
+
 
 
 def logical_to_spec(names: tuple[str | None, ...], rules: Rules) -> PartitionSpec:
@@ -145,7 +155,7 @@ def batch_axes(activation_names: tuple[str | None, ...], mesh) -> tuple[str, ...
         return ()
     axes = logical_to_spec(activation_names[:1], rules)[0]
     axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    return tuple(a for a in axes if a != "pipe" and mesh.shape.get(a, 1) > 1)
+    return tuple(a for a in axes if a not in axes_with_role("stages") and mesh.shape.get(a, 1) > 1)
 
 
 def rules_without_axes(rules: Rules | None, axes: set[str]) -> Rules | None:

@@ -48,8 +48,9 @@ def param_specs(params: nnx.State, rules: Rules) -> nnx.State:
 
 
 def fsdp_axes(rules: Rules) -> tuple[str, ...]:
-    """The mesh axes FSDP shards parameters over: those that split the batch."""
-    return as_axes(rules.get("batch"))
+    """The mesh axes FSDP shards parameters over: those that split the data, the batch's and then the
+    sequence's (each device sees other tokens with the same weights, so the weights can be spread)."""
+    return tuple(dict.fromkeys((*as_axes(rules.get("batch")), *as_axes(rules.get("seq")))))
 
 
 def add_fsdp(

@@ -95,7 +95,7 @@ def fit(
     mesh = None
     if not isinstance(options.get("mesh", ""), str):  # a jax.sharding.Mesh of the user's own
         mesh = as_mesh(options["mesh"])
-        options["mesh"] = str(MeshShape(*mesh.shape.values()))
+        options["mesh"] = str(MeshShape.of(mesh))
     cfg = (config or Config()).replace(**options)
     dataset = Dataset.of(train, test, classes=classes)
     return run(cfg, console, Own(model_fn, optimizer, loss, rules, dataset, mesh))
@@ -505,7 +505,7 @@ def run(cfg: Config, console=None, own: Own = PRESETS) -> Summary:
 def _announce_start(console, cfg: Config, setup: Setup) -> None:
     """Say where the run starts from and what it wrote while starting (the schedule plot)."""
     if setup.restored:
-        mesh = MeshShape(*setup.program.mesh.shape.values())
+        mesh = MeshShape.of(setup.program.mesh)
         console.print(f"resumed from step {setup.restored.step} ({setup.restored.path}) on mesh {mesh}")
     if cfg.run.schedule_plot:
         console.print(f"wrote the schedule plot {cfg.run.schedule_plot}")
@@ -589,7 +589,7 @@ def _print_summary(console, cfg: Config, setup: Setup, summary: Summary) -> None
     from rich.table import Table
 
     mesh = setup.program.mesh
-    mesh_text = str(MeshShape(*mesh.shape.values()))
+    mesh_text = str(MeshShape.of(mesh))
     table = Table(title="summary", title_justify="left", show_header=False)
     rows = {
         "model / strategy": f"{setup.own.model_name(cfg)} / {cfg.model.strategy}",

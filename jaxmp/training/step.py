@@ -28,7 +28,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxmp.config import Config, ConfigError, OptimConfig, first_line, validate
-from jaxmp.models import build_model, check_mesh, check_preset
+from jaxmp.models import build_model, check_context, check_mesh, check_preset
 from jaxmp.models.contract import (
     ModelParts,
     apply_model,
@@ -389,6 +389,7 @@ def build_program(
 
     else:
         label = cfg.model.model_fn or function_label(model_fn)
+        check_context(mesh, f"the model {label}", has_sequence=False)
         check_model_fn(model_fn, label)
         model_fn = functools.partial(build_own_model, model_fn, label)
 
@@ -452,29 +453,46 @@ def _test_plans(pipeline: Pipeline, poison: bool, masked: bool) -> Pipeline:
 def _objectives(layout: _Layout, head: Heads):
     """``(params, x, y, key) -> (loss, grads)`` and ``(params, x, y, mask) -> sums``, plain or pipelined."""
     pipeline = layout.pipeline
+    in_order = _sequence_order(layout.model)
     if pipeline is None:
 
         def loss_fn(params, x, y, key):
+            x, y = in_order(x, y)
             ctx = LayerContext(True, key, jnp.arange(x.shape[0]))
             logits = apply_model(layout.parts, params, x, ctx)
             return head.train(logits, y, label_weights(y))["loss"]
 
         def evaluate(params, x, y, mask):
+            x, y, mask = in_order(x, y, mask)
             return head.eval(apply_model(layout.parts, params, x, LayerContext()), y, mask)
 
         return jax.value_and_grad(loss_fn), evaluate
     microbatches = pipeline.train.schedule.microbatches
 
     def loss_and_grad(params, x, y, key):
+        x, y = in_order(x, y)
         data = [split_microbatches(a, microbatches) for a in (x, y, label_weights(y))]
         sums, grads = run_pipeline(pipeline.train, params, *data, key, head.train, train=True)
         return sums["loss"], pipeline.packing.fold_tied_grads(grads)
 
     def evaluate(params, x, y, mask):
-        data = [split_microbatches(a, pipeline.eval.schedule.microbatches) for a in (x, y, mask)]
+        data = [split_microbatches(a, pipeline.eval.schedule.microbatches) for a in in_order(x, y, mask)]
         return run_pipeline(pipeline.eval, params, *data, jax.random.key(0), head.eval, train=False)
 
     return loss_and_grad, evaluate
+
+
+def _sequence_order(model: nnx.Module) -> Callable[..., tuple]:
+    """``(x, y, ...) -> (x, y, ...)`` with the tokens in the order the model's layers hold them: a
+    permutation of axis 1 when a split sequence is balanced (``GPT.sequence_order``), else unchanged.
+    Called while the step is traced: the order depends on the mesh and rules in force."""
+    order_of = getattr(model, "sequence_order", None)
+
+    def in_order(*arrays):
+        order_T = order_of(arrays[0].shape[1]) if order_of is not None and arrays[0].ndim > 1 else None
+        return arrays if order_T is None else tuple(a[:, order_T] for a in arrays)
+
+    return in_order
 
 
 class _Steps(NamedTuple):
