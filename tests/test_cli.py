@@ -47,7 +47,16 @@ BAD_INPUTS = [
         "--seq-len 12 is not divisible by 8: --context-balance gives each of the 4 devices of context a chunk",
     ),
     (
-        ["--model", "gpt", "--dataset", "synthetic-text", "--mesh", "context=2,pipe=2,data=2", "--context-strategy", "ring"],
+        [
+            "--model",
+            "gpt",
+            "--dataset",
+            "synthetic-text",
+            "--mesh",
+            "context=2,pipe=2,data=2",
+            "--context-strategy",
+            "ring",
+        ],
         "--context-strategy ring sends blocks with collective-permutes, which would hang",
     ),
     (["--mesh", "data=16"], "needs 16 devices but 8 are available"),

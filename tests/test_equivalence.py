@@ -15,7 +15,11 @@ from jaxmp.parallel.mesh import MeshShape, build_mesh
 MESHES = [MeshShape(data=8), MeshShape(data=4, tensor=2), MeshShape(data=2, tensor=4), MeshShape(tensor=8)]
 # tp splits weights over tensor and the batch over data: every factorisation; dp and hybrid split the
 # batch (hybrid's conv layers over both axes), so one mesh with each axis the larger covers their rules
-MESHES_OF = {"dp": [MeshShape(data=8), MeshShape(data=2, tensor=4)], "tp": MESHES, "hybrid": [MeshShape(data=4, tensor=2), MeshShape(tensor=8)]}
+MESHES_OF = {
+    "dp": [MeshShape(data=8), MeshShape(data=2, tensor=4)],
+    "tp": MESHES,
+    "hybrid": [MeshShape(data=4, tensor=2), MeshShape(tensor=8)],
+}
 MODELS = ["mlp", "mlp-1024", "mnist-cnn"]
 RTOL = 1e-5
 CASES = [(m, s, shape) for m in MODELS for s, shapes in MESHES_OF.items() for shape in shapes]

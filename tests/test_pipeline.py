@@ -106,7 +106,8 @@ def test_unmasked_messages_let_the_poison_through():
 def test_remat_changes_nothing(remat):
     cfg, piped = config("mlp", microbatches=4, remat=remat)
     assert_same(
-        loss_and_grads(piped, build_mesh(MeshShape(tensor=2, pipe=4)), poison=True), loss_and_grads(cfg, single_device_mesh())
+        loss_and_grads(piped, build_mesh(MeshShape(tensor=2, pipe=4)), poison=True),
+        loss_and_grads(cfg, single_device_mesh()),
     )
 
 
@@ -142,7 +143,9 @@ def test_training_trajectory_on_data_tensor_pipe_mesh(model):
     from support import losses_on, reference_losses
 
     cfg, piped = config(model, microbatches=4)
-    np.testing.assert_allclose(losses_on(piped, build_mesh(MeshShape(data=2, tensor=2, pipe=2))), reference_losses(cfg), rtol=RTOL)
+    np.testing.assert_allclose(
+        losses_on(piped, build_mesh(MeshShape(data=2, tensor=2, pipe=2))), reference_losses(cfg), rtol=RTOL
+    )
 
 
 def param_bytes(program) -> int:
@@ -196,7 +199,9 @@ def test_only_activations_and_cotangents_cross_pipe(schedule, stages, microbatch
     assert [c for c in on_pipe if c.kind != "collective-permute" and c.elements > 1] == []
 
 
-@pytest.mark.parametrize(("model", "shape"), [("mlp", MeshShape(data=2, tensor=2, pipe=2)), ("mnist-cnn", MeshShape(data=2, pipe=2))])
+@pytest.mark.parametrize(
+    ("model", "shape"), [("mlp", MeshShape(data=2, tensor=2, pipe=2)), ("mnist-cnn", MeshShape(data=2, pipe=2))]
+)
 def test_weight_gradients_are_reduced_over_the_batch_axes_once_per_step(model, shape):
     """Each device sums its stage's gradients through the tick loops; one all-reduce per buffer after them."""
     _, piped = config(model, microbatches=4)

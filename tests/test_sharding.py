@@ -78,7 +78,9 @@ BATCH_AXES = {"dp": ("data", "tensor"), "tp": "data", "hybrid": "data", "column"
 
 
 def build(model, strategy, shape=None):
-    return build_program(small_config(model, strategy), build_mesh(shape or MeshShape(data=2, tensor=4)), IMAGE, CLASSES)
+    return build_program(
+        small_config(model, strategy), build_mesh(shape or MeshShape(data=2, tensor=4)), IMAGE, CLASSES
+    )
 
 
 def spec_table(shardings):
@@ -101,7 +103,9 @@ def test_batch_spec(model, strategy):
 
 
 def test_initialised_arrays_carry_the_specs_and_adam_state_follows_params():
-    program = build_program(small_config("mlp", "tp", optimizer="adam"), build_mesh(MeshShape(data=2, tensor=4)), IMAGE, CLASSES)
+    program = build_program(
+        small_config("mlp", "tp", optimizer="adam"), build_mesh(MeshShape(data=2, tensor=4)), IMAGE, CLASSES
+    )
     state = program.init()
     actual = {path_name(p): leaf.sharding.spec for p, leaf in jax.tree_util.tree_flatten_with_path(state.params)[0]}
     assert actual == MLP_TP

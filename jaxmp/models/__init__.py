@@ -99,7 +99,9 @@ def _gpt_mesh(cfg: ModelConfig, mesh, rules, input_shape) -> None:
         axes = as_axes(rules.get("seq_heads"))
         check_split("--heads", cfg.heads, shape, axes, "the heads (--context-strategy ulysses)")
     if cfg.context_strategy == "ring" and len(context) > 1:
-        raise ConfigError(f"--context-strategy ring passes blocks round one mesh axis; the sequence is split over {context}.")
+        raise ConfigError(
+            f"--context-strategy ring passes blocks round one mesh axis; the sequence is split over {context}."
+        )
     stages = [a for a in axes_with_role("stages") if shape[a] > 1]
     if cfg.context_strategy == "ring" and stages:
         # jaxmp.pipeline.stage_collectives: a collective-permute inside a stage's action waits for every device.

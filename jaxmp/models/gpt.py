@@ -48,6 +48,7 @@ INIT_STD = 0.02  # GPT-2's initial weight scale; residual projections get 1/sqrt
 # sequence parallelism splits over ``tensor`` (norms, dropout and residual adds then work on 1/t of the
 # tokens); ``seq`` (attention's queries, the MLP's hidden layer, the logits) is split over ``context`` only.
 TOKENS = ("batch", "tokens", "embed")
+DEFAULT_CONTEXT = ContextAttention()  # all-gather, balanced (where a context axis splits the sequence)
 
 
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple, std: float = INIT_STD) -> nnx.Param:
@@ -68,7 +69,9 @@ def layer_norm(width: int, *, rngs: nnx.Rngs, dtype=jnp.float32) -> nnx.LayerNor
     )
 
 
-def token_dropout(x_BxTxD: jax.Array, rate: float, ctx: LayerContext, salt: int, order_T: np.ndarray | None) -> jax.Array:
+def token_dropout(
+    x_BxTxD: jax.Array, rate: float, ctx: LayerContext, salt: int, order_T: np.ndarray | None
+) -> jax.Array:
     """Dropout with one mask per example drawn from its global id and read at the tokens' true
     positions, ``order_T`` when they are not in order (the same on any mesh, schedule and token order)."""
     if not ctx.train or rate == 0.0:
@@ -208,7 +211,7 @@ class GPT(nnx.Module):
         activation: str = "gelu",
         dropout: float = 0.0,
         tie_embeddings: bool = False,
-        context: ContextAttention = ContextAttention(),
+        context: ContextAttention = DEFAULT_CONTEXT,
         rngs: nnx.Rngs,
         dtype=jnp.float32,
     ):

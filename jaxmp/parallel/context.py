@@ -179,7 +179,9 @@ def _block_grads(q_BxTcxHxK, q_pos_Tc, block, do_BxTcxHxK, lse_BxTcxH, d_BxTcxH)
     return _Grads(dq_BxTcxHxK, dk_BxTcxHxK, dv_BxTcxHxK)
 
 
-def _backward(q_BxTcxHxK, k_BxTcxHxK, v_BxTcxHxK, q_pos_Tc, k_pos_Tc, o_BxTcxHxK, lse_BxTcxH, do_BxTcxHxK, axis, poison):
+def _backward(
+    q_BxTcxHxK, k_BxTcxHxK, v_BxTcxHxK, q_pos_Tc, k_pos_Tc, o_BxTcxHxK, lse_BxTcxH, do_BxTcxHxK, axis, poison
+):
     """One lap: the local block, C - 1 rotations of (block, dk, dv), then one more hop brings dk/dv home."""
     do_BxTcxHxK = do_BxTcxHxK.astype(jnp.float32)
     d_BxTcxH = (do_BxTcxHxK * o_BxTcxHxK.astype(jnp.float32)).sum(-1)

@@ -57,7 +57,9 @@ class MeshShape:
     def __str__(self) -> str:
         """``data=2,tensor=2,pipe=2``: every axis, but ``context`` only where it splits (a model without
         a sequence reads as it always did)."""
-        return ",".join(f"{axis}={size}" for axis, size in zip(AXES, self, strict=True) if axis != "context" or size > 1)
+        return ",".join(
+            f"{axis}={size}" for axis, size in zip(AXES, self, strict=True) if axis != "context" or size > 1
+        )
 
     @classmethod
     def of(cls, mesh) -> MeshShape:

@@ -114,7 +114,6 @@ def sequence_parallel(rules: Rules) -> Rules:
     return {**rules, "tokens": _one((*as_axes(rules.get("seq")), *as_axes(rules["heads"])))}
 
 
-
 def logical_to_spec(names: tuple[str | None, ...], rules: Rules) -> PartitionSpec:
     """Map a tuple of logical axis names to a mesh ``PartitionSpec`` (unknown names stay whole)."""
     return PartitionSpec(*(rules.get(name) if name else None for name in names))
