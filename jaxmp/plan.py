@@ -15,6 +15,7 @@ from jaxmp.cli import TRAINING_ONLY, run_as_command, run_cli
 from jaxmp.config import Config, ConfigError
 from jaxmp.inspection.hardware import get_hardware
 from jaxmp.inspection.planner import parse_factors, plan, print_plan, to_json
+from jaxmp.parallel.mesh import DATA
 
 
 def _add_flags(group) -> None:
@@ -41,7 +42,7 @@ def _run(cfg: Config, extras) -> None:
             f"--devices {extras.devices}: only {jax.device_count()} are available; "
             f"add --cpu-devices {extras.devices} to simulate them on CPU."
         )
-    _, input_shape, classes, batch = setup(cfg.replace(mesh="data=1"))  # simulates --cpu-devices; the plan picks meshes
+    _, input_shape, classes, batch = setup(cfg.replace(mesh=f"{DATA}=1"))  # simulates --cpu-devices; plan picks meshes
     if jax.device_count() < extras.devices:
         raise ConfigError(f"--devices {extras.devices} needs --cpu-devices of at least {extras.devices}.")
     with Console(stderr=True).status("compiling the candidates") as status:  # shown on a terminal only

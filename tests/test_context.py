@@ -15,7 +15,7 @@ import pytest
 from support import assert_same, single_device_mesh
 
 from jaxmp.config import Config
-from jaxmp.inspection.collectives import collectives
+from jaxmp.inspection.step_report import analyze_program
 from jaxmp.parallel.mesh import mesh_from_spec
 from jaxmp.parallel.sharding import path_name
 from jaxmp.training.data import IGNORE
@@ -81,12 +81,10 @@ def test_dropout_masks_follow_the_tokens_true_positions():
     assert_same(loss_and_grads(gpt_config(mesh="context=4", **options), "context=4"), reference(**options))
 
 
-def _context_collectives(program) -> dict:
-    kinds = {}
-    for c in collectives(program.train_step.compiled.as_text(), program.mesh):
-        if c.axes == ("context",):
-            kinds[c.kind] = kinds.get(c.kind, 0) + c.count
-    return kinds
+@functools.cache
+def _analysed(strategy: str, spec: str = "context=4"):
+    cfg = gpt_config(mesh=spec, depth=2, heads=8, context_strategy=strategy)
+    return analyze_program(cfg, program_on(cfg, spec))
 
 
 @pytest.mark.parametrize(
@@ -94,8 +92,16 @@ def _context_collectives(program) -> dict:
     [("all-gather", "all-gather"), ("ring", "collective-permute"), ("ulysses", "all-to-all")],
 )
 def test_each_strategy_exchanges_keys_and_values_its_own_way(strategy, exchange):
-    spec = "context=4"
-    kinds = _context_collectives(program_on(gpt_config(mesh=spec, depth=1, context_strategy=strategy), spec))
-    assert kinds.get(exchange, 0) > 0, kinds
-    others = {"all-gather", "collective-permute", "all-to-all"} - {exchange}
-    assert not others & set(kinds), kinds
+    """Over context: the strategy's own collective and the gradients' all-reduce, nothing else, each
+    equal to its closed form (module docstring of jaxmp.inspection.closed_forms)."""
+    rows = {row.kind: row for row in _analysed(strategy).rows if row.axes == ("context",)}
+    assert set(rows) == {exchange, "all-reduce", "scalar all-reduce"}, rows
+    for kind in (exchange, "all-reduce"):
+        assert rows[kind].measured == rows[kind].predicted > 0, rows[kind]
+
+
+def test_the_ring_sends_what_the_closed_form_says_next_to_tensor_and_data():
+    """data=2,context=2,tensor=2: the ring's collective-permutes and the Megatron all-reduces both match."""
+    rows = {(row.kind, row.axes): row for row in _analysed("ring", "data=2,context=2,tensor=2").rows}
+    for key in (("collective-permute", ("context",)), ("all-reduce", ("tensor",)), ("all-reduce", ("context",))):
+        assert rows[key].measured == rows[key].predicted > 0, rows[key]

@@ -34,7 +34,17 @@ Per device and per step, in elements (the counting conventions of :mod:`jaxmp.in
 - a transformer (``gpt``; Narayanan et al. 2021, sec. 3.2): per block, attention and MLP are each a
   Megatron pair, ``2*b*T*D`` forward and backward: ``4*L*b*T*D``; the vocab-split embedding adds its
   masked lookup ``b*T*D`` forward, the vocab-split head its input gradient ``b*T*D`` backward and the
-  vocab-parallel loss ``3*b*T`` (max, sum of exponentials, target logit).
+  vocab-parallel loss ``3*b*T`` (max, sum of exponentials, target logit). With a ``context`` axis
+  every token term is per device: ``T/C`` tokens in place of ``T``.
+- context parallelism (C devices on ``context``; per layer, with ``Tc = T/C`` tokens and ``h`` heads of
+  width ``K`` per device, ``E = b*Tc*h*K`` one device's keys, or values): ``all-gather`` gathers K and V,
+  ``2*E*(C-1)`` forward, and sums their gradients back, an all-reduce of ``2*C*E`` (XLA:CPU emits an
+  all-reduce and a slice; a reduce-scatter would move ``(C-1)/C`` of it); ``ring`` passes K and V on
+  ``C-1`` times forward, ``2*E*(C-1)`` (each device receives ``(C-1)/C`` of the layer's K and V), and
+  K, V, dK and dV ``C-1`` times backward plus dK and dV once more to come home, ``2*E*(2C-1)`` (a
+  block's positions are looked up, not sent); ``ulysses`` turns Q, K, V and the output from a sequence
+  split into a head split and back, 4 all-to-alls forward and 4 backward, ``8*E*(C-1)/C``. Weight
+  gradients are summed over ``context`` as over ``data`` (each device saw other tokens).
 
 The tensor terms follow the layer kinds (:data:`DENSE_MAPS`: jaxmp's ``Dense``, ``Embed`` and
 ``MegatronBlock``; :data:`LAYER_TERMS`: the transformer's), so a model of your own built from them has
@@ -158,9 +168,11 @@ def data_parallel_terms(ctx: _Context) -> list[Expected]:
     totals: dict[tuple[str, ...], int] = {}
     for shape, spec, names in ctx.params.values():
         batch = ctx.rules.get("conv_batch" if "channels" in names else "batch")
-        axes = tuple(a for a in _axes(ctx.mesh, batch) if a not in _spec_axes(spec))
-        if axes:
-            totals[axes] = totals.get(axes, 0) + _shard_elements(ctx.mesh, shape, spec)
+        # Summed over the batch's axes, and apart over the sequence's (XLA adds each partial sum where it arises).
+        for split in (batch, ctx.rules.get("seq")):
+            axes = tuple(a for a in _axes(ctx.mesh, split) if a not in _spec_axes(spec))
+            if axes:
+                totals[axes] = totals.get(axes, 0) + _shard_elements(ctx.mesh, shape, spec)
     terms = [
         Expected("gradients (data parallelism)", "all-reduce", axes, n, "sum of parameter elements per device")
         for axes, n in totals.items()
@@ -289,9 +301,10 @@ def _split(ctx: _Context, path: str, logical: str) -> bool:
 
 
 def _tokens(ctx: _Context) -> tuple[int, int]:
-    """``(b*T, D)``: the tokens one data replica holds and the residual width of a transformer."""
+    """``(b*T/C, D)``: the tokens one device holds (its data replica's rows, its part of the sequence)
+    and the residual width of a transformer."""
     seq, width = ctx.params["pre.positions"][0]
-    return _batch_rows(ctx) * seq, width
+    return _batch_rows(ctx) * seq // axis_size(ctx.mesh, ctx.rules.get("seq")), width
 
 
 def _embedding_terms(ctx: _Context, path: str, times: int) -> list[Expected]:
@@ -392,6 +405,40 @@ def _dense_terms(chain: list[_Dense], rows: int, times: int, t: int, where: str)
     return terms
 
 
+def context_terms(ctx: _Context) -> list[Expected] | None:
+    """Keys and values exchanged over ``context`` by attention (module docstring), per strategy; None
+    where there is no closed form (pipelined: per-stage branches; a model without attention)."""
+    axes = _axes(ctx.mesh, ctx.rules.get("seq"))
+    blocks = [(path, times) for path, module, times in _module_parts(ctx.model) if type(module) is Block]
+    if not axes:
+        return []
+    if ctx.pipeline is not None or not blocks:
+        return None
+    c = axis_size(ctx.mesh, axes)
+    shape, _, _ = ctx.params[f"{blocks[0][0]}.attention.qkv"]
+    heads, k = shape[-2] // axis_size(ctx.mesh, ctx.rules.get("heads")), shape[-1]  # [(L,) D, 3, H, K]
+    tokens = _batch_rows(ctx) * ctx.params["pre.positions"][0][0] // c
+    e = sum(times for _, times in blocks) * tokens * heads * k  # E: one device's keys, all layers
+    strategy = ctx.cfg.model.context_strategy
+    if strategy == "ring":
+        return [
+            Expected("attention: K, V on round the ring", "collective-permute", axes, 2 * e * (c - 1), "2*L*E*(C-1)"),
+            Expected(
+                "attention: K, V, dK, dV back round it", "collective-permute", axes, 2 * e * (2 * c - 1), "2*L*E*(2C-1)"
+            ),
+        ]
+    if strategy == "ulysses":
+        return [
+            Expected(
+                "attention: Q, K, V, O to heads and back", "all-to-all", axes, 8 * e * (c - 1) // c, "8*L*E*(C-1)/C"
+            )
+        ]
+    return [
+        Expected("attention: K, V gathered", "all-gather", axes, 2 * e * (c - 1), "2*L*E*(C-1)"),
+        Expected("attention: dK, dV summed", "all-reduce", axes, 2 * e * c, "2*L*E*C"),
+    ]
+
+
 def pipeline_terms(ctx: _Context) -> list[Expected] | None:
     """Activations and cotangents between stages over ``pipe``: any model.
 
@@ -424,7 +471,7 @@ def predict_program(cfg: Config, program) -> Prediction:
     ctx = _context(cfg, program)
     terms = data_parallel_terms(ctx)
     uncovered: list[str] = []
-    for axis, found in (("tensor", tensor_terms(ctx)), ("pipe", pipeline_terms(ctx))):
+    for axis, found in (("tensor", tensor_terms(ctx)), ("context", context_terms(ctx)), ("pipe", pipeline_terms(ctx))):
         if found is None and ctx.mesh.shape[axis] > 1:
             uncovered.append(axis)
         terms += found or []

@@ -73,27 +73,30 @@ def ring_perm(size: int) -> list[tuple[int, int]]:
 def _rotate(tree, axis: str, poison: bool):
     """Send every array of ``tree`` one hop along the ring over ``axis``.
 
-    With ``poison``, a device that the hop did not send to reads NaN (int arrays: their minimum, which
-    unmasks every key) instead of ``ppermute``'s zeros: the receive side starts as garbage, as a real
-    buffer would, so an edge missing from the ring cannot pass for a block of zeros."""
+    With ``poison``, a device that the hop did not send to reads NaN instead of ``ppermute``'s zeros:
+    the receive side starts as garbage, as a real buffer would, so an edge missing from the ring cannot
+    pass for a block of zeros."""
     perm = ring_perm(lax.axis_size(axis))
     sent = jax.tree.map(lambda x: lax.ppermute(x, axis, perm), tree)
     if not poison:
         return sent
     arrived = lax.ppermute(lax.axis_index(axis) >= 0, axis, perm)  # False where nothing was sent
 
-    def garbage(x):
-        return jnp.nan if jnp.issubdtype(x.dtype, jnp.floating) else jnp.iinfo(x.dtype).min
-
-    return jax.tree.map(lambda x: jnp.where(arrived, x, garbage(x)), sent)
+    return jax.tree.map(lambda x: jnp.where(arrived, x, jnp.nan), sent)
 
 
 class _Block(NamedTuple):
-    """A K/V block travelling around the ring, with its tokens' global positions."""
+    """A K/V block travelling around the ring, with its tokens' global positions (looked up, not sent:
+    after ``hop`` hops a device holds the block of the device ``hop`` places before it)."""
 
     k_BxTcxHxK: jax.Array
     v_BxTcxHxK: jax.Array
     pos_Tc: jax.Array
+
+    @staticmethod
+    def arrived(kv: tuple, hop, positions_CxTc: jax.Array, axis: str) -> _Block:
+        source = (lax.axis_index(axis) - hop) % lax.axis_size(axis)
+        return _Block(*kv, positions_CxTc[source])
 
 
 class _Softmax(NamedTuple):
@@ -139,16 +142,18 @@ def _merge(a: _Softmax, b: _Softmax) -> _Softmax:
     )
 
 
-def _forward(q_BxTcxHxK, k_BxTcxHxK, v_BxTcxHxK, q_pos_Tc, k_pos_Tc, axis, poison):
+def _forward(q_BxTcxHxK, k_BxTcxHxK, v_BxTcxHxK, positions_CxTc, axis, poison):
     """Output and log-sum-exp per row: the local block first, then C - 1 rotations, each attended.
 
     Starting from the local block (rather than from -inf / 0 sentinels) leaves no initial buffer, and
     rotating before attending skips the last, useless hop."""
-    block = _Block(k_BxTcxHxK, v_BxTcxHxK, k_pos_Tc)
+    block = _Block.arrived((k_BxTcxHxK, v_BxTcxHxK), 0, positions_CxTc, axis)
+    q_pos_Tc = block.pos_Tc
 
-    def step(_, carry):
+    def step(i, carry):
         block, sm = carry
-        block = _rotate(block, axis, poison)
+        kv = _rotate((block.k_BxTcxHxK, block.v_BxTcxHxK), axis, poison)
+        block = _Block.arrived(kv, i + 1, positions_CxTc, axis)
         return block, _merge(sm, _attend(q_BxTcxHxK, q_pos_Tc, block))
 
     init = (block, _attend(q_BxTcxHxK, q_pos_Tc, block))
@@ -179,20 +184,20 @@ def _block_grads(q_BxTcxHxK, q_pos_Tc, block, do_BxTcxHxK, lse_BxTcxH, d_BxTcxH)
     return _Grads(dq_BxTcxHxK, dk_BxTcxHxK, dv_BxTcxHxK)
 
 
-def _backward(
-    q_BxTcxHxK, k_BxTcxHxK, v_BxTcxHxK, q_pos_Tc, k_pos_Tc, o_BxTcxHxK, lse_BxTcxH, do_BxTcxHxK, axis, poison
-):
-    """One lap: the local block, C - 1 rotations of (block, dk, dv), then one more hop brings dk/dv home."""
+def _backward(q_BxTcxHxK, k_BxTcxHxK, v_BxTcxHxK, positions_CxTc, o_BxTcxHxK, lse_BxTcxH, do_BxTcxHxK, axis, poison):
+    """One lap: the local block, C - 1 rotations of (K, V, dK, dV), then one more hop brings dK/dV home."""
     do_BxTcxHxK = do_BxTcxHxK.astype(jnp.float32)
     d_BxTcxH = (do_BxTcxHxK * o_BxTcxHxK.astype(jnp.float32)).sum(-1)
-    block = _Block(k_BxTcxHxK, v_BxTcxHxK, k_pos_Tc)
+    block = _Block.arrived((k_BxTcxHxK, v_BxTcxHxK), 0, positions_CxTc, axis)
+    q_pos_Tc = block.pos_Tc
 
     def grads(block):
         return _block_grads(q_BxTcxHxK, q_pos_Tc, block, do_BxTcxHxK, lse_BxTcxH, d_BxTcxH)
 
-    def step(_, carry):
+    def step(i, carry):
         block, g = carry
-        block, dk, dv = _rotate((block, g.dk_BxTcxHxK, g.dv_BxTcxHxK), axis, poison)
+        k, v, dk, dv = _rotate((block.k_BxTcxHxK, block.v_BxTcxHxK, g.dk_BxTcxHxK, g.dv_BxTcxHxK), axis, poison)
+        block = _Block.arrived((k, v), i + 1, positions_CxTc, axis)
         new = grads(block)
         return block, _Grads(g.dq_BxTcxHxK + new.dq_BxTcxHxK, dk + new.dk_BxTcxHxK, dv + new.dv_BxTcxHxK)
 
@@ -208,8 +213,8 @@ def _backward(
 
 def _per_device(fn, axis: str, in_names: str, out_names: str):
     """``fn`` under a ``shard_map`` manual over ``axis`` only: ``s`` marks a ``[B, T, ...]`` argument or
-    result split along T, ``p`` the positions ``[T]``."""
-    specs = {"s": P(None, axis), "p": P(axis)}
+    result split along T, ``p`` the positions ``[T]`` (every device has them all: a few integers)."""
+    specs = {"s": P(None, axis), "p": P()}
     return jax.shard_map(
         fn,
         in_specs=tuple(specs[n] for n in in_names),
@@ -224,7 +229,10 @@ def _ring(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, positions_T, axis, poison):
 
 
 def _ring_fwd(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, positions_T, axis, poison):
-    forward = _per_device(lambda q, k, v, pos: _forward(q, k, v, pos, pos, axis, poison), axis, "sssp", "ss")
+    def forward(q, k, v, positions_T):
+        return _forward(q, k, v, positions_T.reshape(lax.axis_size(axis), -1), axis, poison)
+
+    forward = _per_device(forward, axis, "sssp", "ss")
     o_BxTxHxK, lse_BxTxH = forward(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, positions_T)
     # Only each device's own arrays: the other devices' blocks are sent around again in the backward.
     return o_BxTxHxK, (q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, positions_T, o_BxTxHxK, lse_BxTxH)
@@ -234,7 +242,7 @@ def _ring_bwd(axis, poison, residuals, do_BxTxHxK):
     q, k, v, pos, o, lse = residuals
 
     def backward(q, k, v, pos, o, lse, do):
-        return _backward(q, k, v, pos, pos, o, lse, do, axis, poison)
+        return _backward(q, k, v, pos.reshape(lax.axis_size(axis), -1), o, lse, do, axis, poison)
 
     grads = _per_device(backward, axis, "sssps" + "ss", "sss")(q, k, v, pos, o, lse, do_BxTxHxK)
     return (*grads, None)  # positions are integers: no cotangent

@@ -33,6 +33,10 @@ def axes_with_role(role: str) -> tuple[str, ...]:
     return tuple(axis for axis, axis_role in AXIS_ROLES.items() if axis_role == role)
 
 
+# Each axis by role: other modules name an axis through these, so the table stays the one place that spells them.
+DATA, CONTEXT, TENSOR, PIPE = (axes_with_role(role)[0] for role in ("batch", "sequence", "weights", "stages"))
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MeshShape:
     """Sizes of the mesh axes, by name only (``MeshShape(data=2, pipe=4)``); iterating gives them in mesh
@@ -57,9 +61,7 @@ class MeshShape:
     def __str__(self) -> str:
         """``data=2,tensor=2,pipe=2``: every axis, but ``context`` only where it splits (a model without
         a sequence reads as it always did)."""
-        return ",".join(
-            f"{axis}={size}" for axis, size in zip(AXES, self, strict=True) if axis != "context" or size > 1
-        )
+        return ",".join(f"{axis}={size}" for axis, size in zip(AXES, self, strict=True) if axis != CONTEXT or size > 1)
 
     @classmethod
     def of(cls, mesh) -> MeshShape:

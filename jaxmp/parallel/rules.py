@@ -30,7 +30,7 @@ import jax
 from jax.sharding import PartitionSpec
 
 from jaxmp.config import ConfigError
-from jaxmp.parallel.mesh import AXES, axes_with_role
+from jaxmp.parallel.mesh import AXES, DATA, TENSOR, axes_with_role
 
 MeshAxes = str | tuple[str, ...] | None
 
@@ -61,7 +61,7 @@ CONTEXT_RULES: Rules = {"seq": _one(axes_with_role("sequence")), "tokens": _one(
 
 
 # A transformer's attention heads and vocabulary over `tensor` (Megatron-LM).
-MEGATRON_LM: Rules = {"heads": "tensor", "vocab": "tensor"}
+MEGATRON_LM: Rules = {"heads": TENSOR, "vocab": TENSOR}
 
 
 STRATEGY_RULES: dict[str, Rules] = {
@@ -69,12 +69,12 @@ STRATEGY_RULES: dict[str, Rules] = {
     "dp": {"batch": ALL_DEVICES, "conv_batch": ALL_DEVICES},
     # Megatron tensor parallelism: column/row pairs over `tensor`, conv output channels too.
     # Attention split by heads, embedding and LM head by vocabulary (the logits are never gathered).
-    "tp": {"batch": "data", "conv_batch": "data", "mlp": "tensor", "channels": "tensor"} | MEGATRON_LM,
+    "tp": {"batch": DATA, "conv_batch": DATA, "mlp": TENSOR, "channels": TENSOR} | MEGATRON_LM,
     # Krizhevsky's one weird trick: conv layers data-parallel over all devices, dense layers split.
-    "hybrid": {"batch": "data", "conv_batch": ALL_DEVICES, "mlp": "tensor"} | MEGATRON_LM,
+    "hybrid": {"batch": DATA, "conv_batch": ALL_DEVICES, "mlp": TENSOR} | MEGATRON_LM,
     # The textbook single layer, split by output (column) or by input (row).
-    "column": {"batch": "data", "dense_out": "tensor"},
-    "row": {"batch": "data", "dense_in": "tensor"},
+    "column": {"batch": DATA, "dense_out": TENSOR},
+    "row": {"batch": DATA, "dense_in": TENSOR},
 }
 
 

@@ -22,6 +22,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxmp.config import ConfigError
+from jaxmp.parallel.mesh import PIPE, TENSOR
 from jaxmp.parallel.rules import MeshAxes, Rules, as_axes, logical_to_spec
 
 
@@ -40,7 +41,7 @@ def param_specs(params: nnx.State, rules: Rules) -> nnx.State:
             if name is not None and name not in rules:
                 raise ConfigError(
                     f"parameter {path_name(path)}: no rule maps its logical axis {name!r}; add one to the rules "
-                    f"table, e.g. rules={{{name!r}: 'tensor'}}, or {{{name!r}: None}} to keep it whole."
+                    f"table, e.g. rules={{{name!r}: {TENSOR!r}}}, or {{{name!r}: None}} to keep it whole."
                 )
         return logical_to_spec(names, rules)
 
@@ -69,7 +70,7 @@ def add_fsdp(
     groups = [free, *((a,) for a in free)] if len(free) > 1 else [free]
     by_size = sorted(range(len(shape)), key=lambda d: -shape[d])
     whole = [d for d in by_size if entries[d] is None]
-    split = [d for d in by_size if entries[d] is not None and "pipe" not in as_axes(entries[d])]
+    split = [d for d in by_size if entries[d] is not None and PIPE not in as_axes(entries[d])]
     for dims in (whole, split):
         for group in groups:
             for d in dims:

@@ -15,6 +15,7 @@ import jax
 from jaxmp.config import ConfigError, PipelineConfig
 from jaxmp.models.contract import ModelParts, apply_part, part_bytes
 from jaxmp.models.layers import LayerContext
+from jaxmp.parallel.mesh import PIPE
 from jaxmp.parallel.rules import active_rules, rules_without_axes
 from jaxmp.parallel.sharding import axis_size
 from jaxmp.pipeline.engine import Plan, make_plan, run, split_microbatches
@@ -163,7 +164,7 @@ def build_pipeline(
     Raises:
       ConfigError: the split, placement or micro-batches do not fit the model, mesh or batch.
     """
-    stages = mesh.shape["pipe"]
+    stages = mesh.shape[PIPE]
     check_unit_count(parts)
     abstract = parts.with_ties(abstract)  # each part's parameters under its own key (a tied one too)
     costs = unit_costs(cfg.stage_split, parts, abstract, x_struct)
@@ -175,7 +176,7 @@ def build_pipeline(
     *boundaries, outputs = _boundaries(
         packing, abstract, jax.ShapeDtypeStruct((b, *x_struct.shape[1:]), x_struct.dtype)
     )
-    inner = rules_without_axes(active_rules(), {"pipe", *batch_axes})
+    inner = rules_without_axes(active_rules(), {PIPE, *batch_axes})
     options = dict(policy=REMAT_POLICIES[cfg.remat], unroll=cfg.unroll, boundaries=tuple(boundaries), outputs=outputs)
     options.update(stash_cotangents=WEIGHT_PASSES[cfg.weight_pass], boundary_names=boundary_names)
 

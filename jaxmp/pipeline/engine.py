@@ -42,6 +42,7 @@ from jax.sharding import PartitionSpec as P
 from jaxmp.config import ConfigError
 from jaxmp.models.contract import apply_part
 from jaxmp.models.layers import LayerContext
+from jaxmp.parallel.mesh import PIPE
 from jaxmp.parallel.rules import as_axes, constrain, use_rules
 from jaxmp.pipeline.backward_split import SplitBackward, split_backward
 from jaxmp.pipeline.packing import Packing
@@ -206,10 +207,10 @@ def run(plan: Plan, buffers: dict, x_bMx, y_bMx, w_bMx, key, head: Head, *, trai
       head: ``(outputs, labels, weights) -> dict of scalars`` summed over micro-batches; with
         ``train``, its ``"loss"`` is differentiated.
     """
-    manual = frozenset({"pipe", *plan.batch_axes})
+    manual = frozenset({PIPE, *plan.batch_axes})
     batch = plan.batch_axes or None
     buffer_specs = {
-        name: P("pipe", *(a if a in manual else None for a in b.tile_axes), None)
+        name: P(PIPE, *(a if a in manual else None for a in b.tile_axes), None)
         for name, b in plan.packing.buffers.items()
     }
     body = _device_program(plan, head, train, manual)
@@ -232,7 +233,7 @@ def _device_program(plan: Plan, head: Head, train: bool, manual: frozenset[str])
     def body(buffers, x_bMx, y_bMx, w_bMx, key_data):
         with use_rules(plan.inner_rules):
             access = _Params.of(plan, _gather_manual_tiles(plan, buffers, manual), manual)
-            stage = jax.lax.axis_index("pipe")
+            stage = jax.lax.axis_index(PIPE)
             b = x_bMx.shape[0]
             sample = _sample_tick(plan, x_bMx, y_bMx, w_bMx)
             branches, stash = _branches(plan, access, head, train, jax.random.wrap_key_data(key_data), sample)
@@ -255,7 +256,7 @@ def _device_program(plan: Plan, head: Head, train: bool, manual: frozenset[str])
                     loop.ticks,
                     unroll=plan.unroll,
                 )
-            sums = jax.lax.psum(carry.sums, ("pipe", *plan.batch_axes))
+            sums = jax.lax.psum(carry.sums, (PIPE, *plan.batch_axes))
             if not train:
                 return sums
             return sums, _reduce_gradients(plan, access.packed(carry.g_params), manual)
@@ -774,7 +775,7 @@ def _tick_fn(plan: Plan, branches, tables: _Tables, data, stage, tick_ids: np.nd
         state = _run_action(tables.branch[t], {i: branches[i] for i in used}, state, step)
         if plan.fuse_last:
             inputs = inputs.at[jnp.maximum(tables.read_input[t], 0)].set(state.keep)
-        sent = tuple(jax.lax.ppermute(state.send, "pipe", list(pairs)) for pairs in rounds)
+        sent = tuple(jax.lax.ppermute(state.send, PIPE, list(pairs)) for pairs in rounds)
         arrived = sent + carry.arrived[len(sent) :]
         return _Carry(inputs, grads, arrived, state.g_params, state.sums, state.res)
 

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from jaxmp.models.contract import ModelParts, Part, sub_params
+from jaxmp.parallel.mesh import PIPE
 from jaxmp.parallel.rules import as_axes
 
 
@@ -93,7 +94,7 @@ class Buffer(NamedTuple):
     size: int  # N
 
     def spec(self) -> P:
-        return P("pipe", *self.tile_axes, None)
+        return P(PIPE, *self.tile_axes, None)
 
 
 def chunk_pieces(parts: ModelParts, first: int, end: int, *, with_pre: bool, with_post: bool) -> list[Piece]:
@@ -126,7 +127,7 @@ class Packing:
     """
 
     def __init__(self, parts: ModelParts, abstract, specs, bounds, chunk_stage, mesh):
-        self.parts, self.stages, self.mesh = parts, mesh.shape["pipe"], mesh
+        self.parts, self.stages, self.mesh = parts, mesh.shape[PIPE], mesh
         abstract, specs = parts.with_ties(abstract), parts.with_ties(specs)
         self.chunk_stage = tuple(chunk_stage)
         last = len(bounds) - 1
@@ -253,13 +254,13 @@ class Packing:
             return buffers
 
         def body(local: dict) -> dict:
-            stage, out = jax.lax.axis_index("pipe"), dict(local)
+            stage, out = jax.lax.axis_index(PIPE), dict(local)
             for copy in self.tied:
                 (src_stage, src), (dst_stage, dst) = (copy.alias, copy.stored) if fold else (copy.stored, copy.alias)
                 value = out[copy.buffer]
                 sent = jax.lax.slice_in_dim(value, src, src + copy.size, axis=-1)
                 if src_stage != dst_stage:
-                    sent = jax.lax.ppermute(sent, "pipe", [(src_stage, dst_stage)])
+                    sent = jax.lax.ppermute(sent, PIPE, [(src_stage, dst_stage)])
                 old = jax.lax.slice_in_dim(value, dst, dst + copy.size, axis=-1)
                 new = jnp.where(stage == dst_stage, old + sent if fold else sent, old)
                 value = jax.lax.dynamic_update_slice_in_dim(value, new, dst, axis=-1)
@@ -270,8 +271,8 @@ class Packing:
                 out[copy.buffer] = value
             return out
 
-        specs = {name: P("pipe") for name in buffers}
-        return jax.shard_map(body, mesh=self.mesh, in_specs=(specs,), out_specs=specs, axis_names={"pipe"})(buffers)
+        specs = {name: P(PIPE) for name in buffers}
+        return jax.shard_map(body, mesh=self.mesh, in_specs=(specs,), out_specs=specs, axis_names={PIPE})(buffers)
 
     def shared_params(self, local, manual: frozenset[str]) -> dict:
         """Inside the executor: the shared pieces' parameters (signature -> tree), unpacked once per step.

@@ -22,9 +22,10 @@ import jax
 from jaxmp.config import ConfigError
 from jaxmp.inspection.collectives import Collective, collectives
 from jaxmp.inspection.hlo import in_data_dependent_loops
+from jaxmp.parallel.mesh import PIPE
 
 # The executor's own exchange between stages: every device reaches it at every tick.
-STAGE_AXIS = "pipe"
+STAGE_AXIS = PIPE
 
 
 def stranded(hlo_text: str, mesh: jax.sharding.Mesh) -> list[Collective]:

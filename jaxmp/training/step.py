@@ -39,7 +39,7 @@ from jaxmp.models.contract import (
     user_frame,
 )
 from jaxmp.models.layers import LayerContext
-from jaxmp.parallel.mesh import as_mesh
+from jaxmp.parallel.mesh import PIPE, as_mesh
 from jaxmp.parallel.rules import (
     as_axes,
     logical_to_spec,
@@ -303,8 +303,8 @@ def _layout(cfg: Config, mesh, rules, tx, make_model, shapes: BatchShape) -> _La
     y_spec = _batch_spec(("batch",), 1 + len(shapes.label_shape), rules)
     _check_batch(cfg.run.batch_size, x_spec, mesh)
     _check_batch(cfg.run.batch_size, y_spec, mesh)
-    pipelined = is_pipelined(cfg.pipeline, mesh.shape["pipe"])
-    param_rules = rules_without_axes(rules, {"pipe"}) if pipelined else rules
+    pipelined = is_pipelined(cfg.pipeline, mesh.shape[PIPE])
+    param_rules = rules_without_axes(rules, {PIPE}) if pipelined else rules
     specs = param_specs(abstract_state, param_rules)
     if cfg.model.fsdp:
         specs = fsdp_specs(abstract_state, specs, mesh, rules)
