@@ -1,5 +1,6 @@
 """``python -m jaxmp.plan``: the trainer's flags, plus ``--devices`` and the hardware; ranks every
-(data, tensor, pipe) mesh of N devices by a roofline step time from compiled programs.
+mesh of N devices (data, tensor, pipe; context too for a model with a sequence) by a roofline step time
+from compiled programs.
 
 The planner itself is :func:`jaxmp.inspection.planner.plan`; this module only parses flags and prints.
 Invalid input: one line, exit code 2.
@@ -55,7 +56,7 @@ def _run(cfg: Config, extras) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Plan the mesh for the model the flags describe; returns the exit code (2 for invalid input)."""
-    description = "Rank every (data, tensor, pipe) mesh of N devices by a roofline step time from compiled programs."
+    description = "Rank every mesh of N devices (data, tensor, pipe; context too for gpt) by a roofline step time."
     skip = TRAINING_ONLY | {"mesh", "schedule_plot"}  # plan picks the meshes itself
     return run_cli(_run, argv, "jaxmp.plan", description, add_flags=_add_flags, skip=skip)
 

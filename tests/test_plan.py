@@ -11,8 +11,8 @@ import pytest
 from support import CLASSES, IMAGE, assert_one_line_error, run_module, small_config
 
 from jaxmp.inspection.hardware import HARDWARE, get_hardware
-from jaxmp.inspection.planner import PlanRow, factorisations, microbatch_candidates, parse_factors, plan
-from jaxmp.parallel.mesh import MeshShape
+from jaxmp.inspection.planner import PlanRow, factorisations, mesh_axes, microbatch_candidates, parse_factors, plan
+from jaxmp.parallel.mesh import AXES, CONTEXT, MeshShape
 from jaxmp.plan import main
 
 TRIPLES_OF_8 = {
@@ -20,11 +20,24 @@ TRIPLES_OF_8 = {
 }  # fmt: skip
 
 
+def sizes(mesh: MeshShape) -> tuple[int, int, int]:
+    return mesh.data, mesh.tensor, mesh.pipe
+
+
 def test_factorisations_are_every_ordered_triple():
-    assert {tuple(s) for s in factorisations(8)} == TRIPLES_OF_8
-    assert len(factorisations(8)) == len(TRIPLES_OF_8)
-    assert [tuple(s) for s in factorisations(1)] == [(1, 1, 1)]
+    assert {sizes(s) for s in factorisations(8)} == TRIPLES_OF_8
+    assert len(factorisations(8)) == len(TRIPLES_OF_8) and all(s.context == 1 for s in factorisations(8))
+    assert factorisations(1) == [MeshShape()]
     assert len(factorisations(12)) == 18  # (2+2 choose 2) * (1+2 choose 2)
+
+
+def test_a_model_with_a_sequence_is_planned_over_context_too():
+    gpt, mlp = small_config("gpt", "tp"), small_config("mlp", "tp")
+    assert mesh_axes(gpt, own_model=False) == AXES and CONTEXT not in mesh_axes(mlp, own_model=False)
+    assert CONTEXT not in mesh_axes(gpt, own_model=True)
+    shapes = factorisations(8, AXES)
+    assert len(shapes) == len(set(shapes)) == 20  # (3+3 choose 3) ordered quadruples
+    assert all(s.size == 8 for s in shapes) and MeshShape(context=8) in shapes
 
 
 def test_microbatch_candidates_and_factors():
@@ -71,12 +84,12 @@ def test_the_compute_term_is_flops_over_peak_and_reads_as_a_figure(planned):
 
 def test_every_factorisation_is_listed(planned):
     rows, _ = planned
-    assert {tuple(r.mesh) for r in rows} == TRIPLES_OF_8
+    assert {sizes(r.mesh) for r in rows} == TRIPLES_OF_8
 
 
 def test_infeasible_shapes_say_why(planned):
     rows, hw = planned
-    reasons = {tuple(r.mesh): r.reason for r in rows if not r.feasible}
+    reasons = {sizes(r.mesh): r.reason for r in rows if not r.feasible}
     assert "need at least 4 layers" in reasons[(2, 1, 4)] and "need at least 8 layers" in reasons[(1, 1, 8)]
     assert (
         reasons[(1, 8, 1)].startswith("does not divide: parameter layers.0.layer.")
@@ -93,7 +106,7 @@ def test_top_choice_fits_and_ranking_is_by_step_time(planned):
     rows, hw = planned
     feasible = [r for r in rows if r.feasible]
     assert feasible and rows[0] is feasible[0] and rows[: len(feasible)] == feasible
-    assert rows[0].peak_bytes <= hw.memory_bytes and tuple(rows[0].mesh) != (8, 1, 1)
+    assert rows[0].peak_bytes <= hw.memory_bytes and sizes(rows[0].mesh) != (8, 1, 1)
     steps = [r.t_step for r in feasible]
     assert steps == sorted(steps)
     pipelined = [r for r in feasible if r.mesh.pipe == 2]

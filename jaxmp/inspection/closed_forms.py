@@ -65,6 +65,7 @@ from jaxmp.config import Config
 from jaxmp.models.contract import model_parts
 from jaxmp.models.gpt import Block, LMHead, TokenEmbedding
 from jaxmp.models.mlp import Dense, Embed, MegatronBlock
+from jaxmp.parallel.mesh import CONTEXT, PIPE, TENSOR
 from jaxmp.parallel.rules import rules_without_axes
 from jaxmp.parallel.sharding import axis_size, param_specs, path_name
 from jaxmp.pipeline import is_pipelined
@@ -129,7 +130,7 @@ def _context(cfg: Config, program) -> _Context:
     """The parameters of ``program`` by name: global shape, PartitionSpec (in the model's layer order),
     logical names."""
     abstract = nnx.state(program.model, nnx.Param)
-    specs = param_specs(abstract, rules_without_axes(program.rules, {"pipe"}) if program.pipeline else program.rules)
+    specs = param_specs(abstract, rules_without_axes(program.rules, {PIPE}) if program.pipeline else program.rules)
     params = {}
     for (path, var), (_, spec) in zip(
         jax.tree_util.tree_flatten_with_path(abstract, is_leaf=lambda x: isinstance(x, nnx.Variable))[0],
@@ -219,13 +220,13 @@ def _dense_runs(ctx: _Context) -> list[_Run] | None:
     Convolutions (a ``channels`` kernel) add no tensor term unless ``tensor`` splits them (no closed form).
     """
     mesh = ctx.mesh
-    if is_pipelined(ctx.cfg.pipeline, mesh.shape["pipe"]):
+    if is_pipelined(ctx.cfg.pipeline, mesh.shape[PIPE]):
         return None
 
     def dense(name: str, first: bool) -> _Dense:
         shape, spec, _ = ctx.params[name + ".kernel"]
         in_axes, out_axes = (tuple(spec) + (None,) * len(shape))[len(shape) - 2 : len(shape)]
-        split = [mesh.shape["tensor"] > 1 and "tensor" in _spec_axes((axes,)) for axes in (in_axes, out_axes)]
+        split = [mesh.shape[TENSOR] > 1 and TENSOR in _spec_axes((axes,)) for axes in (in_axes, out_axes)]
         return _Dense(name, shape[-2], shape[-1], col=split[1], row=split[0], first=first)
 
     runs: list[_Run] = []
@@ -260,7 +261,7 @@ def _is_conv(ctx: _Context, path: str) -> bool:
 
 def _is_replicated_conv(ctx: _Context, path: str) -> bool:
     """A conv layer (``channels`` kernel) that ``tensor`` does not split: data-parallel terms only."""
-    return _is_conv(ctx, path) and not any("tensor" in _spec_axes(spec) for spec, _ in _layer_params(ctx, path))
+    return _is_conv(ctx, path) and not any(TENSOR in _spec_axes(spec) for spec, _ in _layer_params(ctx, path))
 
 
 def _conv_to_dense_gather(ctx: _Context) -> list[Expected]:
@@ -292,8 +293,8 @@ def _conv_to_dense_gather(ctx: _Context) -> list[Expected]:
 
 def _split(ctx: _Context, path: str, logical: str) -> bool:
     """Whether ``tensor`` (of more than one device) splits the logical axis ``logical`` of the part's parameters."""
-    return ctx.mesh.shape["tensor"] > 1 and any(
-        "tensor" in _spec_axes((axes,))
+    return ctx.mesh.shape[TENSOR] > 1 and any(
+        TENSOR in _spec_axes((axes,))
         for spec, names in _layer_params(ctx, path)
         for axes, name in zip(spec, names, strict=False)
         if name == logical
@@ -311,7 +312,7 @@ def _embedding_terms(ctx: _Context, path: str, times: int) -> list[Expected]:
     rows, width = _tokens(ctx)
     if not _split(ctx, path, "vocab"):
         return []
-    return [Expected(f"{path}: vocab-split lookup", "all-reduce", ("tensor",), rows * width, "b*T*D")]
+    return [Expected(f"{path}: vocab-split lookup", "all-reduce", (TENSOR,), rows * width, "b*T*D")]
 
 
 def _block_terms(ctx: _Context, path: str, times: int) -> list[Expected]:
@@ -322,8 +323,8 @@ def _block_terms(ctx: _Context, path: str, times: int) -> list[Expected]:
     for name, logical in (("attention", "heads"), ("mlp", "mlp")):
         if _split(ctx, path, logical):
             n = times * rows * width
-            terms.append(Expected(f"{path}: {name} row output", "all-reduce", ("tensor",), n, "L*b*T*D"))
-            terms.append(Expected(f"{path}: {name} column input grad", "all-reduce", ("tensor",), n, "L*b*T*D"))
+            terms.append(Expected(f"{path}: {name} row output", "all-reduce", (TENSOR,), n, "L*b*T*D"))
+            terms.append(Expected(f"{path}: {name} column input grad", "all-reduce", (TENSOR,), n, "L*b*T*D"))
     return terms
 
 
@@ -334,8 +335,8 @@ def _head_terms(ctx: _Context, path: str, times: int) -> list[Expected]:
     if not _split(ctx, path, "vocab"):
         return []
     return [
-        Expected(f"{path}: vocab-parallel loss", "all-reduce", ("tensor",), 3 * rows, "3*b*T"),
-        Expected(f"{path}: column input grad", "all-reduce", ("tensor",), rows * width, "b*T*D"),
+        Expected(f"{path}: vocab-parallel loss", "all-reduce", (TENSOR,), 3 * rows, "3*b*T"),
+        Expected(f"{path}: column input grad", "all-reduce", (TENSOR,), rows * width, "b*T*D"),
     ]
 
 
@@ -354,7 +355,7 @@ def tensor_terms(ctx: _Context) -> list[Expected] | None:
     runs = _dense_runs(ctx)
     if runs is None:
         return None
-    t = ctx.mesh.shape["tensor"]
+    t = ctx.mesh.shape[TENSOR]
     terms = [term for run in runs for term in _dense_terms(run.chain, run.rows, run.times, t, run.where)]
     return terms + _conv_to_dense_gather(ctx)
 
@@ -371,7 +372,7 @@ def _dense_terms(chain: list[_Dense], rows: int, times: int, t: int, where: str)
                 Expected(
                     f"{d.name}: column output",
                     "all-gather",
-                    ("tensor",),
+                    (TENSOR,),
                     times * gathered * d.fan_out,
                     f"{where}b*fan_out*(t-1)/t",
                 )
@@ -381,7 +382,7 @@ def _dense_terms(chain: list[_Dense], rows: int, times: int, t: int, where: str)
                 Expected(
                     f"{d.name}: column input grad",
                     "all-reduce",
-                    ("tensor",),
+                    (TENSOR,),
                     times * rows * d.fan_in,
                     f"{where}b*fan_in",
                 )
@@ -389,7 +390,7 @@ def _dense_terms(chain: list[_Dense], rows: int, times: int, t: int, where: str)
         if d.row:
             terms.append(
                 Expected(
-                    f"{d.name}: row output", "all-reduce", ("tensor",), times * rows * d.fan_out, f"{where}b*fan_out"
+                    f"{d.name}: row output", "all-reduce", (TENSOR,), times * rows * d.fan_out, f"{where}b*fan_out"
                 )
             )
         if d.row and not d.first and not (before and before.col):
@@ -397,7 +398,7 @@ def _dense_terms(chain: list[_Dense], rows: int, times: int, t: int, where: str)
                 Expected(
                     f"{d.name}: row input grad",
                     "all-gather",
-                    ("tensor",),
+                    (TENSOR,),
                     times * gathered * d.fan_in,
                     f"{where}b*fan_in*(t-1)/t",
                 )
@@ -453,7 +454,7 @@ def pipeline_terms(ctx: _Context) -> list[Expected] | None:
     rows = ctx.cfg.run.batch_size // axis_size(ctx.mesh, plan.batch_axes)
     b = rows // plan.schedule.microbatches
     permutes = plan_exchange(plan.schedule).permutes
-    return [Expected("activations and cotangents", "collective-permute", ("pipe",), permutes * b * plan.width, "T*b*A")]
+    return [Expected("activations and cotangents", "collective-permute", (PIPE,), permutes * b * plan.width, "T*b*A")]
 
 
 def predict(cfg: Config, mesh: jax.sharding.Mesh, input_shape: tuple[int, ...], classes: int, **pieces) -> Prediction:
@@ -471,7 +472,7 @@ def predict_program(cfg: Config, program) -> Prediction:
     ctx = _context(cfg, program)
     terms = data_parallel_terms(ctx)
     uncovered: list[str] = []
-    for axis, found in (("tensor", tensor_terms(ctx)), ("context", context_terms(ctx)), ("pipe", pipeline_terms(ctx))):
+    for axis, found in ((TENSOR, tensor_terms(ctx)), (CONTEXT, context_terms(ctx)), (PIPE, pipeline_terms(ctx))):
         if found is None and ctx.mesh.shape[axis] > 1:
             uncovered.append(axis)
         terms += found or []

@@ -1,6 +1,7 @@
-"""Rank every (data, tensor, pipe) mesh of N devices by a roofline step time (behind ``python -m jaxmp.plan``).
+"""Rank every mesh of N devices by a roofline step time (behind ``python -m jaxmp.plan``).
 
-For every factorisation ``data * tensor * pipe = N`` (and, with ``pipe > 1``, every candidate number of
+For every factorisation ``data * tensor * pipe = N`` (``data * context * tensor * pipe = N`` for a model
+with a sequence: ``gpt``), and, with ``pipe > 1``, every candidate number of
 micro-batches ``M = f * pipe`` for ``f`` in ``--microbatch-factors``) the train step is compiled ahead of
 time (nothing runs) and timed by a roofline whose every input is read off the compiled program:
 
@@ -27,6 +28,9 @@ outputs not aliased to them + temporaries) exceeds the device memory. Feasible s
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -35,7 +39,7 @@ from jaxmp.inspection.collectives import collectives, wire_bytes
 from jaxmp.inspection.compiled import memory_and_flops
 from jaxmp.inspection.flops import hlo_cost
 from jaxmp.inspection.hardware import GIB, Hardware
-from jaxmp.parallel.mesh import MeshShape
+from jaxmp.parallel.mesh import AXES, CONTEXT, DATA, PIPE, TENSOR, MeshShape
 from jaxmp.speech import speaks_python
 
 
@@ -63,15 +67,25 @@ class PlanRow(NamedTuple):
         return max(self.t_compute, self.t_memory) + self.t_comm
 
 
-def factorisations(devices: int) -> list[MeshShape]:
-    """Every ``MeshShape(data, tensor, pipe)`` whose sizes multiply to ``devices``, data-major order."""
+def factorisations(devices: int, axes: tuple[str, ...] = (DATA, TENSOR, PIPE)) -> list[MeshShape]:
+    """Every :class:`MeshShape` over ``axes`` (the others size 1) whose sizes multiply to ``devices``:
+    the first axis largest first, each later one smallest first."""
     divisors = [d for d in range(1, devices + 1) if devices % d == 0]
-    return [
-        MeshShape(data=data, tensor=tensor, pipe=devices // (data * tensor))
-        for data in reversed(divisors)
-        for tensor in divisors
-        if (devices // data) % tensor == 0
-    ]
+    *free, last = axes
+    shapes = []
+    for sizes in itertools.product(*(divisors[::-1] if i == 0 else divisors for i in range(len(free)))):
+        rest, left = divmod(devices, math.prod(sizes))
+        if left == 0:
+            shapes.append(MeshShape(**dict(zip(free, sizes, strict=True)), **{last: rest}))
+    return shapes
+
+
+def mesh_axes(cfg: Config, own_model: bool) -> tuple[str, ...]:
+    """The axes a plan varies: ``context`` too for a preset that has a sequence (``gpt``)."""
+    from jaxmp.models import preset
+
+    sequence = not own_model and preset(cfg.model).has_sequence
+    return tuple(a for a in AXES if sequence or a != CONTEXT)
 
 
 def microbatch_candidates(pipe: int, factors: tuple[int, ...]) -> list[int]:
@@ -151,7 +165,7 @@ def plan(
 
     pieces["model_fn"] = own_model_fn(cfg, model_fn)
     rows = []
-    shapes = factorisations(devices)
+    shapes = factorisations(devices, mesh_axes(cfg, pieces["model_fn"] is not None))
     for i, shape in enumerate(shapes, 1):
         for m in microbatch_candidates(shape.pipe, factors):
             if progress:
@@ -178,7 +192,12 @@ def parse_factors(text: str) -> tuple[int, ...]:
 def to_json(rows: list[PlanRow], hw: Hardware) -> dict[str, Any]:
     """The ranking as plain JSON types."""
     shapes = [
-        {**row._asdict(), "mesh": row.mesh._asdict(), "t_step": row.t_step, "peak_gib": (row.peak_bytes or 0) / GIB}
+        {
+            **row._asdict(),
+            "mesh": dataclasses.asdict(row.mesh),
+            "t_step": row.t_step,
+            "peak_gib": (row.peak_bytes or 0) / GIB,
+        }
         for row in rows
     ]
     return {"hardware": hw._asdict(), "roofline": "max(flops/peak, bytes/hbm_bw) + comm/link_bw", "shapes": shapes}
@@ -200,7 +219,8 @@ def print_plan(rows: list[PlanRow], hw: Hardware, console) -> None:
     from rich.table import Table
 
     table = Table(title=f"mesh plan on {hw.name}: t_step = max(compute, memory) + comm", title_justify="left")
-    for column in ("rank", "data", "tensor", "pipe", "M", "bubble", "peak/device", "compute", "memory", "comm"):
+    axes = [axis for axis in AXES if axis != CONTEXT or any(row.mesh.context > 1 for row in rows)]
+    for column in ("rank", *axes, "M", "bubble", "peak/device", "compute", "memory", "comm"):
         table.add_column(column, justify="right")
     table.add_column("t_step", justify="right", style="bold")
     table.add_column("infeasible because", justify="left", overflow="fold")
@@ -209,7 +229,7 @@ def print_plan(rows: list[PlanRow], hw: Hardware, console) -> None:
         peak = "" if row.peak_bytes is None else f"{row.peak_bytes / 2**20:,.1f} MiB"
         table.add_row(
             str(rank) if row.feasible else "-",
-            *(str(v) for v in row.mesh),
+            *(str(getattr(row.mesh, axis)) for axis in axes),
             str(row.microbatches or "any"),
             f"{row.bubble:.0%}" if row.mesh.pipe > 1 and row.flops is not None else "",
             peak,

@@ -32,6 +32,7 @@ from jaxmp.inspection.collectives import AxisTotal, Collective, origin, per_axis
 from jaxmp.inspection.compiled import memory_and_flops
 from jaxmp.inspection.flops import hlo_cost
 from jaxmp.inspection.textbook import textbook_layer, textbook_layer_exchange
+from jaxmp.parallel.mesh import DATA, TENSOR
 from jaxmp.speech import speaks_python
 
 _SMALL = 4  # collectives of at most this many elements (loss scalars) never trigger a note on their own
@@ -220,7 +221,7 @@ def layer_table(cfg: Config, mesh: jax.sharding.Mesh) -> list[LayerRow]:
     measured = textbook_layer_exchange(strategy, cfg.run.batch_size, fan_in, fan_out, mesh)
     batch_axes = rules_for(strategy).get("batch")
     rows = cfg.run.batch_size // axis_size(mesh, batch_axes)
-    devices = axis_size(mesh, batch_axes) if strategy == "dp" else mesh.shape["tensor"]
+    devices = axis_size(mesh, batch_axes) if strategy == "dp" else mesh.shape[TENSOR]
     table = []
     for term in textbook_layer(strategy, rows, fan_in, fan_out, devices):
         got = sum(c.elements * c.count for c in measured if c.kind == term.kind)
@@ -255,7 +256,7 @@ def _weight_moves(cfg: Config, program, colls: list[Collective]) -> list[str]:
             f"({coll.total_elements:,} elements per step), not an activation: XLA could not keep the matmul where "
             "the weight lives. Pin the intended layout: store the weight as it is used (its rule in the rules "
             "table) and constrain the activation, e.g. jaxmp.parallel.rules.constrain(h, ('batch', 'mlp')) "
-            "or jax.lax.with_sharding_constraint(h, P('data', 'tensor'))."
+            f"or jax.lax.with_sharding_constraint(h, P('{DATA}', '{TENSOR}'))."
         )
     return notes
 

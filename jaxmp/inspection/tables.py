@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from jaxmp.inspection.collectives import origin
+from jaxmp.parallel.mesh import PIPE
 
 MIB = 2**20
 
@@ -21,7 +22,7 @@ def print_report(report, console) -> None:
 
     mesh = ",".join(f"{k}={v}" for k, v in report.mesh.items())
     title = f"{report.model} / {report.strategy} on {mesh}, batch {report.batch_size}"
-    if report.mesh.get("pipe", 1) > 1 or report.microbatches > 1:
+    if report.mesh.get(PIPE, 1) > 1 or report.microbatches > 1:
         title += f", {report.microbatches} micro-batches x {report.repeats} repeats"
     table = Table(title=f"collectives per train step: {title}", title_justify="left")
     for column in ("kind", "axes", "shape", "dtype", "bytes", "x/step", "from"):

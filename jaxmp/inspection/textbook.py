@@ -17,10 +17,10 @@ from jax.sharding import PartitionSpec as P
 from jaxmp.inspection.closed_forms import Expected
 from jaxmp.inspection.collectives import Collective, collectives
 from jaxmp.inspection.compiled import compiled_text
-from jaxmp.parallel.mesh import MeshShape, build_mesh
+from jaxmp.parallel.mesh import DATA, TENSOR, MeshShape, build_mesh
 from jaxmp.parallel.rules import logical_to_spec, rules_for
 
-_TEXTBOOK_AXIS = {"dp": "data", "column": "tensor", "row": "tensor"}
+_TEXTBOOK_AXIS = {"dp": DATA, "column": TENSOR, "row": TENSOR}
 
 
 def _textbook_specs(strategy: str) -> tuple[P, P, P, P]:
