@@ -243,7 +243,7 @@ def test_cli_json_reports_the_textbook_numbers():
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     assert sum(r["measured"] for r in data["layer"]) == 128_000
-    assert data["mesh"] == {"data": 1, "tensor": 2, "pipe": 1}
+    assert data["mesh"] == {"data": 1, "context": 1, "tensor": 2, "pipe": 1}
     assert [c["shape"] for c in data["collectives"] if c["shape"]] == [[128, 500]]
     assert data["memory"]["params"] == 1000 * 500 * 4 // 2
 
