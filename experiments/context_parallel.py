@@ -159,7 +159,8 @@ def step_seconds(cfg, seq: int, steps: int) -> float:
 
 def speed_table(args) -> list[str]:
     lines = [
-        f"### Train step, T = {args.speed_seq}, C = 4 (median of {args.steps}; {os.cpu_count()} CPU cores for 8 simulated devices)",
+        f"### Train step, T = {args.speed_seq}, C = 4 "
+        f"(median of {args.steps}; {os.cpu_count()} CPU cores for 8 simulated devices)",
         "",
         "| strategy | step | over all-gather |",
         "|---|---:|---:|",

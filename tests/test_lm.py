@@ -301,8 +301,8 @@ def _losses(path) -> tuple[dict, dict]:
 
 def test_gpt_trains_resumes_on_another_mesh_and_writes_text(tmp_path, capsys):
     """A pipelined run with tied embeddings (the table on both end stages) saved at step 3 resumes on a
-    mesh without pipe, with FSDP, and continues the loss trajectory of an uninterrupted run; evaluation
-    reports perplexity, and the sample is printed."""
+    mesh without pipe and with context (ring attention), with FSDP, and continues the loss trajectory of
+    an uninterrupted run; evaluation reports perplexity, and the sample is printed."""
     pipelined = ["--mesh", "data=2,tensor=2,pipe=2", "--microbatches", "2"]
     straight = tmp_path / "straight.jsonl"
     assert main([*LM_RUN, *pipelined, "--steps", "6", "--metrics-file", str(straight), "--sample-tokens", "40"]) == 0
@@ -312,9 +312,10 @@ def test_gpt_trains_resumes_on_another_mesh_and_writes_text(tmp_path, capsys):
     ck = ["--checkpoint-dir", str(tmp_path / "ck"), "--metrics-file", str(resumed)]
     assert main([*LM_RUN, *pipelined, "--steps", "3", *ck]) == 0
     capsys.readouterr()
-    assert main([*LM_RUN, "--mesh", "data=4,tensor=2", "--fsdp", "--steps", "6", "--resume", *ck]) == 0
+    context = ["--mesh", "data=2,context=2,tensor=2", "--context-strategy", "ring", "--fsdp"]
+    assert main([*LM_RUN, *context, "--steps", "6", "--resume", *ck]) == 0
     out = " ".join(capsys.readouterr().out.split())  # as one line: the console wraps long ones
-    assert f"resumed from step 3 ({tmp_path / 'ck'}/3) on mesh data=4,tensor=2,pipe=1" in out, out
+    assert f"resumed from step 3 ({tmp_path / 'ck'}/3) on mesh data=2,context=2,tensor=2,pipe=1" in out, out
     assert f"wrote metrics {resumed}" in out and f"wrote checkpoints {tmp_path / 'ck'} (steps 3, 6)" in out
     (want, want_final), (got, got_final) = _losses(straight), _losses(resumed)
     assert list(got) == [1, 2, 3, 4, 5, 6]
