@@ -63,8 +63,10 @@ CASES = [  # (mesh, options): each strategy at C = 2, 4, 8; with tensor (and SP)
     ("context=8", dict(context_strategy="ring", context_balance=False)),
     ("context=4,tensor=2", dict(context_strategy="ring", sequence_parallel=True)),
     ("context=2,tensor=4", dict(context_strategy="ulysses", heads=8)),
+    ("context=4", dict(context_strategy="ulysses")),
+    ("context=8", dict(context_strategy="ulysses", heads=8, context_balance=False)),
     ("data=2,context=2,tensor=2", dict(context_strategy="all-gather", sequence_parallel=True)),
-    ("context=2,tensor=2,pipe=2", dict(context_strategy="ulysses", schedule="zb-v", microbatches=4)),
+    ("context=2,tensor=2,pipe=2", dict(context_strategy="ulysses", schedule="zb-h1", microbatches=2)),
     ("data=1,context=2,tensor=2,pipe=2", dict(sequence_parallel=True, schedule="1f1b", microbatches=4)),
 ]
 
@@ -73,6 +75,15 @@ CASES = [  # (mesh, options): each strategy at C = 2, 4, 8; with tensor (and SP)
 def test_gpt_with_context_equals_one_device(spec, options):
     model = {k: v for k, v in options.items() if k == "heads"}
     assert_same(loss_and_grads(gpt_config(mesh=spec, **options), spec), reference(**model))
+
+
+def test_pipeline_messages_stay_split_by_sequence():
+    """Between stages each device sends its own part of the sequence (its tokens over context, and over
+    tensor too under SP), not the whole activation."""
+    spec = "context=2,tensor=2,pipe=2"
+    for sp, axes in ((False, ("context",)), (True, ("context", "tensor"))):
+        cfg = gpt_config(mesh=spec, sequence_parallel=sp, microbatches=4)
+        assert program_on(cfg, spec).pipeline.train.message_axes == axes
 
 
 def test_dropout_masks_follow_the_tokens_true_positions():

@@ -74,10 +74,9 @@ class ContextAttention:
             return _ring(q_BxTxHxK, k_BxTxHxK, v_BxTxHxK, positions_T)
         # all-gather: queries stay split, keys and values whole; ulysses: all three whole over the
         # sequence and split by heads instead (an all-to-all each way).
-        q_names = (
-            ("batch", "kv_seq", "seq_heads", None) if self.strategy == "ulysses" else ("batch", "seq", "heads", None)
-        )
-        kv_names = ("batch", "kv_seq", "seq_heads" if self.strategy == "ulysses" else "heads", None)
+        ulysses = self.strategy == "ulysses"
+        q_names = ("batch", "kv_seq", "seq_heads", None) if ulysses else ("batch", "seq", "heads", None)
+        kv_names = ("batch", "kv_seq", "seq_heads" if ulysses else "heads", None)
         q, k, v = constrain(q_BxTxHxK, q_names), constrain(k_BxTxHxK, kv_names), constrain(v_BxTxHxK, kv_names)
         mask_TxT = jnp.asarray(positions_T[:, None] >= positions_T[None, :])
         # The output first in the queries' layout, so the way back is one all-to-all of o (under Ulysses),
