@@ -11,10 +11,12 @@ sends the K/V blocks around again, this time with their dK/dV accumulators ridin
 device's gradients come home after a full lap. Memory per device is O(Tc) whatever T is, and the only
 collectives are C point-to-point sends per pass, which a scheduler can overlap with the block's matmuls.
 
-Causal masking makes contiguous chunks unbalanced: the last device's queries see the whole sequence and
-the first's almost nothing. Head-tail ("zig-zag", as in torchtitan) order cuts the sequence into 2C
-chunks and gives device r chunks r and 2C-1-r, so each device does the same useful work
-(:func:`useful_pairs`). The mask is written with global positions, so any order works unchanged.
+Causal masking: each device's tokens are taken in halves, and a pair of halves (queries, keys) that no
+query sees is skipped (``lax.cond``). With contiguous chunks that leaves the last device with the whole
+triangle and the first with almost nothing. Head-tail ("zig-zag", as in torchtitan) order cuts the
+sequence into 2C chunks and gives device r chunks r and 2C-1-r: every other device's block is then
+exactly half seen, so every device computes the same (:func:`useful_pairs`), half of a full block per
+hop. The mask is written with global positions, so any order works unchanged.
 """
 
 from __future__ import annotations
@@ -130,6 +132,44 @@ def _attend(q_BxTcxHxK, q_pos_Tc, block: _Block) -> _Softmax:
     return _Softmax(m_BxTcxH, p_BxTcxHxTc.sum(-1), acc_BxTcxHxK)
 
 
+def _nothing(q_BxtxHxK, q_pos_t, block: _Block) -> _Softmax:
+    """The partial softmax over no key at all (what a wholly masked block contributes)."""
+    zero_BxtxHxK = jnp.zeros_like(q_BxtxHxK, jnp.float32)  # like q: varying over the ring's axis
+    return _Softmax(zero_BxtxHxK[..., 0] - jnp.inf, zero_BxtxHxK[..., 0], zero_BxtxHxK)
+
+
+def _pieces(tokens: int) -> list[slice]:
+    """A device's tokens in halves (one piece when odd): under head-tail order, its two chunks."""
+    return [slice(0, tokens)] if tokens % 2 else [slice(0, tokens // 2), slice(tokens // 2, tokens)]
+
+
+def _sees(q_pos_t, k_pos_t) -> jax.Array:
+    """Whether some query sees some key: a pair of pieces that is not wholly masked."""
+    return jnp.max(q_pos_t) >= jnp.min(k_pos_t)
+
+
+def _pairs(q_tokens: int, block: _Block):
+    """``(query slice, key slice, key piece)`` for every pair of halves of the queries and a block."""
+    for qs in _pieces(q_tokens):
+        for ks in _pieces(block.pos_Tc.shape[0]):
+            yield qs, ks, _Block(block.k_BxTcxHxK[:, ks], block.v_BxTcxHxK[:, ks], block.pos_Tc[ks])
+
+
+def _attend_seen(q_BxTcxHxK, q_pos_Tc, block: _Block) -> _Softmax:
+    """:func:`_attend`, piece by piece, skipping (``lax.cond``) the pairs of halves no query sees.
+
+    Why: under head-tail order every block but a device's own is exactly half masked (its head half
+    sees all of an earlier device's block, its tail half none of a later one's), so the skip halves
+    the work of every hop and keeps it the same on every device; with contiguous chunks a later
+    device's block is skipped whole, and the earliest devices idle."""
+    rows = {}
+    for qs, _, piece in _pairs(q_BxTcxHxK.shape[1], block):
+        args = (q_BxTcxHxK[:, qs], q_pos_Tc[qs], piece)
+        part = lax.cond(_sees(q_pos_Tc[qs], piece.pos_Tc), _attend, _nothing, *args)
+        rows[qs.start] = part if qs.start not in rows else _merge(rows[qs.start], part)
+    return _Softmax(*(jnp.concatenate(parts, axis=1) for parts in zip(*rows.values(), strict=True)))
+
+
 def _merge(a: _Softmax, b: _Softmax) -> _Softmax:
     """Two partial softmaxes over disjoint keys -> one over their union (rescaled to the larger max)."""
     m_BxTcxH = jnp.maximum(a.m_BxTcxH, b.m_BxTcxH)
@@ -154,9 +194,9 @@ def _forward(q_BxTcxHxK, k_BxTcxHxK, v_BxTcxHxK, positions_CxTc, axis, poison):
         block, sm = carry
         kv = _rotate((block.k_BxTcxHxK, block.v_BxTcxHxK), axis, poison)
         block = _Block.arrived(kv, i + 1, positions_CxTc, axis)
-        return block, _merge(sm, _attend(q_BxTcxHxK, q_pos_Tc, block))
+        return block, _merge(sm, _attend_seen(q_BxTcxHxK, q_pos_Tc, block))
 
-    init = (block, _attend(q_BxTcxHxK, q_pos_Tc, block))
+    init = (block, _attend_seen(q_BxTcxHxK, q_pos_Tc, block))
     _, sm = lax.fori_loop(0, lax.axis_size(axis) - 1, step, init)
     # Every row sees at least its own token over the whole ring, so l > 0.
     o_BxTcxHxK = sm.acc_BxTcxHxK / sm.l_BxTcxH[..., None]
@@ -184,6 +224,25 @@ def _block_grads(q_BxTcxHxK, q_pos_Tc, block, do_BxTcxHxK, lse_BxTcxH, d_BxTcxH)
     return _Grads(dq_BxTcxHxK, dk_BxTcxHxK, dv_BxTcxHxK)
 
 
+def _no_grads(q_BxtxHxK, q_pos_t, block: _Block, *_) -> _Grads:
+    """What a wholly masked pair of pieces adds to the gradients (zeros like the arrays: varying over the ring)."""
+    return _Grads(*(jnp.zeros_like(a, jnp.float32) for a in (q_BxtxHxK, block.k_BxTcxHxK, block.v_BxTcxHxK)))
+
+
+def _grads_seen(q_BxTcxHxK, q_pos_Tc, block: _Block, do_BxTcxHxK, lse_BxTcxH, d_BxTcxH) -> _Grads:
+    """:func:`_block_grads`, piece by piece, skipping the pairs of halves no query sees (as :func:`_attend_seen`)."""
+    total = _Grads(*(jnp.zeros_like(a, jnp.float32) for a in (q_BxTcxHxK, block.k_BxTcxHxK, block.v_BxTcxHxK)))
+    for qs, ks, piece in _pairs(q_BxTcxHxK.shape[1], block):
+        args = (q_BxTcxHxK[:, qs], q_pos_Tc[qs], piece, do_BxTcxHxK[:, qs], lse_BxTcxH[:, qs], d_BxTcxH[:, qs])
+        g = lax.cond(_sees(q_pos_Tc[qs], piece.pos_Tc), _block_grads, _no_grads, *args)
+        total = _Grads(
+            total.dq_BxTcxHxK.at[:, qs].add(g.dq_BxTcxHxK),
+            total.dk_BxTcxHxK.at[:, ks].add(g.dk_BxTcxHxK),
+            total.dv_BxTcxHxK.at[:, ks].add(g.dv_BxTcxHxK),
+        )
+    return total
+
+
 def _backward(q_BxTcxHxK, k_BxTcxHxK, v_BxTcxHxK, positions_CxTc, o_BxTcxHxK, lse_BxTcxH, do_BxTcxHxK, axis, poison):
     """One lap: the local block, C - 1 rotations of (K, V, dK, dV), then one more hop brings dK/dV home."""
     do_BxTcxHxK = do_BxTcxHxK.astype(jnp.float32)
@@ -192,7 +251,7 @@ def _backward(q_BxTcxHxK, k_BxTcxHxK, v_BxTcxHxK, positions_CxTc, o_BxTcxHxK, ls
     q_pos_Tc = block.pos_Tc
 
     def grads(block):
-        return _block_grads(q_BxTcxHxK, q_pos_Tc, block, do_BxTcxHxK, lse_BxTcxH, d_BxTcxH)
+        return _grads_seen(q_BxTcxHxK, q_pos_Tc, block, do_BxTcxHxK, lse_BxTcxH, d_BxTcxH)
 
     def step(i, carry):
         block, g = carry
