@@ -121,20 +121,25 @@ def traffic_table() -> list[str]:
 def balance_table() -> list[str]:
     import numpy as np
 
-    from jaxmp.parallel.context import head_tail_order, useful_pairs
+    from jaxmp.parallel.context import head_tail_order, ring_work, useful_pairs
 
     seq = 4096
     lines = [
-        f"### Useful attention work per device (unmasked query-key pairs), slowest / mean, T = {seq}",
+        f"### Attention work per device, slowest / mean, T = {seq}",
         "",
-        "| C | contiguous chunks | head-tail |",
-        "|---:|---:|---:|",
+        "Useful: the unmasked query-key pairs of each device's queries. Ring: the pairs its ring computes "
+        "(it skips the pairs of halves no query sees; all-gather and ulysses compute every pair of their "
+        "queries' rows, the same on every device).",
+        "",
+        "| C | useful, contiguous | useful, head-tail | ring, contiguous | ring, head-tail |",
+        "|---:|---:|---:|---:|---:|",
     ]
     for parts in (2, 4, 8):
         ratios = []
-        for order in (np.arange(seq), head_tail_order(seq, parts)):
-            pairs = useful_pairs(order.reshape(parts, -1))
-            ratios.append(f"{pairs.max() / pairs.mean():.3f}")
+        for measure in (useful_pairs, ring_work):
+            for order in (np.arange(seq), head_tail_order(seq, parts)):
+                work = measure(order.reshape(parts, -1))
+                ratios.append(f"{work.max() / work.mean():.3f}")
         lines.append(f"| {parts} | " + " | ".join(ratios) + " |")
     return [*lines, ""]
 

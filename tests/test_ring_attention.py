@@ -8,7 +8,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxmp.config import ConfigError
 from jaxmp.parallel import context
-from jaxmp.parallel.context import _Block, _pairs, _sees, head_tail_order, ring_attention, useful_pairs
+from jaxmp.parallel.context import head_tail_order, ring_attention, ring_work, useful_pairs
 
 B, H, K = 2, 2, 4
 # Entries near zero (gradients that cancel) get an absolute tolerance: a few float32 ulps (1.2e-7) of
@@ -139,24 +139,12 @@ def test_useful_pairs():
     assert skewed.max() / skewed.mean() > 1.5 and skewed.sum() == balanced.sum()
 
 
-def seen_pairs(order: np.ndarray, parts: int) -> np.ndarray:
-    """``[C, C]``: how many pairs of halves device r computes with the block of device s (not skipped)."""
-    held = order.reshape(parts, -1)
-    zeros = np.zeros((1, held.shape[1], 1, 1))
-
-    def seen(r: int, s: int) -> int:
-        return sum(
-            bool(_sees(held[r][qs], piece.pos_Tc))
-            for qs, _, piece in _pairs(held.shape[1], _Block(zeros, zeros, held[s]))
-        )
-
-    return np.array([[seen(r, s) for s in range(parts)] for r in range(parts)])
-
-
 def test_the_ring_skips_what_no_query_sees():
-    """Head-tail: half of every other device's block (2 pairs of halves of 4) and 3 of 4 of its own, the
-    same on every device. Contiguous: later devices' blocks skipped whole, earlier ones computed whole."""
-    balanced = seen_pairs(head_tail_order(32, 4), 4)
-    assert (np.diag(balanced) == 3).all() and (balanced[~np.eye(4, dtype=bool)] == 2).all()
-    contiguous = seen_pairs(np.arange(32), 4)
-    np.testing.assert_array_equal(contiguous, np.tril(np.full((4, 4), 4)) - np.eye(4, dtype=int))
+    """Head-tail: half of every other device's block and 3/4 of its own, the same on every device, in
+    line with the useful work. Contiguous: later devices' blocks skipped whole, earlier ones computed
+    whole: the last device computes 15 quarter-blocks of 4x4 pairs, the first 3."""
+    balanced = ring_work(head_tail_order(32, 4).reshape(4, -1))
+    assert (balanced == (3 + 2 * 3) * 4 * 4).all()
+    contiguous = ring_work(np.arange(32).reshape(4, -1))
+    np.testing.assert_array_equal(contiguous, [(4 * r + 3) * 16 for r in range(4)])
+    assert (useful_pairs(np.arange(32).reshape(4, -1)) <= contiguous).all()

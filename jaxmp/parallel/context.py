@@ -64,6 +64,32 @@ def useful_pairs(positions_per_device: np.ndarray) -> np.ndarray:
     return (np.asarray(positions_per_device, dtype=np.int64) + 1).sum(axis=1)
 
 
+def ring_work(positions_per_device: np.ndarray) -> np.ndarray:
+    """Query-key pairs each device's ring computes (the pairs of halves it does not skip), forward: its
+    attention FLOPs up to a constant.
+
+    Args:
+      positions_per_device: ``[C, Tc]`` each device's token positions, as for :func:`useful_pairs`.
+
+    Returns:
+      ``[C]``; against :func:`useful_pairs`, the work spent on masked pairs inside the halves it computes.
+    """
+    held = np.asarray(positions_per_device)
+    tokens = held.shape[1]
+    return np.array(
+        [
+            sum(
+                (qs.stop - qs.start) * (ks.stop - ks.start)
+                for s in range(len(held))
+                for qs in _pieces(tokens)
+                for ks in _pieces(tokens)
+                if held[r][qs].max() >= held[s][ks].min()
+            )
+            for r in range(len(held))
+        ]
+    )
+
+
 def ring_perm(size: int) -> list[tuple[int, int]]:
     """The ring's one hop: device i sends to device i + 1 (the last to the first).
 
