@@ -208,6 +208,21 @@ def _merge(a: _Softmax, b: _Softmax) -> _Softmax:
     )
 
 
+def _loop(hops: int, step, init):
+    """``step(i, carry)`` for ``i < hops``, in a ``while_loop``.
+
+    Why not ``fori_loop``: with static bounds it is a ``scan``, and a ``custom_vjp`` whose forward holds
+    one, inside the ``scan`` over a model's layers, gets that forward linearized all the same: every
+    hop's scores and masks stacked ``[C-1, ...]`` and kept (``experiments/results/context_parallel.md``).
+    A ``while_loop`` cannot be linearized that way, so only this module's backward runs."""
+
+    def body(state):
+        i, carry = state
+        return i + 1, step(i, carry)
+
+    return lax.while_loop(lambda state: state[0] < hops, body, (jnp.int32(0), init))[1]
+
+
 def _forward(q_BxTcxHxK, k_BxTcxHxK, v_BxTcxHxK, positions_CxTc, axis, poison):
     """Output and log-sum-exp per row: the local block first, then C - 1 rotations, each attended.
 
@@ -223,7 +238,7 @@ def _forward(q_BxTcxHxK, k_BxTcxHxK, v_BxTcxHxK, positions_CxTc, axis, poison):
         return block, _merge(sm, _attend_seen(q_BxTcxHxK, q_pos_Tc, block))
 
     init = (block, _attend_seen(q_BxTcxHxK, q_pos_Tc, block))
-    _, sm = lax.fori_loop(0, lax.axis_size(axis) - 1, step, init)
+    _, sm = _loop(lax.axis_size(axis) - 1, step, init)
     # Every row sees at least its own token over the whole ring, so l > 0.
     o_BxTcxHxK = sm.acc_BxTcxHxK / sm.l_BxTcxH[..., None]
     return o_BxTcxHxK.astype(q_BxTcxHxK.dtype), sm.m_BxTcxH + jnp.log(sm.l_BxTcxH)
@@ -287,7 +302,7 @@ def _backward(q_BxTcxHxK, k_BxTcxHxK, v_BxTcxHxK, positions_CxTc, o_BxTcxHxK, ls
         return block, _Grads(g.dq_BxTcxHxK + new.dq_BxTcxHxK, dk + new.dk_BxTcxHxK, dv + new.dv_BxTcxHxK)
 
     init = (block, grads(block))
-    _, g = lax.fori_loop(0, lax.axis_size(axis) - 1, step, init)
+    _, g = _loop(lax.axis_size(axis) - 1, step, init)
     dk_BxTcxHxK, dv_BxTcxHxK = _rotate((g.dk_BxTcxHxK, g.dv_BxTcxHxK), axis, poison)
     return (
         g.dq_BxTcxHxK.astype(q_BxTcxHxK.dtype),
