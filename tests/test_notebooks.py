@@ -16,10 +16,12 @@ browsed; ``python tests/test_notebooks.py [NAME ...]`` re-executes them and writ
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import nbformat
 import pytest
+from conftest import FAST_COMPILE
 from ipykernel.kernelspec import write_kernel_spec
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
@@ -38,7 +40,10 @@ def kernel_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def write_kernel(folder: Path) -> Path:
-    write_kernel_spec(folder / KERNEL, overrides={"env": {"JAX_PLATFORMS": "cpu"}})
+    """The kernelspec; its XLA flags are the user's, without the tests' fast-compile flag (conftest.py):
+    the notebooks report timings, so their code runs as a reader's would."""
+    flags = " ".join(flag for flag in os.environ.get("XLA_FLAGS", "").split() if flag != FAST_COMPILE)
+    write_kernel_spec(folder / KERNEL, overrides={"env": {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags}})
     return folder
 
 
