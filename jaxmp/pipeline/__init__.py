@@ -1,6 +1,7 @@
 """Pipeline parallelism for any model written as a list of layers: schedules as data (``schedule``),
-chunks and their placement (``partition``), per-stage parameter buffers (``packing``), the messages a
-table implies (``transfers``) and the one executor (``engine``).
+read from and written to torch's per-rank CSV form (``notation``), chunks and their placement
+(``partition``), per-stage parameter buffers (``packing``), the messages a table implies
+(``transfers``) and the one executor (``engine``).
 
 :func:`build_pipeline` turns a config, a model's parts and a mesh into the static plans of a train step
 (forward and backward actions) and of evaluation (forwards only) that share one parameter packing.
@@ -19,6 +20,7 @@ from jaxmp.parallel.mesh import PIPE
 from jaxmp.parallel.rules import active_rules, rules_without_axes
 from jaxmp.parallel.sharding import axis_size
 from jaxmp.pipeline.engine import Plan, make_plan, run, split_microbatches
+from jaxmp.pipeline.notation import read_csv, to_csv, write_csv
 from jaxmp.pipeline.packing import Packing, Piece, piece_params
 from jaxmp.pipeline.partition import chunk_bounds, chunks_and_placement
 from jaxmp.pipeline.plot import plot
@@ -47,12 +49,15 @@ __all__ = [
     "naive",
     "one_f_one_b",
     "plot",
+    "read_csv",
     "render",
     "run",
     "schedule_for",
     "split_microbatches",
+    "to_csv",
     "v_placement",
     "validate",
+    "write_csv",
     "zb_h1",
     "zb_v",
 ]
