@@ -1,5 +1,5 @@
 """Schedules as text: torch's action notation and per-rank CSV read into tick tables and written out of
-them, and bad lists refused in one line."""
+them, bad lists refused in one line, and a hand-written CSV run by the trainer against one device."""
 
 from __future__ import annotations
 
@@ -113,3 +113,42 @@ def test_a_deadlock_of_three_devices_names_the_cycle():
     cycle = "device 0 waits at 3F0 for 2F0, device 2 waits at 2F0 for 1F0, device 1 waits at 1F0 for 0F0;"
     with pytest.raises(ConfigError, match=cycle):
         from_csv(text)
+
+
+# --- the trainer runs a table read from a file ----------------------------------------------------------
+
+
+def test_a_hand_written_csv_runs_and_equals_one_device(tmp_path):
+    from support import assert_same, build, loss_and_grads, single_device_mesh, small_config
+
+    from jaxmp.parallel.mesh import MeshShape, build_mesh
+
+    path = tmp_path / "1f1b.csv"
+    path.write_text(ONE_F_ONE_B)
+    cfg = small_config("mlp", "tp", depth=8, batch_size=16)
+    piped = cfg.replace(schedule_csv=str(path), microbatches=4)
+    mesh = build_mesh(MeshShape(pipe=4))
+    assert build(piped, mesh).pipeline.train.schedule.name == "1f1b.csv"  # the file's table, not --schedule's
+    got = loss_and_grads(piped, mesh, poison=True)
+    assert_same(got, loss_and_grads(cfg, single_device_mesh()))
+
+
+def test_cli_refuses_a_bad_schedule_csv_in_one_line_before_any_file(tmp_path, capsys):
+    from jaxmp.train import main
+
+    good, bad = tmp_path / "1f1b.csv", tmp_path / "deadlock.csv"
+    good.write_text(ONE_F_ONE_B)
+    bad.write_text(BAD[0][0])
+    metrics = tmp_path / "metrics.jsonl"
+    cases = [
+        (["--schedule-csv", str(good), "--mesh", "pipe=4"], "runs 4 micro-batches, --microbatches is 1"),
+        (["--schedule-csv", str(good), "--mesh", "pipe=2,data=4", "--microbatches", "4"], "the mesh has pipe=2"),
+        (["--schedule-csv", str(bad), "--mesh", "pipe=2", "--microbatches", "2"], "deadlock.csv deadlocks: device 0"),
+        (["--schedule-csv", str(tmp_path / "none.csv")], "none.csv cannot be read (FileNotFoundError"),
+        (["--schedule-csv", str(good), "--schedule", "zb-v"], "sets the schedule, chunks and placement; drop --sch"),
+    ]
+    for argv, message in cases:
+        assert main(["--metrics-file", str(metrics), *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and message in err, (argv, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["1f1b.csv", "deadlock.csv"]  # nothing written
