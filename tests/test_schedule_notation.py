@@ -1,7 +1,19 @@
 """Schedules as text: torch's action notation and per-rank CSV read into tick tables and written out of
-them, bad lists refused in one line, and a hand-written CSV run by the trainer against one device."""
+them, a hand-written CSV run against one device, bad lists refused in one line, and golden tables.
+
+Golden schedules: ``tests/golden/<name>.txt`` holds each built-in table for S=4, M=8 (R=2 for
+interleaved-1f1b and circular gpipe; naive: M=1) as ``render`` prints it, one line per device in torch's
+notation. A change to a table fails ``test_builtin_tables_match_their_golden_files`` with the cells that
+moved. If the change is meant, regenerate the files and commit them with it::
+
+    python tests/test_schedule_notation.py --regenerate
+"""
 
 from __future__ import annotations
+
+import difflib
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,8 +23,9 @@ from jaxmp.pipeline import build_schedule, one_f_one_b, read_csv, render, to_csv
 from jaxmp.pipeline.notation import Action, from_csv, parse_action
 from jaxmp.pipeline.schedule import BACKWARD, FORWARD, WEIGHT, action_text
 
+GOLDEN = Path(__file__).parent / "golden"
 S, M = 4, 8
-BUILT_IN = {  # label -> (schedule, repeats, micro-batches)
+BUILT_IN = {  # golden file name -> (schedule, repeats, micro-batches)
     "gpipe": ("gpipe", 1, M),
     "gpipe-r2": ("gpipe", 2, M),
     "1f1b": ("1f1b", 1, M),
@@ -34,6 +47,21 @@ ONE_F_ONE_B = """\
 def built_in(name: str):
     schedule, repeats, microbatches = BUILT_IN[name]
     return build_schedule(schedule, S, microbatches, repeats)
+
+
+def golden_text(name: str) -> str:
+    schedule = built_in(name)
+    placement = ",".join(map(str, schedule.chunk_stage))
+    header = f"# {schedule.name}: S={S}, M={schedule.microbatches}, chunks on devices {placement}; "
+    header += f"bubble {schedule.bubble_fraction:.4f}"
+    return f"{header}\n{render(schedule)}\n"
+
+
+def regenerate() -> None:
+    GOLDEN.mkdir(exist_ok=True)
+    for name in BUILT_IN:
+        (GOLDEN / f"{name}.txt").write_text(golden_text(name))
+        print(f"wrote {GOLDEN / name}.txt")
 
 
 def same_table(a, b) -> bool:
@@ -152,3 +180,49 @@ def test_cli_refuses_a_bad_schedule_csv_in_one_line_before_any_file(tmp_path, ca
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1 and message in err, (argv, err)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["1f1b.csv", "deadlock.csv"]  # nothing written
+
+
+# --- golden schedules ------------------------------------------------------------------------------------
+
+
+def cell_changes(expected: str, got: str) -> list[str]:
+    """The cells that differ, as ``stage s, tick t: golden X, now Y`` (at most 12)."""
+    rows = [[line.split()[2:] for line in text.splitlines() if line.startswith("stage")] for text in (expected, got)]
+    changes = []
+    for s, (old, new) in enumerate(zip(*rows, strict=False)):
+        for t in range(max(len(old), len(new))):
+            a, b = (row[t] if t < len(row) else "-" for row in (old, new))
+            if a != b:
+                changes.append(f"stage {s}, tick {t}: golden {a}, now {b}")
+    return changes[:12]
+
+
+@pytest.mark.parametrize("name", BUILT_IN)
+def test_builtin_tables_match_their_golden_files(name):
+    path = GOLDEN / f"{name}.txt"
+    expected, got = path.read_text(), golden_text(name)
+    if got != expected:
+        diff = "\n".join(difflib.unified_diff(expected.splitlines(), got.splitlines(), str(path), "now", lineterm=""))
+        changes = "\n".join(cell_changes(expected, got))
+        pytest.fail(
+            f"the {name} table changed:\n{changes}\n\n{diff}\n\n"
+            "if that is meant: python tests/test_schedule_notation.py --regenerate",
+            pytrace=False,
+        )
+
+
+def test_a_changed_table_fails_with_the_cells_that_moved():
+    """Negative control: 1F1B with two cells swapped shows both."""
+    expected = golden_text("1f1b")
+    lines = expected.splitlines()
+    lines[1] = lines[1].replace("0B0 0F4", "0F4 0B0")
+    assert cell_changes(expected, "\n".join(lines)) == [
+        "stage 0, tick 7: golden 0B0, now 0F4",
+        "stage 0, tick 8: golden 0F4, now 0B0",
+    ]
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--regenerate"]:
+        sys.exit("usage: python tests/test_schedule_notation.py --regenerate")
+    regenerate()
