@@ -244,6 +244,13 @@ class PipelineConfig:
         "at 1f1b's memory; naive: one micro-batch (F1..FS, BS..B1)",
         choices=SCHEDULES,
     )
+    schedule_csv: str | None = _opt(
+        None,
+        "run the schedule in this CSV file instead of --schedule: torch.distributed.pipelining's per-rank form, "
+        "one row per device along pipe with its actions in order (0F0,0F1,0B0,...; F, B, or I and W); it sets "
+        "the chunks and their devices, and its micro-batches must be --microbatches",
+        give="a .csv path",
+    )
     repeats: int = _opt(1, "circular pipeline: each device holds this many non-adjacent chunks of layers")
     remat: str = _opt(
         "stage",
@@ -446,6 +453,7 @@ def validate(cfg: Config) -> Config:
     _positive("lr", cfg.optim.lr)
     _positive("microbatches", cfg.pipeline.microbatches)
     _positive("repeats", cfg.pipeline.repeats)
+    _validate_schedule_csv(cfg.pipeline)
     if cfg.pipeline.schedule == "naive" and cfg.pipeline.microbatches != 1:
         raise ConfigError(
             f"--schedule naive runs one micro-batch; drop --microbatches {cfg.pipeline.microbatches} or use gpipe."
@@ -466,6 +474,23 @@ def validate(cfg: Config) -> Config:
     if cfg.run.profile_steps is not None:
         parse_profile_steps(cfg.run.profile_steps)
     return cfg
+
+
+def _validate_schedule_csv(cfg: PipelineConfig) -> None:
+    """A CSV schedule names every action and chunk: a schedule, repeats or placement besides it is refused
+    (the file itself is read where the pipeline is built, and by ``check_schedule_csv`` at start-up)."""
+    if cfg.schedule_csv is None:
+        return
+    others = {
+        "--schedule": cfg.schedule if cfg.schedule != PipelineConfig.schedule else None,
+        "--repeats": cfg.repeats if cfg.repeats != 1 else None,
+        "--placement": cfg.placement,
+    }
+    for flag, value in others.items():
+        if value is not None:
+            raise ConfigError(
+                f"--schedule-csv {cfg.schedule_csv} sets the schedule, chunks and placement; drop {flag} {value}."
+            )
 
 
 def _validate_checkpoint(cfg: CheckpointConfig) -> None:

@@ -140,9 +140,9 @@ def test_vanilla_model_parallelism_idles_in_all_but_two_slots():
     """Three devices, F1 F2 F3 then B3 B2 B1: each device works in 2 of 2S slots."""
     schedule = naive(3)
     assert render(schedule).splitlines() == [
-        "stage 0: F0  .  .  .  . B0",
-        "stage 1:  . F0  .  . B0  .",
-        "stage 2:  .  . F0 B0  .  .",
+        "stage 0: 0F0   .   .   .   . 0B0",
+        "stage 1:   . 1F0   .   . 1B0   .",
+        "stage 2:   .   . 2F0 2B0   .   .",
     ]
     assert schedule.busy.sum(axis=0).tolist() == [2, 2, 2]
 
@@ -163,11 +163,11 @@ def broken(schedule, t, s, kind, m, c):
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        ((1, 1, BACKWARD, 0, 1), r"tick 1, stage 1: B\(m=0, chunk=1\) comes before its own forward"),
-        ((0, 1, FORWARD, 0, 1), r"tick 0, stage 1: F\(m=0, chunk=1\) comes before F\(m=0, chunk=0\)"),
-        ((2, 0, FORWARD, 0, 0), r"tick 2, stage 0: F\(m=0, chunk=0\) runs twice"),
+        ((1, 1, BACKWARD, 0, 1), r"tick 1, stage 1: 1B0 comes before its own forward"),
+        ((0, 1, FORWARD, 0, 1), r"tick 0, stage 1: 1F0 comes before 0F0 has finished"),
+        ((2, 0, FORWARD, 0, 0), r"tick 2, stage 0: 0F0 runs twice"),
         ((0, 0, FORWARD, 0, 1), r"runs on the wrong stage"),
-        ((4, 0, IDLE, -1, -1), r"never runs B\(m=0, chunk=0\)"),
+        ((4, 0, IDLE, -1, -1), r"never runs 0B0"),
         ((0, 0, 7, 0, 0), r"is not an action this executor knows"),
     ],
 )
@@ -212,7 +212,7 @@ def test_a_weight_gradient_before_its_backward_is_refused():
     t = schedule.when(WEIGHT, 0, 0)
     b = schedule.when(BACKWARD, 0, 0)
     swapped = broken(broken(schedule, t, 0, BACKWARD, 0, 0), b, 0, WEIGHT, 0, 0)
-    with pytest.raises(ConfigError, match=rf"tick {b}, stage 0: W\(m=0, chunk=0\) comes before its own B"):
+    with pytest.raises(ConfigError, match=rf"tick {b}, stage 0: 0W0 comes before its own 0I0"):
         validate(swapped)
 
 

@@ -304,8 +304,8 @@ def diagnose(cfg: Config, program, colls: list[Collective], rows: list[Row], pre
         )
     if prediction.bubble:
         notes.append(
-            f"pipeline bubble ({cfg.pipeline.schedule}): {prediction.bubble:.1%} of stage-ticks idle; idle "
-            "ticks do no work, but the HLO walk charges each tick its costliest branch, so FLOPs and tensor "
+            f"pipeline bubble ({program.pipeline.train.schedule.name}): {prediction.bubble:.1%} of stage-ticks "
+            "idle; idle ticks do no work, but the HLO walk charges each tick its costliest branch, so FLOPs and tensor "
             "collectives include the bubble."
         )
     return notes

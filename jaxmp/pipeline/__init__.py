@@ -1,6 +1,7 @@
 """Pipeline parallelism for any model written as a list of layers: schedules as data (``schedule``),
-chunks and their placement (``partition``), per-stage parameter buffers (``packing``), the messages a
-table implies (``transfers``) and the one executor (``engine``).
+read from and written to torch's per-rank CSV form (``notation``), chunks and their placement
+(``partition``), per-stage parameter buffers (``packing``), the messages a table implies
+(``transfers``) and the one executor (``engine``).
 
 :func:`build_pipeline` turns a config, a model's parts and a mesh into the static plans of a train step
 (forward and backward actions) and of evaluation (forwards only) that share one parameter packing.
@@ -19,6 +20,7 @@ from jaxmp.parallel.mesh import PIPE
 from jaxmp.parallel.rules import active_rules, rules_without_axes
 from jaxmp.parallel.sharding import axis_size
 from jaxmp.pipeline.engine import Plan, make_plan, run, split_microbatches
+from jaxmp.pipeline.notation import read_csv, to_csv, write_csv
 from jaxmp.pipeline.packing import Packing, Piece, piece_params
 from jaxmp.pipeline.partition import chunk_bounds, chunks_and_placement
 from jaxmp.pipeline.plot import plot
@@ -42,17 +44,21 @@ __all__ = [
     "Schedule",
     "build_pipeline",
     "build_schedule",
+    "check_schedule_csv",
     "gpipe",
     "is_pipelined",
     "naive",
     "one_f_one_b",
     "plot",
+    "read_csv",
     "render",
     "run",
     "schedule_for",
     "split_microbatches",
+    "to_csv",
     "v_placement",
     "validate",
+    "write_csv",
     "zb_h1",
     "zb_v",
 ]
@@ -90,25 +96,58 @@ class Pipeline(NamedTuple):
 
 
 def is_pipelined(cfg: PipelineConfig, stages: int) -> bool:
-    """Whether the run needs the pipeline executor (more than one stage, micro-batch or repeat)."""
-    return stages > 1 or cfg.microbatches > 1 or cfg.repeats > 1 or cfg.placement is not None
+    """Whether the run needs the pipeline executor (more than one stage, micro-batch or repeat, or a
+    schedule of its own)."""
+    pieces = (cfg.placement, cfg.schedule_csv)
+    return stages > 1 or cfg.microbatches > 1 or cfg.repeats > 1 or any(p is not None for p in pieces)
+
+
+def check_schedule_csv(cfg: PipelineConfig, stages: int | None = None) -> Schedule | None:
+    """``--schedule-csv``'s table (None without one), checked against ``--microbatches`` and, when given,
+    the mesh's ``stages`` along ``pipe``: the CSV defines both, so a disagreement is one line."""
+    if cfg.schedule_csv is None:
+        return None
+    schedule = read_csv(cfg.schedule_csv)
+    flag = f"--schedule-csv {cfg.schedule_csv}"
+    if schedule.microbatches != cfg.microbatches:
+        raise ConfigError(
+            f"{flag} runs {schedule.microbatches} micro-batches, --microbatches is {cfg.microbatches}; "
+            f"give --microbatches {schedule.microbatches}."
+        )
+    if stages is not None and schedule.stages != stages:
+        raise ConfigError(
+            f"{flag} has {schedule.stages} rows (one per device along pipe), the mesh has pipe={stages}; "
+            f"give a --mesh with pipe={schedule.stages}."
+        )
+    return schedule
 
 
 def schedule_for(cfg: PipelineConfig, stages: int, chunk_stage=None, *, backward: bool = True) -> Schedule:
-    """The schedule table of ``cfg`` for chunks placed on ``chunk_stage`` (default: contiguous/circular)."""
-    schedule = build_schedule(
-        cfg.schedule, stages, cfg.microbatches, cfg.repeats, placement=chunk_stage, backward=backward
-    )
+    """The schedule table of ``cfg`` for chunks placed on ``chunk_stage`` (default: contiguous/circular,
+    or the CSV's). Evaluation (``backward=False``) runs the same forwards for every schedule."""
+    from_csv = check_schedule_csv(cfg, stages)
+    if from_csv is not None and backward:
+        schedule = from_csv
+    elif from_csv is not None:
+        schedule = build_schedule("gpipe", stages, cfg.microbatches, placement=from_csv.chunk_stage, backward=False)
+        schedule = schedule._replace(name=from_csv.name)
+    else:
+        schedule = build_schedule(
+            cfg.schedule, stages, cfg.microbatches, cfg.repeats, placement=chunk_stage, backward=backward
+        )
     if backward and WEIGHT_PASSES[cfg.weight_pass] and not schedule.split_backward:
         raise ConfigError(
-            f"--weight-pass {cfg.weight_pass} needs a schedule with W actions (zb-h1, zb-v), not {cfg.schedule}."
+            f"--weight-pass {cfg.weight_pass} needs a schedule with W actions (zb-h1, zb-v), not {schedule.name}."
         )
     return schedule
 
 
 def chunk_layout(cfg: PipelineConfig, num_units: int, stages: int, costs) -> tuple[list, tuple[int, ...]]:
     """The chunks' unit bounds and stages (:func:`.partition.chunks_and_placement`); zb-v's are two per
-    stage in a V, the two at the turn on the same stage."""
+    stage in a V, the two at the turn on the same stage; a CSV schedule's are those its rows run."""
+    from_csv = check_schedule_csv(cfg, stages)
+    if from_csv is not None:
+        return chunk_bounds(cfg.stage_split, num_units, from_csv.chunks, costs), from_csv.chunk_stage
     if cfg.schedule != "zb-v":
         return chunks_and_placement(cfg.stage_split, cfg.placement, num_units, stages, cfg.repeats, costs)
     if cfg.repeats not in (1, 2) or cfg.placement is not None:

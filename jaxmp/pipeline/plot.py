@@ -15,11 +15,13 @@ from jaxmp.config import ConfigError
 from jaxmp.pipeline.schedule import BACKWARD, FORWARD, IDLE, KIND_NAMES, WEIGHT, Schedule
 
 COLOURS = {FORWARD: "#4C72B0", BACKWARD: "#DD8452", WEIGHT: "#55A868"}
+LEGEND = {FORWARD: "F", BACKWARD: "I", WEIGHT: "W"}  # under a split backward (torch's I: input gradient)
 
 
 def plot(schedule: Schedule, path: str | Path | None = None, *, ax=None, title: str | None = None):
-    """Draw ``schedule`` (forward, backward and weight-gradient slots in distinct colours, idle blank,
-    the bubble fraction in the title); write a PNG to ``path`` if given. Returns the figure."""
+    """Draw ``schedule`` (forward, backward and weight-gradient slots in distinct colours, each labelled
+    in torch's notation, idle blank, the bubble fraction in the title); write a PNG to ``path`` if given.
+    Returns the figure."""
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
     from matplotlib.ticker import MaxNLocator
@@ -32,8 +34,8 @@ def plot(schedule: Schedule, path: str | Path | None = None, *, ax=None, title: 
         if kind == IDLE:
             continue
         ax.add_patch(plt.Rectangle((t, s), 1, 1, facecolor=COLOURS[kind], edgecolor="white", linewidth=1))
-        label = str(schedule.microbatch[t, s]) + (f".{schedule.chunk[t, s]}" if several else "")
-        ax.text(t + 0.5, s + 0.5, label, ha="center", va="center", fontsize=7 if several else 8, color="white")
+        label = schedule.text(t, s)  # torch's notation: 0F3, 1B0, 0I3, 0W3
+        ax.text(t + 0.5, s + 0.5, label, ha="center", va="center", fontsize=6 if len(label) > 3 else 7, color="white")
     ax.set_xlim(0, ticks)
     ax.set_ylim(stages, 0)
     ax.set_yticks(np.arange(stages) + 0.5, [f"device {s}" for s in range(stages)])
@@ -44,7 +46,7 @@ def plot(schedule: Schedule, path: str | Path | None = None, *, ax=None, title: 
         ax.spines[side].set_visible(False)
     kinds = [k for k in (FORWARD, BACKWARD, WEIGHT) if (schedule.kind == k).any()]
     ax.legend(
-        handles=[Patch(color=COLOURS[k], label=KIND_NAMES[k]) for k in kinds],
+        handles=[Patch(color=COLOURS[k], label=LEGEND[k] if schedule.split_backward else KIND_NAMES[k]) for k in kinds],
         loc="upper left",
         bbox_to_anchor=(1.0, 1.0),
         frameon=False,

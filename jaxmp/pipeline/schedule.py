@@ -15,6 +15,11 @@ is there at the start of tick ``t + 1``, so every action comes strictly after th
 ``B`` is the whole backward of a chunk, unless the table also has ``W`` actions: then ``B`` computes
 only the input cotangent (on the critical path) and ``W`` the weight gradient, which can wait.
 
+Actions print in torch.distributed.pipelining's notation (:func:`action_text`), ``{chunk}{kind}{micro-batch}``:
+``2F0`` is chunk 2's forward of micro-batch 0, ``0B3`` a full backward, and under a split ``0I3`` the
+input-cotangent backward (jaxmp's ``B``) and ``0W3`` its weight gradient. So a table reads the same here,
+in torch's logs and in its per-rank CSV files (:mod:`jaxmp.pipeline.notation` reads and writes those).
+
 Every table is built by list scheduling: each tick, every stage takes the first ready action its
 schedule prefers.
 
@@ -52,6 +57,14 @@ from jaxmp.config import ConfigError
 IDLE, FORWARD, BACKWARD, WEIGHT = 0, 1, 2, 3
 ARRIVALS = 2  # the most activations (and the most cotangents) the executor receives per stage and tick
 KIND_NAMES = {IDLE: "idle", FORWARD: "F", BACKWARD: "B", WEIGHT: "W"}
+
+
+def action_text(kind: int, microbatch: int, chunk: int, split: bool = False) -> str:
+    """One action in torch's notation: ``{chunk}{F|B|I|W}{micro-batch}``; a backward is ``I`` (input
+    cotangent only) when ``split`` (the table has ``W`` actions), else ``B`` (the whole backward)."""
+    if kind == BACKWARD and split:
+        return f"{chunk}I{microbatch}"
+    return f"{chunk}{KIND_NAMES.get(kind, f'<kind {kind}>')}{microbatch}"
 
 
 class Schedule(NamedTuple):
@@ -93,6 +106,13 @@ class Schedule(NamedTuple):
     def bubble_fraction(self) -> float:
         """Idle stage-ticks over all stage-ticks."""
         return 1.0 - float(self.busy.mean())
+
+    def text(self, tick: int, stage: int) -> str:
+        """The action at ``[tick, stage]`` in torch's notation (:func:`action_text`), ``.`` when idle."""
+        kind = int(self.kind[tick, stage])
+        if kind == IDLE:
+            return "."
+        return action_text(kind, int(self.microbatch[tick, stage]), int(self.chunk[tick, stage]), self.split_backward)
 
     def when(self, kind: int, microbatch: int, chunk: int) -> int:
         """The tick of one action (-1 if the table does not have it)."""
@@ -362,12 +382,13 @@ def validate(schedule: Schedule, *, backward: bool = True) -> None:
     the actions it needs (forward after the previous chunk's forward; backward after its own forward
     and the next chunk's backward; ``W`` after its own ``B``)."""
     seen: dict[tuple[int, int, int], int] = {}
+    split = schedule.split_backward
     for t in range(schedule.ticks):
         for s in range(schedule.stages):
             kind, m, c = (int(a[t, s]) for a in (schedule.kind, schedule.microbatch, schedule.chunk))
             if kind == IDLE:
                 continue
-            where = f"schedule {schedule.name}, tick {t}, stage {s}: {KIND_NAMES.get(kind, kind)}(m={m}, chunk={c})"
+            where = f"schedule {schedule.name}, tick {t}, stage {s}: {action_text(kind, m, c, split)}"
             problem = _slot_problem(schedule, seen, t, s, kind, m, c)
             if problem:
                 raise ConfigError(f"{where} {problem}.")
@@ -379,10 +400,11 @@ def validate(schedule: Schedule, *, backward: bool = True) -> None:
         for m in range(schedule.microbatches):
             for c in range(schedule.chunks):
                 if (kind, m, c) not in seen:
-                    raise ConfigError(f"schedule {schedule.name} never runs {KIND_NAMES[kind]}(m={m}, chunk={c}).")
+                    raise ConfigError(f"schedule {schedule.name} never runs {action_text(kind, m, c, split)}.")
 
 
 def _slot_problem(schedule: Schedule, seen, t, s, kind, m, c) -> str:
+    split = schedule.split_backward
     if kind not in (FORWARD, BACKWARD, WEIGHT):
         return "is not an action this executor knows (idle, F, B, W)"
     if not (0 <= m < schedule.microbatches and 0 <= c < schedule.chunks):
@@ -392,26 +414,19 @@ def _slot_problem(schedule: Schedule, seen, t, s, kind, m, c) -> str:
     if (kind, m, c) in seen:
         return f"runs twice (first at tick {seen[(kind, m, c)]})"
     if kind == FORWARD and c > 0 and seen.get((FORWARD, m, c - 1), t) >= t:
-        return f"comes before F(m={m}, chunk={c - 1}) has finished"
+        return f"comes before {action_text(FORWARD, m, c - 1)} has finished"
     if kind == BACKWARD and seen.get((FORWARD, m, c), t) >= t:
         return "comes before its own forward"
     if kind == BACKWARD and c + 1 < schedule.chunks and seen.get((BACKWARD, m, c + 1), t) >= t:
-        return f"comes before B(m={m}, chunk={c + 1}) has finished"
+        return f"comes before {action_text(BACKWARD, m, c + 1, split)} has finished"
     if kind == WEIGHT and seen.get((BACKWARD, m, c), t) >= t:
-        return "comes before its own B"
+        return f"comes before its own {action_text(BACKWARD, m, c, split)}"
     return ""
 
 
 def render(schedule: Schedule) -> str:
-    """A text picture: one row per stage, one column per tick: ``F0`` / ``B0`` / ``W0`` (``F0.1``: chunk 1's
-    forward of micro-batch 0, when a stage holds several chunks) or ``.`` for idle."""
-    several = schedule.repeats > 1
-    cells = np.full(schedule.kind.shape, ".", dtype=object)
-    for (t, s), kind in np.ndenumerate(schedule.kind):
-        if kind != IDLE:
-            m, c = schedule.microbatch[t, s], schedule.chunk[t, s]
-            cells[t, s] = f"{KIND_NAMES[kind]}{m}" + (f".{c}" if several else "")
-    width = max(len(str(x)) for x in cells.flat)
-    return "\n".join(
-        f"stage {s}: " + " ".join(str(x).rjust(width) for x in cells[:, s]) for s in range(schedule.stages)
-    )
+    """A text picture: one row per stage, one column per tick, each action in torch's notation
+    (:func:`action_text`: ``0F3``, ``1B0``; ``0I3`` / ``0W3`` under a split backward), ``.`` for idle."""
+    cells = [[schedule.text(t, s) for t in range(schedule.ticks)] for s in range(schedule.stages)]
+    width = max(len(cell) for row in cells for cell in row)
+    return "\n".join(f"stage {s}: " + " ".join(cell.rjust(width) for cell in row) for s, row in enumerate(cells))

@@ -32,6 +32,7 @@ from jaxmp.models import check_preset
 from jaxmp.models.contract import function_label, own_model_fn
 from jaxmp.parallel.mesh import MeshShape, as_mesh, run_mesh, simulate_cpu_devices
 from jaxmp.parallel.sharding import print_sharding_report
+from jaxmp.pipeline import check_schedule_csv
 from jaxmp.pipeline.packing import print_stage_report
 from jaxmp.pipeline.plot import check_plot_path, save_schedule_plot
 from jaxmp.speech import speaks_python
@@ -189,6 +190,7 @@ def prepare(cfg: Config, own: Own = PRESETS) -> Setup:
     check_metrics_path(cfg.run.metrics_file)
     check_tensorboard(cfg.run.tensorboard_dir)
     check_plot_path(cfg.run.schedule_plot)
+    check_schedule_csv(cfg.pipeline)  # the file and its micro-batches now; its rows against the mesh's pipe later
     check_directory(cfg)
     if cfg.run.cpu_devices:
         simulate_cpu_devices(cfg.run.cpu_devices)
@@ -603,7 +605,7 @@ def _print_summary(console, cfg: Config, setup: Setup, summary: Summary) -> None
     if setup.program.pipeline is not None:
         schedule = setup.program.pipeline.train.schedule
         rows["pipeline"] = (
-            f"{cfg.pipeline.schedule}, {schedule.microbatches} micro-batches, {len(schedule.chunk_stage)} chunks on "
+            f"{schedule.name}, {schedule.microbatches} micro-batches, {len(schedule.chunk_stage)} chunks on "
             f"{schedule.stages} stages, bubble {schedule.bubble_fraction:.3f}"
         )
     if setup.dataset.vocab is not None:
