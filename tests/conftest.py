@@ -7,7 +7,7 @@ os.environ.setdefault("PJRT_NPROC", "16")  # spare XLA:CPU threads: see jaxmp.pa
 # Compile faster: XLA:CPU's LLVM backend without its optimisation passes. The tests compile far more than
 # they run (a third less time in all); the optimised HLO, and so the collectives and memory the tests read,
 # is the same, and float results may differ in the last bits, as between machines. Subprocesses inherit
-# it; the notebooks' kernels do not (tests/test_notebooks.py), since they report timings.
+# it, and the notebooks' kernels but those that print timings (tests/test_notebooks.py).
 FAST_COMPILE = "--xla_backend_optimization_level=0"
 os.environ["XLA_FLAGS"] = " ".join(filter(None, (os.environ.get("XLA_FLAGS"), FAST_COMPILE)))
 
