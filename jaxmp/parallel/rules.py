@@ -30,7 +30,7 @@ import jax
 from jax.sharding import PartitionSpec
 
 from jaxmp.config import ConfigError
-from jaxmp.parallel.mesh import AXES, DATA, TENSOR, axes_with_role
+from jaxmp.parallel.mesh import AXES, CONTEXT, DATA, PIPE, TENSOR
 
 MeshAxes = str | tuple[str, ...] | None
 
@@ -39,7 +39,7 @@ Rules = Mapping[str, MeshAxes]
 
 
 # Data parallelism's batch: every device that holds whole weights and whole sequences.
-ALL_DEVICES = (*axes_with_role("batch"), *axes_with_role("weights"))
+ALL_DEVICES = (DATA, TENSOR)
 
 
 # Logical names every table keeps whole unless a strategy says otherwise: a name no rule maps is an
@@ -56,8 +56,8 @@ def _one(axes: tuple[str, ...]) -> MeshAxes:
 
 
 # Stacked layers and pipeline stages live on `pipe`, a sequence's tokens on `context`, under every strategy.
-PIPELINE_RULES: Rules = {"layers": _one(axes_with_role("stages")), "stage": _one(axes_with_role("stages"))}
-CONTEXT_RULES: Rules = {"seq": _one(axes_with_role("sequence")), "tokens": _one(axes_with_role("sequence"))}
+PIPELINE_RULES: Rules = {"layers": PIPE, "stage": PIPE}
+CONTEXT_RULES: Rules = {"seq": CONTEXT, "tokens": CONTEXT}
 
 
 # A transformer's attention heads and vocabulary over `tensor` (Megatron-LM).
@@ -154,7 +154,7 @@ def batch_axes(activation_names: tuple[str | None, ...], mesh) -> tuple[str, ...
         return ()
     axes = logical_to_spec(activation_names[:1], rules)[0]
     axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    return tuple(a for a in axes if a not in axes_with_role("stages") and mesh.shape.get(a, 1) > 1)
+    return tuple(a for a in axes if a != PIPE and mesh.shape.get(a, 1) > 1)
 
 
 def rules_without_axes(rules: Rules | None, axes: set[str]) -> Rules | None:
