@@ -7,8 +7,8 @@ blocks ``x + down(gelu(up(LayerNorm(x))))``, ``Linear(D, classes)``, mean cross-
 (causal attention through ``scaled_dot_product_attention`` with one fused QKV projection, then the
 GELU MLP), a final LayerNorm and the head, cross-entropy per token over random token ids. Ranks are CPU
 processes on gloo, one pipeline stage each (two for the interleaved and zero-bubble schedules, in a V
-for ZBV); each
-rank uses ``threads // ranks`` intra-op threads, the one-process plain step all ``threads``.
+for ZBV and DualPipeV); each rank uses ``threads // ranks`` intra-op threads, the one-process plain step
+all ``threads``. DualPipeV needs ``--microbatches`` at least ``2 * --ranks``.
 
 Prints one JSON object: the median step seconds of the plain step and of each schedule.
 
@@ -37,6 +37,7 @@ SCHEDULES = {  # name in the table -> (torch class, stages per rank, stages plac
     "ScheduleInterleaved1F1B": ("ScheduleInterleaved1F1B", 2, False),
     "ScheduleInterleavedZeroBubble": ("ScheduleInterleavedZeroBubble", 2, False),
     "ScheduleZBVZeroBubble": ("ScheduleZBVZeroBubble", 2, True),
+    "ScheduleDualPipeV": ("ScheduleDualPipeV", 2, True),  # needs microbatches >= 2 * ranks
 }
 
 

@@ -29,7 +29,8 @@ _LAZY = {
     "print_sharding_report": "jaxmp.parallel.sharding",
     "sharding_report": "jaxmp.parallel.sharding",
     **dict.fromkeys(
-        ("Schedule", "build_schedule", "gpipe", "naive", "one_f_one_b", "plot", "render", "validate", "zb_h1", "zb_v"),
+        ("Schedule", "build_schedule", "dualpipev", "gpipe", "naive", "one_f_one_b", "plot", "render", "validate")
+        + ("zb_h1", "zb_v"),
         "jaxmp.pipeline",
     ),
     "Program": "jaxmp.training.step",
@@ -53,6 +54,7 @@ __all__ = [
     "build_program",
     "build_schedule",
     "collectives",
+    "dualpipev",
     "fit",
     "gpipe",
     "mesh_from_spec",

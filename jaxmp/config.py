@@ -137,7 +137,7 @@ STRATEGIES = Choices("jaxmp.parallel.rules", "STRATEGY_RULES")
 OPTIMIZERS = Choices("jaxmp.training.step", "OPTIMIZERS")
 DATASETS = Choices("jaxmp.training.data", "DATASETS")
 ACTIVATIONS = Choices("jaxmp.models.layers", "ACTIVATIONS", "default")
-SCHEDULES = Choices("jaxmp.pipeline.schedule", "SCHEDULES")
+SCHEDULES = Choices("jaxmp.pipeline.registry", "SCHEDULES")
 REMATS = Choices("jaxmp.pipeline", "REMAT_POLICIES")
 WEIGHT_PASSES = Choices("jaxmp.pipeline", "WEIGHT_PASSES")
 DTYPES = Choices("jaxmp.models.layers", "COMPUTE_DTYPES")
@@ -241,13 +241,15 @@ class PipelineConfig:
         "1f1b: a backward as soon as it can, at most S micro-batches stashed; gpipe: all forwards, then all "
         "backwards; interleaved-1f1b: 1f1b over --repeats chunks per device; zb-h1: zero-bubble, weight "
         "gradients fill the bubble; zb-v: zero-bubble over two chunks per device in a V, half zb-h1's bubble "
-        "at 1f1b's memory; naive: one micro-batch (F1..FS, BS..B1)",
+        "at 1f1b's memory; dualpipev: DeepSeek's V, a forward and a backward overlapped per tick; naive: one "
+        "micro-batch (F1..FS, BS..B1)",
         choices=SCHEDULES,
     )
     schedule_csv: str | None = _opt(
         None,
         "run the schedule in this CSV file instead of --schedule: torch.distributed.pipelining's per-rank form, "
-        "one row per device along pipe with its actions in order (0F0,0F1,0B0,...; F, B, or I and W); it sets "
+        "one row per device along pipe with its actions in order (0F0,0F1,0B0,...; F, B, or I and W; "
+        "(0F7;7B3)OVERLAP_F_B a pair); it sets "
         "the chunks and their devices, and its micro-batches must be --microbatches",
         give="a .csv path",
     )
@@ -454,10 +456,7 @@ def validate(cfg: Config) -> Config:
     _positive("microbatches", cfg.pipeline.microbatches)
     _positive("repeats", cfg.pipeline.repeats)
     _validate_schedule_csv(cfg.pipeline)
-    if cfg.pipeline.schedule == "naive" and cfg.pipeline.microbatches != 1:
-        raise ConfigError(
-            f"--schedule naive runs one micro-batch; drop --microbatches {cfg.pipeline.microbatches} or use gpipe."
-        )
+    _validate_schedule_microbatches(cfg.pipeline)
     if cfg.pipeline.placement is not None and cfg.pipeline.repeats != 1:
         raise ConfigError(
             f"--repeats {cfg.pipeline.repeats} does nothing with --placement {cfg.pipeline.placement}: the placement "
@@ -474,6 +473,18 @@ def validate(cfg: Config) -> Config:
     if cfg.run.profile_steps is not None:
         parse_profile_steps(cfg.run.profile_steps)
     return cfg
+
+
+def _validate_schedule_microbatches(cfg: PipelineConfig) -> None:
+    """A schedule that runs one number of micro-batches (``naive``: one) refuses another."""
+    from jaxmp.pipeline.registry import SCHEDULES as specs
+
+    spec = specs.get(cfg.schedule)
+    if spec is not None and spec.microbatches not in (None, cfg.microbatches):
+        raise ConfigError(
+            f"--schedule {cfg.schedule} runs {spec.microbatches} micro-batch(es); drop --microbatches "
+            f"{cfg.microbatches} or use gpipe."
+        )
 
 
 def _validate_schedule_csv(cfg: PipelineConfig) -> None:

@@ -70,7 +70,7 @@ BAD_INPUTS = [
     (["--schedule", "naive", "--microbatches", "4"], "--schedule naive runs one micro-batch"),
     (["--schedule", "pipedream"], "--schedule 'pipedream' is not one of gpipe, 1f1b, interleaved-1f1b, zb-h1"),
     (["--mesh", "data=4,pipe=2", "--schedule", "zb-h1", "--repeats", "2", "--depth", "4"], "zb-h1 runs one chunk"),
-    (["--mesh", "data=4,pipe=2", "--schedule", "zb-v", "--repeats", "3"], "zb-v places two chunks per stage in a V"),
+    (["--mesh", "data=4,pipe=2", "--schedule", "zb-v", "--repeats", "3"], "zb-v places two chunks per device in a V"),
     (
         ["--mesh", "data=4,pipe=2", "--model", "mlp-1024", "--placement", "0,1,1,0", "--microbatches", "2"],
         "cannot run this",

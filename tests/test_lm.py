@@ -353,6 +353,17 @@ def test_sequence_parallel_gpt_equals_one_device(spec, schedule):
     assert_same(gpt_loss_and_grads(cfg, spec, poison=pipelined), gpt_loss_and_grads(gpt_config(), None))
 
 
+@pytest.mark.parametrize(
+    ("spec", "microbatches", "sequence_parallel"),
+    [("data=2,tensor=2,pipe=2", 2, True), ("tensor=2,pipe=4", 8, False)],
+)
+def test_dualpipev_gpt_equals_one_device(spec, microbatches, sequence_parallel):
+    """Overlapped forward-backward pairs, full and split backwards, Megatron attention and (SP) messages
+    split by tokens inside stages: M = S and M = 2S."""
+    cfg = gpt_config(mesh=spec, sequence_parallel=sequence_parallel, microbatches=microbatches, schedule="dualpipev")
+    assert_same(gpt_loss_and_grads(cfg, spec, poison=True), gpt_loss_and_grads(gpt_config(), None))
+
+
 def _tensor_and_pipe(spec: str, sequence_parallel: bool) -> list:
     cfg = gpt_config(mesh=spec, depth=2, sequence_parallel=sequence_parallel, microbatches=2 if "pipe" in spec else 1)
     mesh = mesh_from_spec(spec)

@@ -51,6 +51,11 @@ CASES = [
     (OWN, "zb-h1", 3, 5, 1, 1, 1, "uniform", None),
     ("mlp", "zb-v", 4, 5, 1, 1, 1, "auto", None),  # a V: the turn on stage 3 is a message to itself
     ("mnist-cnn", "zb-v", 2, 4, 1, 2, 2, "uniform", None),
+    # dualpipev: overlapped pairs, full and split backwards in one table; M in {S, 2S, 2S + 1}
+    ("mlp", "dualpipev", 2, 5, 1, 2, 2, "uniform", None),
+    ("mnist-cnn", "dualpipev", 2, 4, 1, 1, 1, "uniform", None),
+    ("mlp", "dualpipev", 4, 4, 1, 1, 2, "uniform", None),
+    ("mlp", "dualpipev", 4, 9, 1, 2, 1, "auto", None),
 ]
 
 
@@ -72,6 +77,7 @@ def test_pipeline_matches_one_device(model, schedule, stages, microbatches, repe
         ("mlp", "zb-h1", 2, 8, 2, 2, "uniform"),
         ("mnist-cnn", "zb-h1", 3, 5, 1, 1, "2,1,3"),
         ("mlp", "zb-v", 2, 5, 1, 1, "uniform"),
+        ("mlp", "dualpipev", 2, 4, 1, 1, "uniform"),
     ],
 )
 def test_weight_pass_from_stashed_cotangents_matches_one_device(

@@ -5,8 +5,22 @@ import numpy as np
 import pytest
 
 from jaxmp.config import ConfigError
-from jaxmp.pipeline import build_schedule, gpipe, naive, one_f_one_b, plot, render, zb_h1, zb_v
-from jaxmp.pipeline.schedule import BACKWARD, FORWARD, IDLE, WEIGHT, validate
+from jaxmp.pipeline import build_schedule, dualpipev, gpipe, naive, one_f_one_b, plot, render, zb_h1, zb_v
+from jaxmp.pipeline.registry import FULL, SCHEDULES, SPLIT, V
+from jaxmp.pipeline.schedule import (
+    BACKWARD,
+    FORWARD,
+    IDLE,
+    INPUT,
+    KINDS,
+    UNIT_COSTS,
+    WEIGHT,
+    lockstep_bubble,
+    timed_bubble,
+    timeline,
+    v_placement,
+    validate,
+)
 from jaxmp.pipeline.transfers import plan_transfers
 
 
@@ -67,9 +81,9 @@ def test_zb_h1_fills_the_bubble_with_weight_gradients(stages, microbatches):
     assert idle.tolist() == [stages - 1] * stages
     # at 1F1B's peak stash (the paper's ZB-H1), on every stage
     assert schedule.stashed().tolist() == [one_f_one_b(stages, microbatches).stashed().max()] * stages
-    for m in range(microbatches):  # every W after its own B
+    for m in range(microbatches):  # every W after its own I
         for c in range(stages):
-            assert schedule.when(WEIGHT, m, c) > schedule.when(BACKWARD, m, c) >= 0
+            assert schedule.when(WEIGHT, m, c) > schedule.when(INPUT, m, c) >= 0
 
 
 @pytest.mark.parametrize(("stages", "microbatches"), [(2, 2), (2, 5), (4, 4), (4, 9), (3, 7)])
@@ -87,7 +101,7 @@ def test_zb_v_halves_zb_h1s_bubble_at_1f1bs_memory(stages, microbatches):
     assert 2 * stages == 2 * one_f_one_b(stages, microbatches).stashed().max()
     for m in range(microbatches):
         for c in range(2 * stages):
-            assert schedule.when(WEIGHT, m, c) > schedule.when(BACKWARD, m, c) >= 0
+            assert schedule.when(WEIGHT, m, c) > schedule.when(INPUT, m, c) >= 0
 
 
 def test_zb_v_turns_with_a_message_to_itself_and_hears_from_two_at_once():
@@ -116,12 +130,12 @@ def test_naive_takes_repeats_and_1f1b_a_placement():
 def test_unknown_or_unfit_schedules_are_refused():
     with pytest.raises(ConfigError, match="unknown pipeline schedule 'pipedream'"):
         build_schedule("pipedream", 2, 2)
-    with pytest.raises(ConfigError, match="zb-h1 runs one chunk per stage"):
+    with pytest.raises(ConfigError, match="zb-h1 runs one chunk per device"):
         build_schedule("zb-h1", 2, 4, 2)
     with pytest.raises(ConfigError, match="cannot run this chunk placement"):
         build_schedule("1f1b", 2, 2, placement=(0, 1, 1, 0))
     for bad in (dict(repeats=3), dict(placement=(0, 1, 0, 1))):
-        with pytest.raises(ConfigError, match="zb-v places two chunks per stage in a V"):
+        with pytest.raises(ConfigError, match="zb-v places two chunks per device in a V"):
             build_schedule("zb-v", 2, 4, **bad)
 
 
@@ -187,7 +201,7 @@ def test_messages_land_in_slots_and_loops_send_one_way():
     ]
     # every forward input of stage 1 is read from the slot it landed in
     for t in np.flatnonzero(schedule.kind[:, 1] == FORWARD):
-        arrived = int(np.flatnonzero(transfers.recv_input[:, 1, 0, 1] == transfers.read_input[t, 1])[0])
+        arrived = int(np.flatnonzero(transfers.recv_input[:, 1, 0, 1] == transfers.read_input[t, 1, 0])[0])
         assert arrived <= t
 
 
@@ -210,8 +224,8 @@ def test_1f1b_sends_both_ways_in_one_permute_per_tick():
 def test_a_weight_gradient_before_its_backward_is_refused():
     schedule = zb_h1(2, 2)
     t = schedule.when(WEIGHT, 0, 0)
-    b = schedule.when(BACKWARD, 0, 0)
-    swapped = broken(broken(schedule, t, 0, BACKWARD, 0, 0), b, 0, WEIGHT, 0, 0)
+    b = schedule.when(INPUT, 0, 0)
+    swapped = broken(broken(schedule, t, 0, INPUT, 0, 0), b, 0, WEIGHT, 0, 0)
     with pytest.raises(ConfigError, match=rf"tick {b}, stage 0: 0W0 comes before its own 0I0"):
         validate(swapped)
 
@@ -221,14 +235,18 @@ def test_zb_h1_messages_keep_cotangents_until_their_weight_gradient():
     transfers = plan_transfers(schedule)
     for t in np.flatnonzero(schedule.kind[:, 0] == WEIGHT):
         m = int(schedule.microbatch[t, 0])
-        slot = transfers.read_grad[t, 0]
-        assert slot >= 0 and slot == transfers.read_grad[schedule.when(BACKWARD, m, 0), 0]
-        # no other cotangent lands in that slot between this micro-batch's B and W
-        later = transfers.recv_grad[schedule.when(BACKWARD, m, 0) + 1 : t + 1, 0, 0, 1]
+        slot = transfers.read_grad[t, 0, 0]
+        assert slot >= 0 and slot == transfers.read_grad[schedule.when(INPUT, m, 0), 0, 0]
+        # no other cotangent lands in that slot between this micro-batch's I and W
+        later = transfers.recv_grad[schedule.when(INPUT, m, 0) + 1 : t + 1, 0, 0, 1]
         assert slot not in later.tolist()
 
 
-@pytest.mark.parametrize("schedule", [gpipe(4, 8), one_f_one_b(4, 8), zb_h1(4, 8), one_f_one_b(2, 6, 2)])
+@pytest.mark.parametrize(
+    "schedule",
+    [gpipe(4, 8), one_f_one_b(4, 8), zb_h1(4, 8), one_f_one_b(2, 6, 2), dualpipev(4, 9)],
+    ids=lambda s: f"{s.name}-S{s.stages}-M{s.microbatches}-R{s.repeats}",
+)
 def test_residual_slots_hold_each_forward_until_its_last_backward(schedule):
     """Every forward's residuals stay in their slot, untouched by other forwards, until its B (and W)
     reads them; stage 0 (never the fused last chunk's) needs a slot per micro-batch it has in flight."""
@@ -237,11 +255,92 @@ def test_residual_slots_hold_each_forward_until_its_last_backward(schedule):
     stashes = _stashes(schedule, fuses_last_chunk(schedule))
     transfers = plan_transfers(schedule, stashes=stashes)
     held, stashed = [{} for _ in range(schedule.stages)], set()
-    for (t, s), kind in np.ndenumerate(schedule.kind):
-        key, slot = (schedule.microbatch[t, s], schedule.chunk[t, s]), transfers.residual_slot[t, s]
-        if stashes[t, s]:
+    for t, s, lane, kind, m, c in sorted(schedule.actions()):
+        key, slot = (m, c), transfers.residual_slot[t, s, lane]
+        if stashes[t, s, lane]:
             held[s][slot] = key
             stashed.add(key)
-        elif kind in (BACKWARD, WEIGHT) and key in stashed:
+        elif kind != FORWARD and key in stashed:
             assert held[s].get(slot) == key, (t, s)
-    assert transfers.residual_slots == schedule.stashed()[0]
+    assert transfers.residual_slots == schedule.stashed().max()
+
+
+# --- the registry: each schedule's promises, checked against its tables ---------------------------------
+
+
+def _tables_of(spec):
+    """Every (S, M, R) the spec runs among S in {2, 3, 4}, M in 1..9, R in {1, 2} where it places freely."""
+    for stages in (2, 3, 4):
+        for microbatches in range(1, 10) if spec.microbatches is None else (spec.microbatches,):
+            for repeats in (1, 2) if spec.placement == "any" else (1,):
+                schedule = build_schedule(spec.name, stages, microbatches, repeats)
+                yield stages, schedule.microbatches, schedule.repeats, schedule
+
+
+@pytest.mark.parametrize("name", list(SCHEDULES))
+def test_each_schedule_keeps_its_registry_promises(name):
+    """The stash bound always; the bubble formula (idle time, F = I = W = 1 and B = 2 per chunk) wherever
+    the spec says it holds; the placement and backward kinds it declares."""
+    spec = SCHEDULES[name]
+    held = 0
+    for stages, microbatches, repeats, schedule in _tables_of(spec):
+        where = f"{name} S={stages} M={microbatches} R={repeats}"
+        assert schedule.stashed().max() <= spec.stash(stages, microbatches, repeats), where
+        if spec.bubble_holds(stages, microbatches, repeats):
+            assert timed_bubble(schedule) == pytest.approx(spec.bubble(stages, microbatches, repeats)), where
+            held += 1
+        kinds = {int(k) for lane in schedule.lanes for k in np.unique(lane.kind)} - {IDLE}
+        assert kinds == {FULL: {FORWARD, BACKWARD}, SPLIT: {FORWARD, INPUT, WEIGHT}}.get(spec.backward, set(KINDS))
+        if spec.placement == V:
+            assert schedule.chunk_stage == v_placement(stages), where
+    assert held >= 3  # the formula is checked, not skipped
+
+
+@pytest.mark.parametrize("stages", [4, 8])
+def test_dualpipev_bubble_is_the_deepseek_v3_formula_in_unit_costs(stages):
+    """The report's bubble (PP/2 - 1)(F&B + B - 3W) with PP = 2S chunks, F = I = W = 1, B = 2 and a pair
+    F + B = 3 is 2(S - 1) idle per device: every device of the table idles exactly that, for M >= 2S.
+    jaxmp's lockstep ticks (a pair's tick as long as both halves) idle more: measured, not promised."""
+    for microbatches in (2 * stages, 2 * stages + 1, 4 * stages):
+        schedule = dualpipev(stages, microbatches)
+        work = 2 * microbatches * (UNIT_COSTS[FORWARD] + UNIT_COSTS[BACKWARD])
+        assert timeline(schedule).tolist() == [work + 2 * (stages - 1)] * stages
+        assert timed_bubble(schedule) == pytest.approx((stages - 1) / (3 * microbatches + stages - 1))
+        assert timed_bubble(schedule) <= lockstep_bubble(schedule) < 2.5 * timed_bubble(schedule)
+    # the negative control: zb-v's order under the same costs idles S - 1, not 2(S - 1)
+    assert timeline(zb_v(stages, 2 * stages)).max() == 2 * 2 * stages * 3 + stages - 1
+
+
+@pytest.mark.parametrize(("stages", "microbatches"), [(2, 2), (2, 5), (4, 4), (4, 8), (4, 9), (8, 16)])
+def test_dualpipev_stashes_at_most_2s_plus_1_chunks_and_overlaps_its_steady_state(stages, microbatches):
+    """At most PP + 1 = 2S + 1 chunk-micro-batches per device (S + 1/2 stage-sized ones); every pair a
+    forward and a backward of two micro-batches; from M = 2S on, every device runs pairs."""
+    schedule = dualpipev(stages, microbatches)
+    assert schedule.stashed().max() <= 2 * stages + 1
+    if schedule.paired is None:  # M = S = 2: what is left of the steady state has no pair
+        assert microbatches < 2 * stages
+        return
+    pairs = schedule.paired.kind != IDLE
+    assert (schedule.kind[pairs] == FORWARD).all() and np.isin(schedule.paired.kind[pairs], (BACKWARD, INPUT)).all()
+    assert (schedule.microbatch[pairs] != schedule.paired.microbatch[pairs]).all()
+    if microbatches >= 2 * stages:
+        assert pairs.any(axis=0).all()
+
+
+def test_no_code_outside_the_registry_checks_a_schedules_name():
+    """Every rule of a schedule lives in its spec: no comparison with a schedule's name elsewhere."""
+    import ast
+    from pathlib import Path
+
+    import jaxmp
+
+    names = set(SCHEDULES)
+    found = []
+    for path in Path(jaxmp.__file__).parent.rglob("*.py"):
+        if path.name == "registry.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Compare):
+                constants = [c.value for c in (node.left, *node.comparators) if isinstance(c, ast.Constant)]
+                found += [f"{path.name}:{node.lineno}" for value in constants if value in names]
+    assert not found

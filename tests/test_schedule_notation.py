@@ -20,8 +20,8 @@ import pytest
 
 from jaxmp.config import ConfigError
 from jaxmp.pipeline import build_schedule, one_f_one_b, read_csv, render, to_csv, write_csv
-from jaxmp.pipeline.notation import Action, from_csv, parse_action
-from jaxmp.pipeline.schedule import BACKWARD, FORWARD, WEIGHT, action_text
+from jaxmp.pipeline.notation import Action, Pair, from_csv, parse_action
+from jaxmp.pipeline.schedule import BACKWARD, FORWARD, INPUT, WEIGHT, action_text
 
 GOLDEN = Path(__file__).parent / "golden"
 S, M = 4, 8
@@ -32,6 +32,7 @@ BUILT_IN = {  # golden file name -> (schedule, repeats, micro-batches)
     "interleaved-1f1b-r2": ("interleaved-1f1b", 2, M),
     "zb-h1": ("zb-h1", 1, M),
     "zb-v": ("zb-v", 1, M),
+    "dualpipev": ("dualpipev", 1, M),
     "naive": ("naive", 1, 1),
 }
 
@@ -76,11 +77,12 @@ def same_table(a, b) -> bool:
 def test_actions_print_and_parse_in_torchs_notation():
     assert action_text(FORWARD, 0, 2) == "2F0"
     assert action_text(BACKWARD, 3, 1) == "1B3"  # a full backward
-    assert action_text(BACKWARD, 1, 0, split=True) == "0I1"  # input cotangent only, under a split
-    assert action_text(WEIGHT, 1, 0, split=True) == "0W1"
-    for text in ("2F0", "1B3", "0I1", "0W1", "12F105"):
+    assert action_text(INPUT, 1, 0) == "0I1"  # input cotangent only, its W later
+    assert action_text(WEIGHT, 1, 0) == "0W1"
+    for text in ("2F0", "1B3", "0I1", "0W1", "12F105", "(0F7;7B3)OVERLAP_F_B", "(3F5;4I1)OVERLAP_F_B"):
         assert str(parse_action(text)) == text
     assert parse_action(" 7I3 ") == Action(7, "I", 3)
+    assert parse_action("(0F7;7B3)OVERLAP_F_B") == Pair(Action(0, "F", 7), Action(7, "B", 3))
 
 
 def test_render_and_csv_print_a_split_backward_as_i():
@@ -98,6 +100,23 @@ def test_every_built_in_table_round_trips_through_csv(name, tmp_path):
     back = read_csv(tmp_path / f"{name}.csv")
     assert same_table(back, schedule), f"{name}:\n{render(schedule)}\nread back:\n{render(back)}"
     assert back.name == f"{name}.csv"
+
+
+@pytest.mark.parametrize(("devices", "microbatches"), [(4, 8), (2, 4)])
+def test_dualpipev_is_torchs_action_for_action(devices, microbatches):
+    """torch 2.14's ScheduleDualPipeV, its ``pipeline_order`` dumped per rank (``tests/golden/torch-*.csv``):
+    jaxmp's lists are the same, pairs and I/W splits included, and read into the same table."""
+    torch_csv = (GOLDEN / f"torch-dualpipev-{devices}x{microbatches}.csv").read_text()
+    ours = build_schedule("dualpipev", devices, microbatches)
+    assert to_csv(ours) == torch_csv
+    assert same_table(from_csv(torch_csv), ours)
+
+
+def test_pairs_and_mixed_backwards_round_trip_and_draw_as_pairs():
+    schedule = build_schedule("dualpipev", 2, 4)
+    assert schedule.paired is not None and {"B", "I", "W"} <= set(to_csv(schedule))
+    assert render(schedule).splitlines()[0].split()[9:11] == ["0F3;3B1", "3F2;0B0"]
+    assert schedule.text(7, 0) == "(0F3;3B1)OVERLAP_F_B"
 
 
 def test_a_hand_written_1f1b_is_the_built_in_1f1b():
@@ -119,8 +138,9 @@ BAD = [
     ("0F0,0B0,1B0\n1F0\n", r"1B0 on device 0, but chunk 1 runs on device 1"),
     ("0F0,0F1,0B0,0B1\n1F0,1B0,1F1\n", r"micro-batch 1 is missing 1B1"),
     ("0F0,0X0,0B0\n1F0,1B0\n", r"device 0, action 1: 0X0 has the unknown action kind 'X'; the kinds are F, I, W and B"),
-    ("0F0,(0F1;1B0)OVERLAP_F_B\n", r"overlapped actions are not supported yet"),
-    ("0F0,0B0,0W0\n1F0,1I0,1W0\n", r"mixes full backwards \(0B0\) with split ones \(0W0\)"),
+    ("0F0,(0F1;0F0)OVERLAP_F_B\n", r"\(0F1;0F0\)OVERLAP_F_B must overlap a forward with a backward \(B or I\)"),
+    ("0F0,(0F1;0B0)\n", r"\(0F1;0B0\) is not an overlapped pair"),
+    ("0F0,0B0,0W0\n1F0,1I0,1W0\n", r"micro-batch 0 runs both 0B0 and a split backward"),
     ("0F0,0F0,0B0\n1F0,1B0\n", r"0F0 on device 0 runs 2 times"),
     ("0F0,F1\n", r"'F1' is not an action \{chunk\}\{F\|I\|W\|B\}\{micro-batch\}"),
     ("0F0,2F0,0B0,2B0\n3F0,3B0\n", r"chunk 1 never runs \(chunks are numbered 0..3\)"),

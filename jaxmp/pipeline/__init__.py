@@ -1,7 +1,15 @@
-"""Pipeline parallelism for any model written as a list of layers: schedules as data (``schedule``),
-read from and written to torch's per-rank CSV form (``notation``), chunks and their placement
-(``partition``), per-stage parameter buffers (``packing``), the messages a table implies
-(``transfers``) and the one executor (``engine``).
+"""Pipeline parallelism for any model written as a list of layers.
+
+A reading path, one idea per module:
+
+1. ``schedule``: a schedule is a table, one action (or an overlapped pair) per tick and device, and
+   the rules a table must keep (:func:`.schedule.validate`).
+2. ``registry``: the built-in schedules and what each promises (placement, backwards, stash, bubble);
+   ``list_scheduling`` and ``dualpipev`` build their tables.
+3. ``notation``: tables as torch's per-rank action lists and CSV, read (placed into ticks) and written.
+4. ``partition`` and ``packing``: a model cut into chunks, and each stage's parameters in buffers.
+5. ``transfers``: what a table implies for the executor: messages, stash slots, loops of ticks.
+6. ``engine``: the one executor, a ``shard_map`` running the table tick by tick.
 
 :func:`build_pipeline` turns a config, a model's parts and a mesh into the static plans of a train step
 (forward and backward actions) and of evaluation (forwards only) that share one parameter packing.
@@ -24,19 +32,19 @@ from jaxmp.pipeline.notation import read_csv, to_csv, write_csv
 from jaxmp.pipeline.packing import Packing, Piece, piece_params
 from jaxmp.pipeline.partition import chunk_bounds, chunks_and_placement
 from jaxmp.pipeline.plot import plot
-from jaxmp.pipeline.schedule import (
+from jaxmp.pipeline.registry import (
     SCHEDULES,
-    Schedule,
+    V,
     build_schedule,
+    dualpipev,
     gpipe,
     naive,
     one_f_one_b,
-    render,
-    v_placement,
-    validate,
+    spec_of,
     zb_h1,
     zb_v,
 )
+from jaxmp.pipeline.schedule import Schedule, render, v_placement, validate
 
 __all__ = [
     "SCHEDULES",
@@ -45,6 +53,7 @@ __all__ = [
     "build_pipeline",
     "build_schedule",
     "check_schedule_csv",
+    "dualpipev",
     "gpipe",
     "is_pipelined",
     "naive",
@@ -136,23 +145,24 @@ def schedule_for(cfg: PipelineConfig, stages: int, chunk_stage=None, *, backward
             cfg.schedule, stages, cfg.microbatches, cfg.repeats, placement=chunk_stage, backward=backward
         )
     if backward and WEIGHT_PASSES[cfg.weight_pass] and not schedule.split_backward:
+        split = ", ".join(name for name, spec in SCHEDULES.items() if spec.splits_backward)
         raise ConfigError(
-            f"--weight-pass {cfg.weight_pass} needs a schedule with W actions (zb-h1, zb-v), not {schedule.name}."
+            f"--weight-pass {cfg.weight_pass} needs a schedule with W actions ({split}), not {schedule.name}."
         )
     return schedule
 
 
 def chunk_layout(cfg: PipelineConfig, num_units: int, stages: int, costs) -> tuple[list, tuple[int, ...]]:
-    """The chunks' unit bounds and stages (:func:`.partition.chunks_and_placement`); zb-v's are two per
-    stage in a V, the two at the turn on the same stage; a CSV schedule's are those its rows run."""
+    """The chunks' unit bounds and stages (:func:`.partition.chunks_and_placement`); a V schedule's are two
+    per stage, the two at the turn on the same stage; a CSV schedule's are those its rows run."""
     from_csv = check_schedule_csv(cfg, stages)
     if from_csv is not None:
         return chunk_bounds(cfg.stage_split, num_units, from_csv.chunks, costs), from_csv.chunk_stage
-    if cfg.schedule != "zb-v":
+    spec = spec_of(cfg.schedule)
+    if spec.placement != V:
         return chunks_and_placement(cfg.stage_split, cfg.placement, num_units, stages, cfg.repeats, costs)
-    if cfg.repeats not in (1, 2) or cfg.placement is not None:
-        raise ConfigError("--schedule zb-v places two chunks per stage in a V; drop --repeats/--placement.")
-    return chunk_bounds(cfg.stage_split, num_units, 2 * stages, costs), v_placement(stages)
+    chunk_stage = spec.placement_for(stages, cfg.repeats, cfg.placement)
+    return chunk_bounds(cfg.stage_split, num_units, len(chunk_stage), costs), chunk_stage
 
 
 MAX_UNITS = 2**16  # the most layers (a stack of depth L counts L) a pipeline plans, one by one, on the host
@@ -171,7 +181,7 @@ def check_unit_count(parts: ModelParts) -> None:
 
 
 def check_microbatches(cfg: PipelineConfig, batch: int, batch_parts: int) -> None:
-    microbatches = 1 if cfg.schedule == "naive" else cfg.microbatches
+    microbatches = spec_of(cfg.schedule).microbatches_for(cfg.microbatches)
     if batch % (microbatches * batch_parts):
         raise ConfigError(
             f"--batch-size {batch} cannot be split into {microbatches} micro-batches that divide evenly over "
@@ -210,7 +220,7 @@ def build_pipeline(
     bounds, chunk_stage = chunk_layout(cfg, len(parts.units), stages, costs)
     check_microbatches(cfg, x_struct.shape[0], axis_size(mesh, batch_axes))
     packing = Packing(parts, abstract, specs, bounds, chunk_stage, mesh)
-    microbatches = 1 if cfg.schedule == "naive" else cfg.microbatches
+    microbatches = spec_of(cfg.schedule).microbatches_for(cfg.microbatches)
     b = x_struct.shape[0] // microbatches
     *boundaries, outputs = _boundaries(
         packing, abstract, jax.ShapeDtypeStruct((b, *x_struct.shape[1:]), x_struct.dtype)

@@ -46,7 +46,7 @@ from jaxmp.parallel.mesh import PIPE
 from jaxmp.parallel.rules import as_axes, constrain, use_rules
 from jaxmp.pipeline.backward_split import SplitBackward, split_backward
 from jaxmp.pipeline.packing import Packing
-from jaxmp.pipeline.schedule import BACKWARD, FORWARD, IDLE, WEIGHT, Schedule
+from jaxmp.pipeline.schedule import BACKWARD, FORWARD, IDLE, INPUT, SENDS_BACK, WEIGHT, Schedule
 from jaxmp.pipeline.transfers import Transfers, plan_transfers
 
 Head = Callable[[jax.Array, jax.Array, jax.Array], dict]  # (outputs_bxK, labels_b, weights_b) -> sums
@@ -155,12 +155,12 @@ def plan_exchange(schedule: Schedule) -> Transfers:
 
 
 def _stashes(schedule: Schedule, fuse_last: bool) -> np.ndarray | None:
-    """``[T, S]``: the forwards that keep residuals for their backward (all but the fused last chunk's;
+    """``[T, S, L]``: the forwards that keep residuals for their backward (all but the fused last chunk's;
     none without a backward)."""
-    if not (schedule.kind == BACKWARD).any():
+    if not any(np.isin(lane.kind, SENDS_BACK).any() for lane in schedule.lanes):
         return None
     fused = fuse_last & (schedule.chunk == schedule.chunks - 1)
-    return (schedule.kind == FORWARD) & ~fused
+    return np.stack([(lane.kind == FORWARD) & ~fused for lane in schedule.lanes], axis=-1)
 
 
 def fuses_last_chunk(schedule: Schedule) -> bool:
@@ -171,7 +171,8 @@ def fuses_last_chunk(schedule: Schedule) -> bool:
     Only on one stage. With several, the last stage's forward tick would carry a forward and a backward
     while the other stages run one forward, and every stage waits for the slowest at each tick.
     """
-    return schedule.stages == 1 and bool((schedule.kind == BACKWARD).any())
+    backward = np.isin(schedule.kind, SENDS_BACK).any()
+    return schedule.stages == 1 and schedule.paired is None and bool(backward)
 
 
 class _Carry(NamedTuple):
@@ -322,13 +323,16 @@ def _unrolls(plan: Plan, rows: int) -> bool:
 
 
 def _no_ops(schedule: Schedule, fuse_last: bool) -> np.ndarray:
-    """``[T, S]`` bool: the action does nothing (idle; ``B`` and ``W`` of a fused last chunk that has
-    nothing to send; ``B`` of chunk 0 when ``W`` computes its weight gradient)."""
-    kind, chunk = schedule.kind, schedule.chunk
+    """``[T, S, L]`` bool: the action does nothing (idle; a backward or ``W`` of a fused last chunk that
+    has nothing to send; ``I`` of chunk 0: its ``W`` computes the weight gradient, no cotangent is sent)."""
     last = schedule.chunks - 1
-    fused = fuse_last & (chunk == last)
-    no_op = (kind == IDLE) | (fused & ((kind == WEIGHT) | ((kind == BACKWARD) & (last == 0))))
-    return no_op | (schedule.split_backward & (kind == BACKWARD) & (chunk == 0))
+
+    def no_op(kind, chunk):
+        fused = fuse_last & (chunk == last)
+        nothing = (kind == IDLE) | (fused & ((kind == WEIGHT) | (np.isin(kind, SENDS_BACK) & (last == 0))))
+        return nothing | ((kind == INPUT) & (chunk == 0))
+
+    return np.stack([no_op(lane.kind, lane.chunk) for lane in schedule.lanes], axis=-1)
 
 
 def _zero_sums(head: Head, plan: Plan, x_bMx, y_bMx, w_bMx) -> dict:
@@ -364,19 +368,25 @@ def _reduce_gradients(plan: Plan, g_params: dict, manual: frozenset[str]) -> dic
 
 
 class _Tables(NamedTuple):
-    branch_np: np.ndarray  # [T, S] branch index per tick and stage (numpy: each tick of a loop picks its branches)
-    branch: jax.Array  # [T] this stage's branch index per tick
-    microbatch: jax.Array  # [T]
+    """This stage's integer tables, per tick (and per lane: the main action, the pair's backward)."""
+
+    branch_np: np.ndarray  # [T, S, L] branch index per tick and stage (numpy: each tick of a loop picks its branches)
+    branch: jax.Array  # [T, L] this stage's branch index per tick
+    microbatch: jax.Array  # [T, L]
     recv_input: jax.Array  # [T, ARRIVALS, 2]
     recv_grad: jax.Array  # [T, ARRIVALS, 2]
-    read_input: jax.Array  # [T]
-    read_grad: jax.Array  # [T]
-    residual_slot: jax.Array  # [T]
-    first_rows: jax.Array  # [T, P] per piece of the tick's chunk: its first row in its stack
+    read_input: jax.Array  # [T, L]
+    read_grad: jax.Array  # [T, L]
+    residual_slot: jax.Array  # [T, L]
+    first_rows: jax.Array  # [T, L, P] per piece of the action's chunk: its first row in its stack
+    send_lane: jax.Array  # [T, rounds]: the lane whose message this stage sends in each round
 
 
 def _tables(plan: Plan, schedule: Schedule, transfers: Transfers, stage) -> _Tables:
     branch = _branch_table(plan, schedule)
+    residual_slot = transfers.residual_slot
+    if residual_slot is None:
+        residual_slot = np.zeros(transfers.read_input.shape, np.int32)
 
     def mine(table):
         return jnp.asarray(table)[:, stage]
@@ -384,13 +394,14 @@ def _tables(plan: Plan, schedule: Schedule, transfers: Transfers, stage) -> _Tab
     return _Tables(
         branch,
         mine(branch),
-        mine(schedule.microbatch),
+        mine(np.stack([lane.microbatch for lane in schedule.lanes], axis=-1)),
         mine(transfers.recv_input),
         mine(transfers.recv_grad),
         mine(transfers.read_input),
         mine(transfers.read_grad),
-        mine(np.zeros(schedule.kind.shape, np.int32) if transfers.residual_slot is None else transfers.residual_slot),
+        mine(residual_slot),
         mine(_first_rows(plan, schedule)),
+        mine(transfers.send_lane),
     )
 
 
@@ -399,14 +410,13 @@ def _most_pieces(plan: Plan) -> int:
 
 
 def _first_rows(plan: Plan, schedule: Schedule) -> np.ndarray:
-    """``[T, S, P]``: for the chunk each stage runs at each tick, the position in its stack of each
-    piece's first layer (0 for a part that is no stack): dropout keys fold it in, so the masks follow
-    the layer, not the chunk that runs it."""
-    table = np.zeros((*schedule.kind.shape, _most_pieces(plan)), np.int32)
-    for (t, s), c in np.ndenumerate(schedule.chunk):
-        if c >= 0:
-            for j, piece in enumerate(plan.packing.chunks[c].pieces):
-                table[t, s, j] = piece.rows[0] if piece.rows is not None else 0
+    """``[T, S, L, P]``: for the chunk of each action, the position in its stack of each piece's first
+    layer (0 for a part that is no stack): dropout keys fold it in, so the masks follow the layer, not
+    the chunk that runs it."""
+    table = np.zeros((*schedule.kind.shape, len(schedule.lanes), _most_pieces(plan)), np.int32)
+    for t, s, lane, _, _, c in schedule.actions():
+        for j, piece in enumerate(plan.packing.chunks[c].pieces):
+            table[t, s, lane, j] = piece.rows[0] if piece.rows is not None else 0
     return table
 
 
@@ -421,18 +431,16 @@ def _branch_keys(plan: Plan) -> list:
     return keys
 
 
-ACTIONS = (FORWARD, BACKWARD, WEIGHT)
+ACTIONS = (FORWARD, BACKWARD, INPUT, WEIGHT)  # the branches of each distinct chunk, in this order
 
 
 def _branch_table(plan: Plan, schedule: Schedule) -> np.ndarray:
-    """``[T, S]`` index into the branch list: 0 idle, then F, B and W per distinct chunk."""
+    """``[T, S, L]`` index into the branch list: 0 idle, then F, B, I and W per distinct chunk."""
     keys = _branch_keys(plan)
     distinct = list(dict.fromkeys(keys))
-    table = np.zeros(schedule.kind.shape, np.int32)
-    for (t, s), kind in np.ndenumerate(schedule.kind):
-        if kind != IDLE:
-            k = distinct.index(keys[schedule.chunk[t, s]])
-            table[t, s] = 1 + len(ACTIONS) * k + ACTIONS.index(kind)
+    table = np.zeros((*schedule.kind.shape, len(schedule.lanes)), np.int32)
+    for t, s, lane, kind, _, c in schedule.actions():
+        table[t, s, lane] = 1 + len(ACTIONS) * distinct.index(keys[c]) + ACTIONS.index(kind)
     return table
 
 
@@ -457,7 +465,7 @@ def _sample_tick(plan: Plan, x_bMx, y_bMx, w_bMx) -> _Tick:
 
 
 def _branches(plan: Plan, access: _Params, head: Head, train: bool, key, sample: _Tick):
-    """``([None (idle), F, B, W (chunk), ...], stash)``, each action ``(g_params, sums, tick) -> _Out``."""
+    """``([None (idle), F, B, I, W (chunk), ...], stash)``, each action ``(g_params, sums, tick) -> _Out``."""
     keys = _branch_keys(plan)
     first_chunk = {k: keys.index(k) for k in dict.fromkeys(keys)}
     chunks = {c: _Chunk(plan, c, access, head, train, key) for c in first_chunk.values()}
@@ -676,7 +684,7 @@ class _Chunk:
     def actions(self, stash: _Stash):
         plan, c = self.plan, self.c
         fused = self.last and plan.fuse_last and self.train
-        split, stashing = plan.schedule.split_backward, plan.stash_cotangents
+        stashing = plan.stash_cotangents
 
         def forward(g_params, sums, tick: _Tick):
             if not self.train:
@@ -701,12 +709,21 @@ class _Chunk:
             return known, stash.stashed(c, tick.res, tick.slot), self.seed(layout.out, tick)
 
         def backward(g_params, sums, tick: _Tick):
+            """``B``: the whole backward, the input cotangent sent on and the weight gradient added."""
             if fused or not self.train:  # fused: the forward left the cotangent in the input's slot
                 return _Out(g_params, sums, tick.h if fused else self.blank(tick), tick.h)
             known, stashed, seed = inputs(tick)
-            if not stashing:  # with W in the table, XLA drops the weight half of this pullback
-                g_p, g_h = self.split(_closure(stash.layouts[c], known, stashed)(seed), tick)
-                return _Out(g_params if split else self.add(g_params, g_p), sums, g_h, tick.h)
+            g_p, g_h = self.split(_closure(stash.layouts[c], known, stashed)(seed), tick)
+            return _Out(self.add(g_params, g_p), sums, g_h, tick.h)
+
+        def input_only(g_params, sums, tick: _Tick):
+            """``I``: the input cotangent only; its ``W`` adds the weight gradient later."""
+            if fused or not self.train:
+                return _Out(g_params, sums, tick.h if fused else self.blank(tick), tick.h)
+            known, stashed, seed = inputs(tick)
+            if not stashing:  # XLA drops the weight half of this pullback
+                _, g_h = self.split(_closure(stash.layouts[c], known, stashed)(seed), tick)
+                return _Out(g_params, sums, g_h, tick.h)
             halves = self.split_backward(stash.layouts[c], known, stashed, tick)
             g_h, boundary = halves.input_pass(*jax.tree.leaves((known, stashed, seed)))
             g_h = g_h[0].astype(tick.h.dtype) if c > 0 else self.blank(tick)
@@ -725,7 +742,7 @@ class _Chunk:
             g_p = jax.tree.unflatten(jax.tree.structure(self.access.params(c)), g_p)
             return _Out(self.add(g_params, g_p), sums, self.blank(tick), tick.h)
 
-        return [forward, backward, weight]
+        return [forward, backward, input_only, weight]  # in the order of ACTIONS
 
 
 def _loop_body(plan: Plan, loop, branches, tables: _Tables, data, stage):
@@ -744,42 +761,63 @@ def _loop_body(plan: Plan, loop, branches, tables: _Tables, data, stage):
 
 
 def _tick_fn(plan: Plan, branches, tables: _Tables, data, stage, tick_ids: np.ndarray, rounds):
-    """One tick: receive, act, send (module docstring)."""
+    """One tick: receive, act (each lane in turn: an overlapped pair's forward, then its backward), send
+    (module docstring)."""
     x_bMx, y_bMx, w_bMx = data
     m_count = plan.schedule.microbatches
     ids_of = _example_ids(plan, x_bMx.shape[0])
-    used = np.unique(tables.branch_np[tick_ids]).tolist()
+    lanes = range(tables.branch_np.shape[-1])
+    used = [np.unique(tables.branch_np[tick_ids, :, lane]).tolist() for lane in lanes]
     fill = jnp.nan if plan.poison else 0.0
     recv = np.concatenate([plan.transfers.recv_input[tick_ids], plan.transfers.recv_grad[tick_ids]])
     arrivals = 1 + max((a for a in range(recv.shape[2]) if (recv[:, :, a, 1] >= 0).any()), default=0)
+
+    def lane_step(inputs, grads, carry: _Carry, t, lane: int) -> _Tick:
+        m = jnp.clip(tables.microbatch[t, lane], 0, m_count - 1)
+        return _Tick(
+            _microbatch(x_bMx, m),
+            _microbatch(y_bMx, m),
+            _microbatch(w_bMx, m),
+            inputs[jnp.maximum(tables.read_input[t, lane], 0)],
+            grads[jnp.maximum(tables.read_grad[t, lane], 0)],
+            ids_of(m),
+            carry.residuals,
+            tables.residual_slot[t, lane],
+            tables.first_rows[t, lane],
+        )
 
     def tick(carry: _Carry, t):
         inputs, grads = carry.inputs, carry.grads
         for a in range(arrivals):
             inputs = _receive(inputs, carry.arrived, tables.recv_input[t, a], plan.masked)
             grads = _receive(grads, carry.arrived, tables.recv_grad[t, a], plan.masked)
-        m = jnp.clip(tables.microbatch[t], 0, m_count - 1)
-        step = _Tick(
-            _microbatch(x_bMx, m),
-            _microbatch(y_bMx, m),
-            _microbatch(w_bMx, m),
-            inputs[jnp.maximum(tables.read_input[t], 0)],
-            grads[jnp.maximum(tables.read_grad[t], 0)],
-            ids_of(m),
-            carry.residuals,
-            tables.residual_slot[t],
-            tables.first_rows[t],
+        sends, state = [], None
+        for lane in lanes:
+            step = lane_step(inputs, grads, carry, t, lane)
+            blank = jnp.full(step.h.shape, fill, step.h.dtype)  # what an idle stage sends
+            if state is None:
+                state = _Out(carry.g_params, carry.sums, blank, step.h, carry.residuals)
+            state = state._replace(send=blank)
+            state = _run_action(tables.branch[t, lane], {i: branches[i] for i in used[lane]}, state, step)
+            sends.append(state.send)
+            if plan.fuse_last:
+                inputs = inputs.at[jnp.maximum(tables.read_input[t, lane], 0)].set(state.keep)
+        sent = tuple(
+            jax.lax.ppermute(_lane_message(sends, tables.send_lane[t, r]), PIPE, list(pairs))
+            for r, pairs in enumerate(rounds)
         )
-        blank = jnp.full(step.h.shape, fill, step.h.dtype)  # what an idle stage sends
-        state = _Out(carry.g_params, carry.sums, blank, step.h, carry.residuals)
-        state = _run_action(tables.branch[t], {i: branches[i] for i in used}, state, step)
-        if plan.fuse_last:
-            inputs = inputs.at[jnp.maximum(tables.read_input[t], 0)].set(state.keep)
-        sent = tuple(jax.lax.ppermute(state.send, PIPE, list(pairs)) for pairs in rounds)
         arrived = sent + carry.arrived[len(sent) :]
         return _Carry(inputs, grads, arrived, state.g_params, state.sums, state.res)
 
     return tick
+
+
+def _lane_message(sends: list, lane) -> jax.Array:
+    """The message of lane ``lane`` (a traced index) among one tick's ``sends``."""
+    message = sends[0]
+    for i in range(1, len(sends)):
+        message = jnp.where(lane == i, sends[i], message)
+    return message
 
 
 def _run_action(index, actions: dict, state: _Out, step: _Tick) -> _Out:

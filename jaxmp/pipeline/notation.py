@@ -20,34 +20,41 @@ back is the same table.
 A list that cannot run is refused in one line that names its first bad action: an unknown kind, a
 chunk on two devices, an action twice, a micro-batch missing, an action before its own device's input
 (``W`` before its ``I``), or devices waiting on each other in a cycle (a deadlock).
+
+An overlapped pair, torch's ``(0F7;7B3)OVERLAP_F_B``, is one entry: both its actions run in one tick
+(:class:`Pair`), placed when the inputs of both have arrived. One list may mix full backwards (``B``)
+with split ones (``I`` then ``W``), each micro-batch and chunk taking one or the other.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import math
 import re
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
-import numpy as np
-
 from jaxmp.config import ConfigError
 from jaxmp.pipeline.schedule import (
     ARRIVALS,
-    BACKWARD,
-    FORWARD,
     IDLE,
-    WEIGHT,
+    LETTERS,
+    OVERLAP,
+    SENDS_BACK,
+    Lane,
     Schedule,
+    inputs_of,
     message_to,
+    pair_text,
     validate,
 )
 
-KINDS = {"F": FORWARD, "B": BACKWARD, "I": BACKWARD, "W": WEIGHT}  # torch's letter -> jaxmp's kind
+KINDS = {letter: kind for kind, letter in LETTERS.items()}  # torch's letter -> jaxmp's kind
 _ACTION = re.compile(r"(\d+)([A-Za-z_]+)(\d+)")
+_PAIR = re.compile(rf"\((.*);(.*)\){OVERLAP}")
 
 
 class Action(NamedTuple):
@@ -64,13 +71,41 @@ class Action(NamedTuple):
     def kind(self) -> int:
         return KINDS[self.letter]
 
+    @property
+    def halves(self) -> tuple[Action, ...]:
+        return (self,)
 
-def parse_action(text: str, where: str = "") -> Action:
-    """``"2F0"`` -> ``Action(2, "F", 0)``; ``ConfigError`` (prefixed by ``where``) for anything else,
-    overlapped pairs such as ``(0F7;7B3)OVERLAP_F_B`` included."""
+
+class Pair(NamedTuple):
+    """An overlapped pair, run in one tick: a forward and a backward (``B`` or ``I``) of two micro-batches,
+    ``str(Pair(Action(0, "F", 7), Action(7, "B", 3))) == "(0F7;7B3)OVERLAP_F_B"``."""
+
+    forward: Action
+    backward: Action
+
+    def __str__(self) -> str:
+        return pair_text(str(self.forward), str(self.backward))
+
+    @property
+    def halves(self) -> tuple[Action, ...]:
+        return (self.forward, self.backward)
+
+
+Item = Action | Pair  # one entry of a device's list
+
+
+def parse_action(text: str, where: str = "") -> Item:
+    """``"2F0"`` -> ``Action(2, "F", 0)``, ``"(0F7;7B3)OVERLAP_F_B"`` -> a :class:`Pair`; ``ConfigError``
+    (prefixed by ``where``) for anything else."""
     text = text.strip()
+    pair = _PAIR.fullmatch(text)
+    if pair is not None:
+        forward, backward = (parse_action(half, where) for half in pair.groups())
+        if not isinstance(forward, Action) or forward.letter != "F" or backward.kind not in SENDS_BACK:
+            raise ConfigError(f"{where}{text} must overlap a forward with a backward (B or I), as (0F7;7B3){OVERLAP}.")
+        return Pair(forward, backward)
     if text.startswith("("):
-        raise ConfigError(f"{where}{text} is an overlapped pair; overlapped actions are not supported yet.")
+        raise ConfigError(f"{where}{text} is not an overlapped pair (F;B){OVERLAP} such as (0F7;7B3){OVERLAP}.")
     match = _ACTION.fullmatch(text)
     if match is None:
         raise ConfigError(f"{where}{text!r} is not an action {{chunk}}{{F|I|W|B}}{{micro-batch}} such as 0F1.")
@@ -122,7 +157,7 @@ def from_csv(text: str, name: str = "csv") -> Schedule:
     return from_rows(parsed, name)
 
 
-def from_rows(rows: Sequence[Sequence[Action]], name: str = "csv") -> Schedule:
+def from_rows(rows: Sequence[Sequence[Item]], name: str = "csv") -> Schedule:
     """Place each device's actions (``rows[device]``, in order) at the first tick their inputs have
     arrived; the placement of chunks and the number of micro-batches are read off the lists.
 
@@ -136,24 +171,26 @@ def from_rows(rows: Sequence[Sequence[Action]], name: str = "csv") -> Schedule:
         if not row:
             raise ConfigError(f"{where}: device {s} runs no action; every device along pipe needs a chunk.")
     chunk_stage = _placement(rows, where)
-    microbatches = 1 + max(a.microbatch for row in rows for a in row)
+    microbatches = 1 + max(a.microbatch for row in rows for item in row for a in item.halves)
     _check_complete(rows, len(chunk_stage), microbatches, where)
     ticks = _place(rows, chunk_stage, where)
     shape = (1 + max(max(row) for row in ticks), len(rows))
-    kind, microbatch, chunk = np.full(shape, IDLE, np.int32), np.full(shape, -1, np.int32), np.full(shape, -1, np.int32)
+    lanes = [Lane.idle(*shape), Lane.idle(*shape)]
     for s, row in enumerate(rows):
-        for a, t in zip(row, ticks[s], strict=True):
-            kind[t, s], microbatch[t, s], chunk[t, s] = a.kind, a.microbatch, a.chunk
-    schedule = Schedule(len(rows), microbatches, chunk_stage, kind, microbatch, chunk, name=name)
+        for item, t in zip(row, ticks[s], strict=True):
+            for lane, a in zip(lanes, item.halves, strict=False):
+                lane.kind[t, s], lane.microbatch[t, s], lane.chunk[t, s] = a.kind, a.microbatch, a.chunk
+    paired = lanes[1] if (lanes[1].kind != IDLE).any() else None
+    schedule = Schedule(len(rows), microbatches, chunk_stage, *lanes[0], name=name, paired=paired)
     validate(schedule)
     return schedule
 
 
-def _placement(rows: Sequence[Sequence[Action]], where: str) -> tuple[int, ...]:
+def _placement(rows: Sequence[Sequence[Item]], where: str) -> tuple[int, ...]:
     """The device of each chunk: the row of its forwards (of any action, if it has none); an action in
     another row is refused."""
     device: dict[int, int] = {}
-    actions = [(s, a) for s, row in enumerate(rows) for a in row]
+    actions = [(s, a) for s, row in enumerate(rows) for item in row for a in item.halves]
     for s, a in sorted(actions, key=lambda pair: pair[1].letter != "F"):  # forwards first, else in order
         if device.setdefault(a.chunk, s) != s:
             raise ConfigError(
@@ -166,45 +203,39 @@ def _placement(rows: Sequence[Sequence[Action]], where: str) -> tuple[int, ...]:
     return tuple(device[c] for c in range(len(device)))
 
 
-def _check_complete(rows: Sequence[Sequence[Action]], chunks: int, microbatches: int, where: str) -> None:
+def _check_complete(rows: Sequence[Sequence[Item]], chunks: int, microbatches: int, where: str) -> None:
     """Every action once: ``F`` and either ``B`` or ``I`` and ``W`` of every micro-batch on every chunk."""
-    letters = {a.letter for row in rows for a in row}
-    if "B" in letters and letters & {"I", "W"}:
-        first = {x: next(a for row in rows for a in row if a.letter in x) for x in ("B", "IW")}
-        raise ConfigError(
-            f"{where} mixes full backwards ({first['B']}) with split ones ({first['IW']}); "
-            "one table of both is not supported yet."
-        )
-    counts = Counter(a for row in rows for a in row)
+    counts = Counter(a for row in rows for item in row for a in item.halves)
     for s, row in enumerate(rows):
-        for a in row:
+        for a in (a for item in row for a in item.halves):
             if counts[a] > 1:
                 raise ConfigError(f"{where}: {a} on device {s} runs {counts[a]} times; each action runs once.")
-    needed = ("F", "I", "W") if letters & {"I", "W"} else ("F", "B")
     for m in range(microbatches):
         for c in range(chunks):
-            for letter in needed:
-                if Action(c, letter, m) not in counts:
-                    raise ConfigError(
-                        f"{where}: micro-batch {m} is missing {Action(c, letter, m)} (micro-batches are numbered "
-                        f"0..{microbatches - 1}; each runs F, {'I and W' if 'W' in needed else 'B'} on every chunk)."
-                    )
+            has = {x: Action(c, x, m) in counts for x in "FBIW"}
+            if has["B"] and (has["I"] or has["W"]):
+                raise ConfigError(f"{where}: micro-batch {m} runs both {Action(c, 'B', m)} and a split backward.")
+            missing = next((x for x in ("FIW" if has["I"] or has["W"] else "FB") if not has[x]), None)
+            if missing is not None:
+                raise ConfigError(
+                    f"{where}: micro-batch {m} is missing {Action(c, missing, m)} (micro-batches are numbered "
+                    f"0..{microbatches - 1}; each runs F and either B or I and W on every chunk)."
+                )
 
 
-def _inputs(a: Action, chunks: int) -> list[Action]:
-    """The actions whose results ``a`` reads."""
-    if a.letter == "F":
-        return [Action(a.chunk - 1, "F", a.microbatch)] if a.chunk > 0 else []
-    if a.letter == "W":
-        return [Action(a.chunk, "I", a.microbatch)]
-    later = [Action(a.chunk + 1, a.letter, a.microbatch)] if a.chunk + 1 < chunks else []
-    return [Action(a.chunk, "F", a.microbatch), *later]
+def _missing_input(a: Action, done: dict, chunks: int, t: float) -> tuple[str, int] | None:
+    """``(the letter, chunk)`` of an input of ``a`` not there at tick ``t`` (None: all there)."""
+    for kinds, chunk in inputs_of(a.kind, a.chunk, chunks):
+        if not any(done.get((k, a.microbatch, chunk), t) < t for k in kinds):
+            return LETTERS[kinds[0]], chunk
+    return None
 
 
-def _place(rows: Sequence[Sequence[Action]], chunk_stage: tuple[int, ...], where: str) -> list[list[int]]:
-    """The tick of every action: tick by tick, each device runs its next action if its inputs ran at an
-    earlier tick (and its message keeps within ``ARRIVALS``); a tick in which no device can is a deadlock."""
-    done: dict[Action, int] = {}
+def _place(rows: Sequence[Sequence[Item]], chunk_stage: tuple[int, ...], where: str) -> list[list[int]]:
+    """The tick of every entry: tick by tick, each device runs its next entry (both actions of a pair) if
+    its inputs ran at an earlier tick (and its messages keep within ``ARRIVALS``); a tick in which no
+    device can is a deadlock."""
+    done: dict[tuple[int, int, int], int] = {}  # (kind, micro-batch, chunk) -> tick
     ticks: list[list[int]] = [[] for _ in rows]
     t = 0
     while any(len(ticks[s]) < len(row) for s, row in enumerate(rows)):
@@ -213,16 +244,16 @@ def _place(rows: Sequence[Sequence[Action]], chunk_stage: tuple[int, ...], where
         for s, row in enumerate(rows):
             if len(ticks[s]) == len(row):
                 continue
-            a = row[len(ticks[s])]
-            message = message_to(chunk_stage, a.kind, a.chunk)
-            ready = all(done.get(x, t) < t for x in _inputs(a, len(chunk_stage)))
-            if ready and (message is None or sending[message] < ARRIVALS):
-                sending[message] += 1
+            halves = row[len(ticks[s])].halves
+            messages = [m for m in (message_to(chunk_stage, a.kind, a.chunk) for a in halves) if m is not None]
+            ready = all(_missing_input(a, done, len(chunk_stage), t) is None for a in halves)
+            if ready and all(sending[m] < ARRIVALS for m in messages):
+                sending.update(messages)
                 ticks[s].append(t)
-                ran.append(a)
+                ran.extend(halves)
         if not ran:
             raise ConfigError(_deadlock(rows, ticks, done, chunk_stage, where))
-        done.update((a, t) for a in ran)
+        done.update(((a.kind, a.microbatch, a.chunk), t) for a in ran)
         t += 1
     return ticks
 
@@ -230,15 +261,18 @@ def _place(rows: Sequence[Sequence[Action]], chunk_stage: tuple[int, ...], where
 def _deadlock(rows, ticks, done, chunk_stage, where: str) -> str:
     """The line for a list that stops: its first device's next action waits for one that its own device
     runs later (``W`` before its ``I``), or devices wait on each other in a cycle."""
-    waits = []  # (device, its next action, the input it waits for)
+    waits = []  # (device, its next entry, the input it waits for)
     s = next(s for s, row in enumerate(rows) if len(ticks[s]) < len(row))
     while s not in [w[0] for w in waits]:
         head = rows[s][len(ticks[s])]
-        missing = next(x for x in _inputs(head, len(chunk_stage)) if x not in done)
-        if chunk_stage[missing.chunk] == s:
+        a, (letter, chunk) = next(
+            (a, miss) for a in head.halves if (miss := _missing_input(a, done, len(chunk_stage), math.inf)) is not None
+        )
+        missing = Action(chunk, letter, a.microbatch)
+        if chunk_stage[chunk] == s:
             return f"{where}: {head} on device {s} comes before {missing}, its input, on the same device."
         waits.append((s, head, missing))
-        s = chunk_stage[missing.chunk]
+        s = chunk_stage[chunk]
     cycle = waits[[w[0] for w in waits].index(s) :]
     chain = ", ".join(f"device {d} waits at {head} for {missing}" for d, head, missing in cycle)
     return f"{where} deadlocks: {chain}; each waits for an action queued later on the device it waits on."

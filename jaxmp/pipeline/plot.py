@@ -12,15 +12,15 @@ from pathlib import Path
 import numpy as np
 
 from jaxmp.config import ConfigError
-from jaxmp.pipeline.schedule import BACKWARD, FORWARD, IDLE, KIND_NAMES, WEIGHT, Schedule
+from jaxmp.pipeline.schedule import BACKWARD, FORWARD, IDLE, INPUT, LETTERS, WEIGHT, Schedule, action_text
 
-COLOURS = {FORWARD: "#4C72B0", BACKWARD: "#DD8452", WEIGHT: "#55A868"}
-LEGEND = {FORWARD: "F", BACKWARD: "I", WEIGHT: "W"}  # under a split backward (torch's I: input gradient)
+COLOURS = {FORWARD: "#4C72B0", BACKWARD: "#C44E52", INPUT: "#DD8452", WEIGHT: "#55A868"}
 
 
 def plot(schedule: Schedule, path: str | Path | None = None, *, ax=None, title: str | None = None):
-    """Draw ``schedule`` (forward, backward and weight-gradient slots in distinct colours, each labelled
-    in torch's notation, idle blank, the bubble fraction in the title); write a PNG to ``path`` if given.
+    """Draw ``schedule`` (``F``, ``B``, ``I`` and ``W`` slots in distinct colours, each labelled in torch's
+    notation, an overlapped pair as two half-height boxes, idle blank, the bubble fraction in the title);
+    write a PNG to ``path`` if given.
     Returns the figure."""
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
@@ -30,12 +30,13 @@ def plot(schedule: Schedule, path: str | Path | None = None, *, ax=None, title: 
     if ax is None:
         _, ax = plt.subplots(figsize=(min(2 + 0.32 * ticks, 24), 0.9 + 0.45 * stages))
     several = schedule.repeats > 1
-    for (t, s), kind in np.ndenumerate(schedule.kind):
-        if kind == IDLE:
-            continue
-        ax.add_patch(plt.Rectangle((t, s), 1, 1, facecolor=COLOURS[kind], edgecolor="white", linewidth=1))
-        label = schedule.text(t, s)  # torch's notation: 0F3, 1B0, 0I3, 0W3
-        ax.text(t + 0.5, s + 0.5, label, ha="center", va="center", fontsize=6 if len(label) > 3 else 7, color="white")
+    for t, s, lane, kind, m, c in schedule.actions():
+        paired = schedule.paired is not None and schedule.paired.kind[t, s] != IDLE
+        y, height = (s + 0.5 * lane, 0.5) if paired else (s, 1.0)  # a pair: forward above, backward below
+        ax.add_patch(plt.Rectangle((t, y), 1, height, facecolor=COLOURS[kind], edgecolor="white", linewidth=1))
+        label = action_text(kind, m, c)  # torch's notation: 0F3, 1B0, 0I3, 0W3
+        size = 5 if paired else 6 if len(label) > 3 else 7
+        ax.text(t + 0.5, y + height / 2, label, ha="center", va="center", fontsize=size, color="white")
     ax.set_xlim(0, ticks)
     ax.set_ylim(stages, 0)
     ax.set_yticks(np.arange(stages) + 0.5, [f"device {s}" for s in range(stages)])
@@ -44,9 +45,9 @@ def plot(schedule: Schedule, path: str | Path | None = None, *, ax=None, title: 
     ax.set_aspect("auto")
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
-    kinds = [k for k in (FORWARD, BACKWARD, WEIGHT) if (schedule.kind == k).any()]
+    kinds = [k for k in COLOURS if any((lane.kind == k).any() for lane in schedule.lanes)]
     ax.legend(
-        handles=[Patch(color=COLOURS[k], label=LEGEND[k] if schedule.split_backward else KIND_NAMES[k]) for k in kinds],
+        handles=[Patch(color=COLOURS[k], label=LETTERS[k]) for k in kinds],
         loc="upper left",
         bbox_to_anchor=(1.0, 1.0),
         frameon=False,

@@ -3,9 +3,11 @@ one lands in, and the loops of ticks that share one pattern of collective-permut
 
 Why worked out ahead, in numpy: the executor then only reads small integer tables per tick, each stage
 keeps exactly as many stashed activations as the schedule has in flight (GPipe: M per chunk; 1F1B: at
-most S), and every device sends at most one message per tick in one collective-permute, so the traffic
-over ``pipe`` is the schedule's, whatever the mix of forwards and backwards in a tick (1F1B's steady
-state sends activations one way and cotangents the other in the same tick).
+most S), and a tick's messages go in as few collective-permutes as can carry them, so the traffic over
+``pipe`` is the schedule's, whatever the mix of forwards and backwards in a tick (1F1B's steady state
+sends activations one way and cotangents the other in one permute). A tick with an overlapped pair
+sends two messages from one device, the forward's and the backward's, in two rounds; ``send_lane``
+says which lane's message each device puts in each round.
 
 Conventions (:func:`.schedule.message_to`): a forward message carries chunk ``c``'s output from
 ``chunk_stage[c]`` to ``chunk_stage[c+1]``; a backward message carries chunk ``c``'s input cotangent to
@@ -30,7 +32,7 @@ from typing import NamedTuple
 import numpy as np
 
 from jaxmp.config import ConfigError
-from jaxmp.pipeline.schedule import ARRIVALS, BACKWARD, FORWARD, IDLE, WEIGHT, Schedule, message_to
+from jaxmp.pipeline.schedule import ARRIVALS, FORWARD, IDLE, KINDS, SENDS_BACK, WEIGHT, Schedule, message_to
 
 Pairs = tuple[tuple[int, int], ...]  # (source stage, destination stage) of one ppermute
 
@@ -50,11 +52,12 @@ class Transfers(NamedTuple):
     rounds: int  # the most rounds any tick has
     recv_input: np.ndarray  # [T, S, ARRIVALS, 2]: (round, slot) of each activation arriving
     recv_grad: np.ndarray  # [T, S, ARRIVALS, 2]: (round, slot) of each cotangent arriving
-    read_input: np.ndarray  # [T, S]: slot the action reads its input from (-1: the micro-batch itself)
-    read_grad: np.ndarray  # [T, S]: slot B or W reads its output cotangent from (-1: the loss)
+    read_input: np.ndarray  # [T, S, L]: slot each lane's action reads its input from (-1: the micro-batch itself)
+    read_grad: np.ndarray  # [T, S, L]: slot B, I or W reads its output cotangent from (-1: the loss)
+    send_lane: np.ndarray  # [T, S, rounds]: the lane whose message the device sends in each round
     loops: tuple[Loop, ...]
-    residual_slots: int = 0  # per stage: forwards whose residuals wait for their B and W
-    residual_slot: np.ndarray | None = None  # [T, S]: slot F writes or B/W reads (0 for other actions)
+    residual_slots: int = 0  # per stage: forwards whose residuals wait for their backward
+    residual_slot: np.ndarray | None = None  # [T, S, L]: slot F writes or B/I/W reads (0 for other actions)
 
     @property
     def permutes(self) -> int:
@@ -69,54 +72,59 @@ class _Message(NamedTuple):
     use: int  # the last tick that reads it
     key: tuple[int, int]  # (micro-batch, chunk that reads it)
     grad: bool  # a cotangent (else an activation)
+    lane: int  # the lane of the action that sends it
 
 
 def plan_transfers(schedule: Schedule, no_op: np.ndarray | None = None, stashes: np.ndarray | None = None) -> Transfers:
-    """The messages, slots and loops of ``schedule``. ``no_op[t, s]``: the action does nothing (idle, or
-    a ``B``/``W`` whose work the executor did elsewhere); a tick where every stage does nothing and none
-    receives anything is left out of the loops. ``stashes[t, s]``: that forward keeps its residuals for
-    its ``B`` and ``W``, each in a slot of its stage from the forward to its last use."""
+    """The messages, slots and loops of ``schedule``. ``no_op[t, s, lane]``: the action does nothing
+    (idle, or a backward whose work the executor did elsewhere); a tick where every stage does nothing
+    and none receives anything is left out of the loops. ``stashes[t, s, lane]``: that forward keeps its
+    residuals for its backward, each in a slot of its stage from the forward to its last use."""
     messages = _messages(schedule)
     t_count, s_count = schedule.ticks, schedule.stages
-    rounds_of = [_rounds([m for m in messages if m.sent == t]) for t in range(t_count)]
-    recv_input, input_slot, n_in = _assign_slots([m for m in messages if not m.grad], rounds_of, t_count, s_count)
-    recv_grad, grad_slot, n_grad = _assign_slots([m for m in messages if m.grad], rounds_of, t_count, s_count)
-    read_input = np.full((t_count, s_count), -1, np.int32)
-    read_grad = np.full((t_count, s_count), -1, np.int32)
-    for (t, s), kind in np.ndenumerate(schedule.kind):
-        key = (int(schedule.microbatch[t, s]), int(schedule.chunk[t, s]))
-        if kind in (FORWARD, BACKWARD, WEIGHT):
-            read_input[t, s] = input_slot.get(key, -1)
-        if kind in (BACKWARD, WEIGHT):
-            read_grad[t, s] = grad_slot.get(key, -1)
-    arrives = (recv_input[..., 1] >= 0).any(axis=(1, 2)) | (recv_grad[..., 1] >= 0).any(axis=(1, 2))
-    idle = (schedule.kind == IDLE) if no_op is None else no_op
-    kept = np.flatnonzero(~idle.all(axis=1) | arrives)
-    loops = _loops([(int(t), rounds_of[t]) for t in kept])
+    round_of: dict[_Message, int] = {}  # each message's round in its tick
+    rounds_of = [_rounds([m for m in messages if m.sent == t], round_of) for t in range(t_count)]
+    recv_input, input_slot, n_in = _assign_slots([m for m in messages if not m.grad], round_of, t_count, s_count)
+    recv_grad, grad_slot, n_grad = _assign_slots([m for m in messages if m.grad], round_of, t_count, s_count)
+    shape = (t_count, s_count, len(schedule.lanes))
+    read_input, read_grad = np.full(shape, -1, np.int32), np.full(shape, -1, np.int32)
+    for t, s, lane, kind, m, c in schedule.actions():
+        read_input[t, s, lane] = input_slot.get((m, c), -1)
+        if kind != FORWARD:
+            read_grad[t, s, lane] = grad_slot.get((m, c), -1)
     rounds = max([1, *(len(r) for r in rounds_of)])
+    send_lane = np.zeros((t_count, s_count, rounds), np.int32)
+    for message in messages:
+        send_lane[message.sent, message.source, round_of[message]] = message.lane
+    arrives = (recv_input[..., 1] >= 0).any(axis=(1, 2)) | (recv_grad[..., 1] >= 0).any(axis=(1, 2))
+    idle = np.stack([lane.kind == IDLE for lane in schedule.lanes], axis=-1) if no_op is None else no_op
+    kept = np.flatnonzero(~idle.all(axis=(1, 2)) | arrives)
+    loops = _loops([(int(t), rounds_of[t]) for t in kept])
     n_res, res_slot = _residual_slots(schedule, stashes)
-    return Transfers(n_in, n_grad, rounds, recv_input, recv_grad, read_input, read_grad, loops, n_res, res_slot)
+    return Transfers(
+        n_in, n_grad, rounds, recv_input, recv_grad, read_input, read_grad, send_lane, loops, n_res, res_slot
+    )
 
 
 def _residual_slots(schedule: Schedule, stashes: np.ndarray | None):
-    """Interval colouring of the stashing forwards: ``(slots, [T, S] slot per action)``; other actions
+    """Interval colouring of the stashing forwards: ``(slots, [T, S, L] slot per action)``; other actions
     get slot 0 (the executor writes back what they read: nothing changes)."""
     if stashes is None or not stashes.any():
         return 0, None
-    table = np.full(schedule.kind.shape, -1, np.int32)
+    table = np.full(stashes.shape, -1, np.int32)
     ends: dict[int, list[int]] = {s: [] for s in range(schedule.stages)}
-    for t, s in sorted(zip(*np.nonzero(stashes), strict=True)):
-        m, c = int(schedule.microbatch[t, s]), int(schedule.chunk[t, s])
+    for t, s, lane in sorted(zip(*np.nonzero(stashes), strict=True)):
+        m, c = (int(a[t, s]) for a in schedule.lanes[lane][1:])
         use = schedule.last_use(m, c)
         slot = next((k for k, end in enumerate(ends[s]) if end < t), len(ends[s]))
         if slot == len(ends[s]):
             ends[s].append(use)
         ends[s][slot] = use
-        table[t, s] = slot
-        for kind in (BACKWARD, WEIGHT):
-            tick = schedule.when(kind, m, c)
+        table[t, s, lane] = slot
+        for kind in KINDS[1:]:
+            tick, where = schedule.locate(kind, m, c)
             if tick >= 0:
-                table[tick, s] = slot
+                table[tick, s, where] = slot
     table[table < 0] = 0
     return max(len(v) for v in ends.values()), table
 
@@ -126,33 +134,34 @@ def _messages(schedule: Schedule) -> list[_Message]:
     out = []
     for m in range(schedule.microbatches):
         for c in range(schedule.chunks):
-            f_tick, b_tick = schedule.when(FORWARD, m, c), schedule.when(BACKWARD, m, c)
+            f_tick, f_lane = schedule.locate(FORWARD, m, c)
             if to := message_to(place, FORWARD, c):
                 use = schedule.last_use(m, c + 1)
-                out.append(_Message(place[c], to[0], f_tick, use, (m, c + 1), False))
-            if (to := message_to(place, BACKWARD, c)) and b_tick >= 0:
-                use = max(schedule.when(BACKWARD, m, c - 1), schedule.when(WEIGHT, m, c - 1))
-                out.append(_Message(place[c], to[0], b_tick, use, (m, c - 1), True))
+                out.append(_Message(place[c], to[0], f_tick, use, (m, c + 1), False, f_lane))
+            b_tick, b_lane = max(schedule.locate(kind, m, c) for kind in SENDS_BACK)
+            if (to := message_to(place, SENDS_BACK[0], c)) and b_tick >= 0:
+                use = max(schedule.sent_back(m, c - 1), schedule.when(WEIGHT, m, c - 1))
+                out.append(_Message(place[c], to[0], b_tick, use, (m, c - 1), True, b_lane))
     return out
 
 
-def _rounds(sent: list[_Message]) -> tuple[Pairs, ...]:
-    """One tick's messages as rounds: activations first, each in the first round where its destination
-    hears nothing yet (a device sends one message per tick, so no round sends twice from one)."""
+def _rounds(sent: list[_Message], round_of: dict) -> tuple[Pairs, ...]:
+    """One tick's messages as rounds: activations first, each in the first round where its source sends
+    nothing yet and its destination hears nothing yet (written into ``round_of``)."""
     rounds: list[list[tuple[int, int]]] = []
     for message in sorted(sent, key=lambda m: m.grad):
-        i = next((i for i, r in enumerate(rounds) if all(d != message.dest for _, d in r)), len(rounds))
+        i = next(
+            (i for i, r in enumerate(rounds) if all(d != message.dest and s != message.source for s, d in r)),
+            len(rounds),
+        )
         if i == len(rounds):
             rounds.append([])
         rounds[i].append((message.source, message.dest))
+        round_of[message] = i
     return tuple(tuple(sorted(r)) for r in rounds)
 
 
-def _round_of(message: _Message, rounds_of) -> int:
-    return next(i for i, pairs in enumerate(rounds_of[message.sent]) if (message.source, message.dest) in pairs)
-
-
-def _assign_slots(messages: list[_Message], rounds_of, ticks: int, stages: int):
+def _assign_slots(messages: list[_Message], round_of: dict, ticks: int, stages: int):
     """Interval colouring per stage: each message gets the lowest slot free since before it arrives."""
     recv = np.full((ticks + 1, stages, ARRIVALS, 2), -1, np.int32)
     slot_of: dict[tuple[int, int], int] = {}
@@ -172,7 +181,7 @@ def _assign_slots(messages: list[_Message], rounds_of, ticks: int, stages: int):
                 f"this placement makes more than {ARRIVALS} {kind} reach stage {stage} at tick {arrive}; place "
                 f"chunks so that each stage hears from at most {ARRIVALS} others at a time."
             )
-        recv[arrive, stage, free[0]] = (_round_of(message, rounds_of), slot)
+        recv[arrive, stage, free[0]] = (round_of[message], slot)
     slots = max([1, *(len(v) for v in free_after.values())])
     return recv[:ticks], slot_of, slots
 
