@@ -6,9 +6,9 @@ Model: ``mlp`` width D=512, hidden 2048, depth 8, batch 1024, Adam, float32 (def
 a. **Step time** of each jaxmp schedule over the plain one-device jaxmp step (rounds interleaved, the
    median round per variant, first losses checked equal first), and, with ``--torch-python``, the same
    ratio for torch.distributed.pipelining's ScheduleGPipe, Schedule1F1B, ScheduleInterleaved1F1B,
-   ScheduleInterleavedZeroBubble and ScheduleZBVZeroBubble over torch's plain step
+   ScheduleInterleavedZeroBubble, ScheduleZBVZeroBubble and ScheduleDualPipeV over torch's plain step
    (``torch_pipeline_peer.py``, same model, same machine, the same total thread count). Interleaved
-   schedules use 2 chunks per device, zb-v 2 per device in a V; "zb-h1 stash" is zb-h1 with
+   schedules use 2 chunks per device, zb-v and dualpipev 2 per device in a V; "zb-h1 stash" is zb-h1 with
    ``--weight-pass stash`` (``B`` keeps the cotangents ``W`` needs; no work done twice); "1f1b remat
    none" is 1f1b keeping every residual (the default ``--remat stage`` keeps matmul outputs).
 b. **Memory** (``pipe=4``, M in 4, 8, 16, 32, ``--remat`` stage (default) and none): per-device
@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 MiB = 2**20
-JAXMP_SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zb-h1 stash", "zb-v")
+JAXMP_SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zb-h1 stash", "zb-v", "dualpipev")
 STEP_ONLY = {"1f1b remat none": ("1f1b", dict(remat="none"))}  # step table only: what the default remat saves
 PEERS = {  # jaxmp schedule -> torch's corresponding one
     "gpipe": "ScheduleGPipe",
@@ -44,6 +44,7 @@ PEERS = {  # jaxmp schedule -> torch's corresponding one
     "zb-h1": "ScheduleInterleavedZeroBubble",
     "zb-h1 stash": "ScheduleInterleavedZeroBubble",
     "zb-v": "ScheduleZBVZeroBubble",
+    "dualpipev": "ScheduleDualPipeV",
     "1f1b remat none": "Schedule1F1B",
 }
 
@@ -112,6 +113,7 @@ def memory_rows(args) -> list[list]:
 
     from jaxmp.inspection.compiled import memory_and_flops
     from jaxmp.parallel.mesh import MeshShape, build_mesh
+    from jaxmp.pipeline.schedule import lockstep_bubble, timed_bubble
 
     pipe = build_mesh(MeshShape(pipe=args.stages), jax.devices()[: args.stages])
     rows = []
@@ -125,7 +127,8 @@ def memory_rows(args) -> list[list]:
             for name, temp in temps.items():
                 schedule = schedules[name]
                 ratios = [f"{temp / temps[base]:.2f}" for base in ("gpipe", "1f1b")]
-                row = [remat, microbatches, name, f"{temp / MiB:.1f}", *ratios, f"{schedule.bubble_fraction:.3f}"]
+                bubbles = [f"{f(schedule):.3f}" for f in (timed_bubble, lockstep_bubble)]
+                row = [remat, microbatches, name, f"{temp / MiB:.1f}", *ratios, *bubbles]
                 rows.append([*row, int(schedule.stashed().max())])
     return rows
 
@@ -171,18 +174,20 @@ def time_report(args, ours: dict[str, float], peer: dict[str, float] | None) -> 
         f"### a. Step time, pipe={args.stages}, M={args.microbatches} ({args.stages} simulated CPU devices, "
         f"{args.threads} threads)\n\nmlp width {args.width}, hidden {args.hidden}, depth {args.depth}, batch "
         f"{args.batch}, adam, float32; {args.rounds} interleaved rounds, median; {plain}; interleaved "
-        "schedules with 2 chunks per device, zb-v with 2 in a V; default --remat (stage) but the last row.\n\n"
-        + table(head, rows)
-        + "\n"
+        "schedules with 2 chunks per device, zb-v and dualpipev with 2 in a V; default --remat (stage) but "
+        "the last row.\n\n" + table(head, rows) + "\n"
     )
 
 
 def memory_report(args, rows) -> str:
-    head = ["remat", "M", "schedule", "temp MiB", "/ gpipe", "/ 1f1b", "bubble", "most stashed"]
+    head = ["remat", "M", "schedule", "temp MiB", "/ gpipe", "/ 1f1b", "bubble", "lockstep bubble", "most stashed"]
     return (
         f"### b. Memory per device, pipe={args.stages}\n\nTemporaries of the compiled train step "
-        "(`memory_analysis`), bubble and the largest stash from the table (zb-v's in its ticks and chunks, "
-        "each half a stage's layers). `--remat stage` (the default) stashes matmul outputs only, so the "
+        "(`memory_analysis`), and from the table: the bubble (idle time, each device running its actions in "
+        "order as soon as their inputs are done, F = I = W = 1 and B = 2 per chunk, an overlapped pair F + B), "
+        "the bubble when every tick lasts as long as its slowest device (jaxmp's executor), and the largest "
+        "stash (zb-v's and dualpipev's in chunks, each half a stage's layers). `--remat stage` (the default) "
+        "stashes matmul outputs only, so the "
         "fixed part (gradient sums, optimizer update, one chunk's workspace) dominates; `--remat none` "
         "stashes every residual, where the stash counts show most.\n\n" + table(head, rows) + "\n"
     )
