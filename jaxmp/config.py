@@ -481,9 +481,9 @@ def _validate_schedule_microbatches(cfg: PipelineConfig) -> None:
 
     spec = specs.get(cfg.schedule)
     if spec is not None and spec.microbatches not in (None, cfg.microbatches):
+        runs = "one micro-batch" if spec.microbatches == 1 else f"{spec.microbatches} micro-batches"
         raise ConfigError(
-            f"--schedule {cfg.schedule} runs {spec.microbatches} micro-batch(es); drop --microbatches "
-            f"{cfg.microbatches} or use gpipe."
+            f"--schedule {cfg.schedule} runs {runs}; drop --microbatches {cfg.microbatches} or use gpipe."
         )
 
 

@@ -11,6 +11,7 @@ import pytest
 from support import assert_one_line_error, readme_model_source, run_module
 
 import jaxmp.training.loop
+from jaxmp.pipeline.registry import SCHEDULES
 from jaxmp.train import main
 
 PRECIOUS = "a file the user saved\n"
@@ -415,7 +416,7 @@ def test_the_readmes_model_trains_from_the_command_line(tmp_path, monkeypatch, c
     [
         ("jaxmp.training.step", "OPTIMIZERS", "optimizer", lambda cfg: __import__("optax").lion(cfg.lr)),
         ("jaxmp.parallel.rules", "STRATEGY_RULES", "strategy", {"batch": "data"}),
-        ("jaxmp.pipeline.schedule", "SCHEDULES", "schedule", None),
+        ("jaxmp.pipeline.registry", "SCHEDULES", "schedule", SCHEDULES["gpipe"]._replace(name="new-one")),
     ],
 )
 def test_an_entry_added_to_a_table_is_offered_by_the_cli(module, table, option, entry, monkeypatch, capsys):

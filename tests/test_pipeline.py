@@ -132,15 +132,15 @@ def test_1f1b_keeps_the_residuals_of_s_micro_batches_gpipe_of_m():
 
 
 def test_dualpipev_stashes_about_what_zb_v_stashes():
-    """Compiled temporaries where activations dominate (--remat none), pipe=4, M=8: DualPipeV keeps at most
-    2S + 1 = 9 chunk-micro-batches per device where ZB-V keeps 2S = 8 (from the tables); XLA's buffers
-    follow: 1.17x measured (9/8 the stash, and two more activation slots for a pair's two inputs)."""
-    cfg = small_config("mlp", "dp", width=16, hidden=256, depth=8, batch_size=512, microbatches=8, remat="none")
-    mesh = build_mesh(MeshShape(pipe=4))
+    """Compiled temporaries where activations dominate (--remat none), pipe=2, M=4: DualPipeV keeps at most
+    2S + 1 = 5 chunk-micro-batches per device where ZB-V keeps 2S = 4 (from the tables); XLA's buffers
+    follow, within 5/4 (pipe=4, M=8: 9 against 8, 1.17x measured)."""
+    cfg = small_config("mlp", "dp", width=16, hidden=256, depth=4, batch_size=512, microbatches=4, remat="none")
+    mesh = build_mesh(MeshShape(pipe=2))
     programs = {name: build(cfg.replace(schedule=name), mesh) for name in ("zb-v", "dualpipev")}
     temps = {name: p.grad_step.compiled.memory_analysis().temp_size_in_bytes for name, p in programs.items()}
     stashed = {name: p.pipeline.train.schedule.stashed().max() for name, p in programs.items()}
-    assert (stashed["zb-v"], stashed["dualpipev"]) == (8, 9)
+    assert (stashed["zb-v"], stashed["dualpipev"]) == (4, 5)
     assert temps["dualpipev"] <= 1.25 * temps["zb-v"], temps
 
 

@@ -21,7 +21,7 @@ from jaxmp.pipeline.schedule import (
     v_placement,
     validate,
 )
-from jaxmp.pipeline.transfers import plan_transfers
+from jaxmp.pipeline.transfers import work_out_transfers
 
 
 @pytest.mark.parametrize(("stages", "microbatches"), [(2, 1), (2, 8), (4, 3), (8, 32)])
@@ -106,14 +106,14 @@ def test_zb_v_halves_zb_h1s_bubble_at_1f1bs_memory(stages, microbatches):
 
 def test_zb_v_turns_with_a_message_to_itself_and_hears_from_two_at_once():
     schedule = zb_v(4, 8)
-    transfers = plan_transfers(schedule)
+    transfers = work_out_transfers(schedule)
     pairs = {pair for loop in transfers.loops for rounds in loop.rounds for r in rounds for pair in r}
     assert (3, 3) in pairs  # chunk 3 -> chunk 4, both on stage 3
     assert (transfers.recv_input[:, :, 1, 1] >= 0).any() and (transfers.recv_grad[:, :, 1, 1] >= 0).any()
     for t, s in zip(*np.nonzero((transfers.recv_input[:, :, :, 1] >= 0).all(axis=2)), strict=True):
         assert transfers.recv_input[t, s, 0, 1] != transfers.recv_input[t, s, 1, 1]  # two slots
     # the 6-tick steady state (F F B B W W) is one loop: as many loops at M=32 as at M=8
-    assert len(plan_transfers(zb_v(4, 32)).loops) == len(transfers.loops)
+    assert len(work_out_transfers(zb_v(4, 32)).loops) == len(transfers.loops)
 
 
 def test_naive_takes_repeats_and_1f1b_a_placement():
@@ -192,7 +192,7 @@ def test_an_invalid_table_names_its_first_bad_slot(edit, message):
 
 def test_messages_land_in_slots_and_loops_send_one_way():
     schedule = gpipe(3, 3)
-    transfers = plan_transfers(schedule)
+    transfers = work_out_transfers(schedule)
     assert transfers.input_slots == 3  # stages 1 and 2 keep all three inputs until their backward
     # the forward loop sends activations only, the backward loop cotangents only
     assert [(loop.ticks.shape, loop.rounds) for loop in transfers.loops] == [
@@ -209,7 +209,7 @@ def test_1f1b_sends_both_ways_in_one_permute_per_tick():
     """1F1B's steady state alternates two patterns (stage s sends on when t + s is even, back otherwise):
     one loop of period 2, one collective-permute per tick, so the traffic is T messages, not 2T."""
     schedule = one_f_one_b(4, 8)
-    transfers = plan_transfers(schedule)
+    transfers = work_out_transfers(schedule)
     assert transfers.permutes == schedule.ticks and transfers.rounds == 1
     assert 2 in [loop.ticks.shape[1] for loop in transfers.loops]
     assert len(transfers.loops) <= 5
@@ -232,7 +232,7 @@ def test_a_weight_gradient_before_its_backward_is_refused():
 
 def test_zb_h1_messages_keep_cotangents_until_their_weight_gradient():
     schedule = zb_h1(2, 3)
-    transfers = plan_transfers(schedule)
+    transfers = work_out_transfers(schedule)
     for t in np.flatnonzero(schedule.kind[:, 0] == WEIGHT):
         m = int(schedule.microbatch[t, 0])
         slot = transfers.read_grad[t, 0, 0]
@@ -250,14 +250,14 @@ def test_zb_h1_messages_keep_cotangents_until_their_weight_gradient():
 def test_residual_slots_hold_each_forward_until_its_last_backward(schedule):
     """Every forward's residuals stay in their slot, untouched by other forwards, until its B (and W)
     reads them; stage 0 (never the fused last chunk's) needs a slot per micro-batch it has in flight."""
-    from jaxmp.pipeline.engine import _stashes, fuses_last_chunk
+    from jaxmp.pipeline.plan import fuses_last_chunk, stashes
 
-    stashes = _stashes(schedule, fuses_last_chunk(schedule))
-    transfers = plan_transfers(schedule, stashes=stashes)
+    keeps = stashes(schedule, fuses_last_chunk(schedule))
+    transfers = work_out_transfers(schedule, stashes=keeps)
     held, stashed = [{} for _ in range(schedule.stages)], set()
     for t, s, lane, kind, m, c in sorted(schedule.actions()):
         key, slot = (m, c), transfers.residual_slot[t, s, lane]
-        if stashes[t, s, lane]:
+        if keeps[t, s, lane]:
             held[s][slot] = key
             stashed.add(key)
         elif kind != FORWARD and key in stashed:

@@ -69,7 +69,7 @@ from jaxmp.parallel.mesh import CONTEXT, PIPE, TENSOR
 from jaxmp.parallel.rules import rules_without_axes
 from jaxmp.parallel.sharding import axis_size, param_specs, path_name
 from jaxmp.pipeline import is_pipelined
-from jaxmp.pipeline.engine import plan_exchange
+from jaxmp.pipeline.plan import executor_transfers
 
 
 class Expected(NamedTuple):
@@ -453,7 +453,7 @@ def pipeline_terms(ctx: _Context) -> list[Expected] | None:
     plan = ctx.pipeline.train
     rows = ctx.cfg.run.batch_size // axis_size(ctx.mesh, plan.batch_axes)
     b = rows // plan.schedule.microbatches
-    permutes = plan_exchange(plan.schedule).permutes
+    permutes = executor_transfers(plan.schedule).permutes
     return [Expected("activations and cotangents", "collective-permute", (PIPE,), permutes * b * plan.width, "T*b*A")]
 
 

@@ -9,7 +9,10 @@ A reading path, one idea per module:
 3. ``notation``: tables as torch's per-rank action lists and CSV, read (placed into ticks) and written.
 4. ``partition`` and ``packing``: a model cut into chunks, and each stage's parameters in buffers.
 5. ``transfers``: what a table implies for the executor: messages, stash slots, loops of ticks.
-6. ``engine``: the one executor, a ``shard_map`` running the table tick by tick.
+6. ``plan``: all of that for one program, with the shapes that cross ``pipe`` (:class:`.plan.Plan`).
+7. ``engine``: the one executor, a ``shard_map`` around loops of ticks; its parts: ``ticks`` (one tick:
+   receive, act lane by lane, send), ``actions`` (a chunk's ``F``, ``B``, ``I`` and ``W``) and
+   ``residuals`` (what a forward keeps for its backward).
 
 :func:`build_pipeline` turns a config, a model's parts and a mesh into the static plans of a train step
 (forward and backward actions) and of evaluation (forwards only) that share one parameter packing.
@@ -27,7 +30,7 @@ from jaxmp.models.layers import LayerContext
 from jaxmp.parallel.mesh import PIPE
 from jaxmp.parallel.rules import active_rules, rules_without_axes
 from jaxmp.parallel.sharding import axis_size
-from jaxmp.pipeline.engine import Plan, make_plan, run, split_microbatches
+from jaxmp.pipeline.engine import Checks, Plan, execute, split_microbatches
 from jaxmp.pipeline.notation import read_csv, to_csv, write_csv
 from jaxmp.pipeline.packing import Packing, Piece, piece_params
 from jaxmp.pipeline.partition import chunk_bounds, chunks_and_placement
@@ -48,12 +51,14 @@ from jaxmp.pipeline.schedule import Schedule, render, v_placement, validate
 
 __all__ = [
     "SCHEDULES",
+    "Checks",
     "Pipeline",
     "Schedule",
     "build_pipeline",
     "build_schedule",
     "check_schedule_csv",
     "dualpipev",
+    "execute",
     "gpipe",
     "is_pipelined",
     "naive",
@@ -61,7 +66,6 @@ __all__ = [
     "plot",
     "read_csv",
     "render",
-    "run",
     "schedule_for",
     "split_microbatches",
     "to_csv",
@@ -152,7 +156,7 @@ def schedule_for(cfg: PipelineConfig, stages: int, chunk_stage=None, *, backward
     return schedule
 
 
-def chunk_layout(cfg: PipelineConfig, num_units: int, stages: int, costs) -> tuple[list, tuple[int, ...]]:
+def chunks_and_devices(cfg: PipelineConfig, num_units: int, stages: int, costs) -> tuple[list, tuple[int, ...]]:
     """The chunks' unit bounds and stages (:func:`.partition.chunks_and_placement`); a V schedule's are two
     per stage, the two at the turn on the same stage; a CSV schedule's are those its rows run."""
     from_csv = check_schedule_csv(cfg, stages)
@@ -217,7 +221,7 @@ def build_pipeline(
     check_unit_count(parts)
     abstract = parts.with_ties(abstract)  # each part's parameters under its own key (a tied one too)
     costs = unit_costs(cfg.stage_split, parts, abstract, x_struct)
-    bounds, chunk_stage = chunk_layout(cfg, len(parts.units), stages, costs)
+    bounds, chunk_stage = chunks_and_devices(cfg, len(parts.units), stages, costs)
     check_microbatches(cfg, x_struct.shape[0], axis_size(mesh, batch_axes))
     packing = Packing(parts, abstract, specs, bounds, chunk_stage, mesh)
     microbatches = spec_of(cfg.schedule).microbatches_for(cfg.microbatches)
@@ -225,16 +229,20 @@ def build_pipeline(
     *boundaries, outputs = _boundaries(
         packing, abstract, jax.ShapeDtypeStruct((b, *x_struct.shape[1:]), x_struct.dtype)
     )
-    inner = rules_without_axes(active_rules(), {PIPE, *batch_axes})
-    options = dict(policy=REMAT_POLICIES[cfg.remat], unroll=cfg.unroll, boundaries=tuple(boundaries), outputs=outputs)
-    options.update(stash_cotangents=WEIGHT_PASSES[cfg.weight_pass], boundary_names=boundary_names)
-
-    def plan(schedule, **test_options):
-        return make_plan(packing, schedule, batch_axes, inner, **options, **test_options)
-
-    train = schedule_for(cfg, stages, chunk_stage)
-    evaluate = schedule_for(cfg, stages, chunk_stage, backward=False)
-    return Pipeline(plan(train, poison=False), plan(evaluate, poison=False), packing)
+    shared = dict(
+        packing=packing,
+        batch_axes=batch_axes,
+        inner_rules=rules_without_axes(active_rules(), {PIPE, *batch_axes}),
+        boundaries=tuple(boundaries),
+        outputs=outputs,
+        policy=REMAT_POLICIES[cfg.remat],
+        unroll=cfg.unroll,
+        stash_cotangents=WEIGHT_PASSES[cfg.weight_pass],
+        boundary_names=boundary_names,
+    )
+    train = Plan.build(schedule=schedule_for(cfg, stages, chunk_stage), **shared)
+    evaluate = Plan.build(schedule=schedule_for(cfg, stages, chunk_stage, backward=False), **shared)
+    return Pipeline(train, evaluate, packing)
 
 
 def _boundaries(packing: Packing, abstract, x_struct) -> list[jax.ShapeDtypeStruct]:

@@ -75,7 +75,9 @@ class _Message(NamedTuple):
     lane: int  # the lane of the action that sends it
 
 
-def plan_transfers(schedule: Schedule, no_op: np.ndarray | None = None, stashes: np.ndarray | None = None) -> Transfers:
+def work_out_transfers(
+    schedule: Schedule, no_op: np.ndarray | None = None, stashes: np.ndarray | None = None
+) -> Transfers:
     """The messages, slots and loops of ``schedule``. ``no_op[t, s, lane]``: the action does nothing
     (idle, or a backward whose work the executor did elsewhere); a tick where every stage does nothing
     and none receives anything is left out of the loops. ``stashes[t, s, lane]``: that forward keeps its
@@ -197,7 +199,7 @@ def _merge(a: tuple[Pairs, ...], b: tuple[Pairs, ...]) -> tuple[Pairs, ...] | No
     return tuple(out)
 
 
-def _run(ticks, start: int, period: int):
+def _longest_loop(ticks, start: int, period: int):
     """The longest loop of ``period`` from ``ticks[start]``: (length, rounds per position)."""
     positions: list[tuple[Pairs, ...]] = []
     length = 0
@@ -225,10 +227,10 @@ def _loops(ticks: list[tuple[int, tuple[Pairs, ...]]]) -> tuple[Loop, ...]:
     with it compile time, does not grow with M."""
     loops, i = [], 0
     while i < len(ticks):
-        runs = [(_run(ticks, i, p)[0], p) for p in range(1, PERIODS + 1)]
+        runs = [(_longest_loop(ticks, i, p)[0], p) for p in range(1, PERIODS + 1)]
         _, length, period = max((length / p, length, -p) for length, p in runs if length)
         period = -period
-        _, positions = _run(ticks[: i + length], i, period)  # the unions of exactly the chosen ticks
+        _, positions = _longest_loop(ticks[: i + length], i, period)  # the unions of exactly the chosen ticks
         grid = np.array([t for t, _ in ticks[i : i + length]], np.int32).reshape(-1, period)
         loops.append(Loop(grid, tuple(positions)))
         i += length

@@ -49,8 +49,7 @@ from jaxmp.parallel.rules import (
     use_rules,
 )
 from jaxmp.parallel.sharding import axis_size, check_divisible, fsdp_specs, param_specs
-from jaxmp.pipeline import Pipeline, build_pipeline, is_pipelined, split_microbatches
-from jaxmp.pipeline import run as run_pipeline
+from jaxmp.pipeline import Checks, Pipeline, build_pipeline, execute, is_pipelined, split_microbatches
 from jaxmp.pipeline.stage_collectives import check_stage_collectives
 from jaxmp.speech import speaks_python
 
@@ -395,9 +394,6 @@ def build_program(
 
     shapes = BatchShape(tuple(input_shape), jnp.dtype(input_dtype), tuple(label_shape))
     layout = _layout(cfg, mesh, rules, tx, model_fn, shapes)
-    if layout.pipeline is not None and poison or not masked:
-        with jax.set_mesh(mesh), use_rules(rules):
-            layout = layout._replace(pipeline=_test_plans(layout.pipeline, poison, masked))
     to_state = layout.pipeline.packing.pack if layout.pipeline else (lambda params: params)
 
     def init_fn() -> TrainState:
@@ -412,7 +408,7 @@ def build_program(
             f"the model gives {layout.outputs.shape[-1]} outputs per label, fewer than the {classes} classes of the "
             "data: cross-entropy needs one logit per class."
         )
-    loss_and_grad, evaluate = _objectives(layout, heads(loss or cross_entropy))
+    loss_and_grad, evaluate = _objectives(layout, heads(loss or cross_entropy), Checks(poison, masked))
 
     def grad_step(state: TrainState, x, y):
         key = jax.random.fold_in(state.key, state.step)
@@ -443,14 +439,7 @@ def _construct(model_fn: Callable[[nnx.Rngs], nnx.Module], seed: int) -> nnx.Mod
         return model_fn(nnx.Rngs(params=seed))
 
 
-def _test_plans(pipeline: Pipeline, poison: bool, masked: bool) -> Pipeline:
-    return pipeline._replace(
-        train=pipeline.train._replace(poison=poison, masked=masked),
-        eval=pipeline.eval._replace(poison=poison, masked=masked),
-    )
-
-
-def _objectives(layout: _Layout, head: Heads):
+def _objectives(layout: _Layout, head: Heads, checks: Checks):
     """``(params, x, y, key) -> (loss, grads)`` and ``(params, x, y, mask) -> sums``, plain or pipelined."""
     pipeline = layout.pipeline
     in_order = _sequence_order(layout.model)
@@ -472,12 +461,12 @@ def _objectives(layout: _Layout, head: Heads):
     def loss_and_grad(params, x, y, key):
         x, y = in_order(x, y)
         data = [split_microbatches(a, microbatches) for a in (x, y, label_weights(y))]
-        sums, grads = run_pipeline(pipeline.train, params, *data, key, head.train, train=True)
+        sums, grads = execute(pipeline.train, params, *data, key, head.train, train=True, checks=checks)
         return sums["loss"], pipeline.packing.fold_tied_grads(grads)
 
     def evaluate(params, x, y, mask):
         data = [split_microbatches(a, pipeline.eval.schedule.microbatches) for a in in_order(x, y, mask)]
-        return run_pipeline(pipeline.eval, params, *data, jax.random.key(0), head.eval, train=False)
+        return execute(pipeline.eval, params, *data, jax.random.key(0), head.eval, train=False, checks=checks)
 
     return loss_and_grad, evaluate
 
@@ -554,23 +543,23 @@ def _compile_program(mesh, rules, layout: _Layout, steps: _Steps, batch, shapes:
     )
     saved_abs, to_saved, from_saved = _saved_form(layout, tx, state_abs, compile_here)
     return Program(
-        mesh,
-        layout.graphdef,
-        state_sh,
-        layout.x,
-        layout.y,
-        init,
-        train,
-        evaluate,
-        grad,
-        state_abs,
-        saved_abs,
-        to_saved,
-        from_saved,
-        layout.pipeline,
-        layout.model,
-        rules,
-        (shapes.x(batch), shapes.y(batch)),
+        mesh=mesh,
+        graphdef=layout.graphdef,
+        state_shardings=state_sh,
+        x_sharding=layout.x,
+        y_sharding=layout.y,
+        init=init,
+        train_step=train,
+        eval_step=evaluate,
+        grad_step=grad,
+        state_abstract=state_abs,
+        saved_abstract=saved_abs,
+        to_saved=to_saved,
+        from_saved=from_saved,
+        pipeline=layout.pipeline,
+        model=layout.model,
+        rules=rules,
+        batch=(shapes.x(batch), shapes.y(batch)),
     )
 
 
