@@ -66,9 +66,16 @@ def regenerate() -> None:
 
 
 def same_table(a, b) -> bool:
-    arrays = ("kind", "microbatch", "chunk")
-    head = (a.stages, a.microbatches, a.chunk_stage) == (b.stages, b.microbatches, b.chunk_stage)
-    return head and all(np.array_equal(getattr(a, k), getattr(b, k)) for k in arrays)
+    """The same stages, micro-batches, placement and actions in every lane (a pair's backward included)."""
+    head = (a.stages, a.microbatches, a.chunk_stage, len(a.lanes)) == (
+        b.stages,
+        b.microbatches,
+        b.chunk_stage,
+        len(b.lanes),
+    )
+    return head and all(
+        np.array_equal(x, y) for la, lb in zip(a.lanes, b.lanes, strict=True) for x, y in zip(la, lb, strict=True)
+    )
 
 
 # --- the notation -------------------------------------------------------------------------------------

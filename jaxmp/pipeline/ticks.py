@@ -185,21 +185,24 @@ def switch_in_place(index, actions: dict, state: Outcome, step: Tick) -> Outcome
     if len(actions) == 1:  # every stage takes this action at this tick
         (action,) = actions.values()
         return state if action is None else _apply_action(action, state, step)
-
-    def once(i: int, action):
-        def body(loop):
-            k, state = loop
-            # Tied to the trip count: else XLA hoists the action's work out of its loop, onto every tick.
-            k, tick = jax.lax.optimization_barrier((k, step._replace(res=())))
-            return k + 1, _apply_action(action, state, tick)
-
-        trips = (index == i).astype(jnp.int32)
-        return lambda state: jax.lax.while_loop(lambda loop: loop[0] < trips, body, (jnp.int32(0), state))[1]
-
     for i, action in actions.items():
         if action is not None:
-            state = once(i, action)(state)
+            trips = (index == i).astype(jnp.int32)
+            loop = (jnp.int32(0), state)
+            state = jax.lax.while_loop(lambda loop, trips=trips: loop[0] < trips, _run_once(action, step), loop)[1]
     return state
+
+
+def _run_once(action, step: Tick):
+    """The body of :func:`switch_in_place`'s loop for ``action``."""
+
+    def body(loop):
+        k, state = loop
+        # Tied to the trip count: else XLA hoists the action's work out of its loop, onto every tick.
+        k, tick = jax.lax.optimization_barrier((k, step._replace(res=())))
+        return k + 1, _apply_action(action, state, tick)
+
+    return body
 
 
 def _apply_action(action, state: Outcome, tick: Tick) -> Outcome:
