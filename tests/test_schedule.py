@@ -134,9 +134,12 @@ def test_unknown_or_unfit_schedules_are_refused():
         build_schedule("zb-h1", 2, 4, 2)
     with pytest.raises(ConfigError, match="cannot run this chunk placement"):
         build_schedule("1f1b", 2, 2, placement=(0, 1, 1, 0))
-    for bad in (dict(repeats=3), dict(placement=(0, 1, 0, 1))):
-        with pytest.raises(ConfigError, match="zb-v places two chunks per device in a V"):
-            build_schedule("zb-v", 2, 4, **bad)
+    for name in ("zb-v", "dualpipev"):  # the V is the spec's, checked in one place for both
+        for bad in (dict(repeats=3), dict(placement=(0, 1, 0, 1))):
+            with pytest.raises(ConfigError, match=f"{name} places two chunks per device in a V"):
+                build_schedule(name, 2, 4, **bad)
+    with pytest.raises(ConfigError, match="dualpipev needs at least 2 devices along pipe, got 1"):
+        build_schedule("dualpipev", 1, 4)
 
 
 def test_plot_draws_every_action_and_leaves_idle_blank(tmp_path):

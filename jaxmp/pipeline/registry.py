@@ -63,7 +63,6 @@ class ScheduleSpec(NamedTuple):
     """One schedule's rules and promises (module docstring)."""
 
     name: str
-    summary: str  # one line, for --help and errors
     placement: str  # ANY (contiguous, circular with --repeats, or --placement), ONE_PER_DEVICE, V
     backward: str  # FULL, SPLIT or MIXED
     table: Callable[[int, int, tuple[int, ...]], Schedule]  # (S, M, chunk_stage) -> the train table
@@ -128,36 +127,43 @@ def dualpipev_bubble(s: int, m: int, r: int = 2) -> float:
 
 
 FULL_KINDS, SPLIT_KINDS = (FORWARD, BACKWARD), (FORWARD, INPUT, WEIGHT)
+
+
+def _spec(name: str, placement: str, backward: str, table, **promises) -> ScheduleSpec:
+    return ScheduleSpec(name=name, placement=placement, backward=backward, table=table, **promises)
+
+
 SCHEDULES: dict[str, ScheduleSpec] = {
     spec.name: spec
     for spec in (
-        ScheduleSpec(
-            "gpipe", "all forwards, then all backwards", ANY, FULL,
-            _picked(ls.gpipe_picker, FULL_KINDS), lambda s, m, r: r * m, _pipe_bubble(2, 2),
+        _spec(
+            "gpipe", ANY, FULL, _picked(ls.gpipe_picker, FULL_KINDS),
+            stash=lambda s, m, r: r * m, bubble=_pipe_bubble(2, 2),
         ),
-        ScheduleSpec(
-            "1f1b", "one forward, one backward; at most S micro-batches in flight", ANY, FULL,
-            _picked(ls.one_f_one_b_picker, FULL_KINDS), _one_f_one_b_stash, _pipe_bubble(2, 2),
+        _spec(
+            "1f1b", ANY, FULL, _picked(ls.one_f_one_b_picker, FULL_KINDS),
+            stash=_one_f_one_b_stash, bubble=_pipe_bubble(2, 2),
         ),
-        ScheduleSpec(
-            "interleaved-1f1b", "Megatron's 1F1B over R chunks per device, placed circularly", ANY, FULL,
-            _picked(ls.one_f_one_b_picker, FULL_KINDS), _one_f_one_b_stash, _pipe_bubble(2, 2),
+        _spec(
+            "interleaved-1f1b", ANY, FULL, _picked(ls.one_f_one_b_picker, FULL_KINDS),
+            stash=_one_f_one_b_stash, bubble=_pipe_bubble(2, 2),
         ),
-        ScheduleSpec(
-            "zb-h1", "zero bubble: weight gradients fill 1F1B's cool-down", ONE_PER_DEVICE, SPLIT,
-            _picked(ls.zb_h1_picker, SPLIT_KINDS), lambda s, m, r: s, _pipe_bubble(3, 1),
+        _spec(
+            "zb-h1", ONE_PER_DEVICE, SPLIT, _picked(ls.zb_h1_picker, SPLIT_KINDS),
+            stash=lambda s, m, r: s, bubble=_pipe_bubble(3, 1),
         ),
-        ScheduleSpec(
-            "zb-v", "zero bubble over two chunks per device in a V, half zb-h1's bubble", V, SPLIT,
-            _picked(ls.zb_v_picker, SPLIT_KINDS), lambda s, m, r: 2 * s, _pipe_bubble(3, 1),
+        _spec(
+            "zb-v", V, SPLIT, _picked(ls.zb_v_picker, SPLIT_KINDS),
+            stash=lambda s, m, r: 2 * s, bubble=_pipe_bubble(3, 1),
         ),
-        ScheduleSpec(
-            "dualpipev", "DeepSeek's V: a forward and a backward overlapped per tick", V, MIXED,
-            _dualpipev, lambda s, m, r: 2 * s + 1, dualpipev_bubble, lambda s, m, r: m >= 2 * s, min_devices=2,
+        _spec(
+            "dualpipev", V, MIXED, _dualpipev,
+            stash=lambda s, m, r: 2 * s + 1, bubble=dualpipev_bubble, bubble_holds=lambda s, m, r: m >= 2 * s,
+            min_devices=2,
         ),
-        ScheduleSpec(
-            "naive", "vanilla model parallelism: one micro-batch", ANY, FULL,
-            _picked(ls.gpipe_picker, FULL_KINDS), lambda s, m, r: r, _pipe_bubble(2, 2), lambda s, m, r: r == 1,
+        _spec(
+            "naive", ANY, FULL, _picked(ls.gpipe_picker, FULL_KINDS),
+            stash=lambda s, m, r: r, bubble=_pipe_bubble(2, 2), bubble_holds=lambda s, m, r: r == 1,
             microbatches=1,
         ),
     )
